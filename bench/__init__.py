@@ -1,0 +1,1 @@
+"""Benchmarks of the LCLStream Flight server: `python -m bench` (see README.md)."""

@@ -1,0 +1,78 @@
+"""`python -m bench`: throughput, latency and memory of the server against their targets.
+
+The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
+the machine, and a regression is for a person to judge from the summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from bench import latency, memory, throughput
+from bench.common import Result, environment, fmt_bytes, parse_size, print_table, section
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
+    throughput.NAME: throughput.run,
+    latency.NAME: latency.run,
+    memory.NAME: memory.run,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--size", type=parse_size, default=None,
+                   help="run size for throughput and latency (default 1GiB)")
+    p.add_argument("--big-size", type=parse_size, default=None,
+                   help="run size for the memory benchmark (default 4GiB)")
+    p.add_argument("--only", choices=list(BENCHMARKS), help="run only this benchmark")
+    p.add_argument("--reps", type=int, default=None,
+                   help="throughput repetitions per contender (default 5)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="time-to-first-batch requests per case (default 50)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 128MiB / 256MiB runs, 3 repetitions, 10 requests")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults depend on --quick; explicit options win over both."""
+    args = build_parser().parse_args(argv)
+    quick = {"size": 128 * 2**20, "big_size": 256 * 2**20, "reps": 3, "requests": 10}
+    full = {"size": 2**30, "big_size": 4 * 2**30, "reps": 5, "requests": 50}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.reps < 3 or args.requests < 1:
+        build_parser().error("--reps must be at least 3 and --requests at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"lclstream benchmarks: {environment()}")
+    print(f"  --size {fmt_bytes(args.size)}, --big-size {fmt_bytes(args.big_size)}, "
+          f"{args.reps} repetitions, {args.requests} requests")
+    t0 = time.perf_counter()
+    results: list[Result] = []
+    for name, bench in BENCHMARKS.items():
+        if args.only and name != args.only:
+            continue
+        try:
+            results += bench(args)
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            print(f"  {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            results.append(Result(name, "benchmark run", f"error: {type(exc).__name__}",
+                                  "completes", False))
+
+    section(f"summary ({time.perf_counter() - t0:.0f} s)")
+    print_table(["benchmark", "metric", "value", "target", "verdict"],
+                [[r.bench, r.metric, r.value, r.target or "-", r.verdict] for r in results],
+                right=(2,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Shared plumbing for the benchmarks: bench data, server processes, timing and reporting.
+
+Servers run in their own processes, as in production, so that their CPU time, GIL and memory
+are not mixed up with the client's; data lives under `bench-data/` and is reused between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow.flight as flight
+
+from flight_server.generator.bench import generate_bench_run
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench-data"
+LOGS = DATA / "logs"
+EXPERIMENT = "bench"
+MiB = 2**20
+GiB = 2**30
+HUGE_PARTITION = 2**40  # larger than any run: the plan has one endpoint, the read one DoGet
+
+T = TypeVar("T")
+
+
+# -- sizes and formatting ------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'128MiB', '1GiB', '4G' or a byte count, so sizes read the same as the server's flags."""
+    units = {"k": 2**10, "m": MiB, "g": GiB, "t": 2**40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    """Decimal GB/s, the unit network and disk figures are usually quoted in."""
+    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]; enough for tens of samples."""
+    xs = sorted(samples)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples)
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """One line of the final summary: a measured figure and, where there is one, its target."""
+
+    bench: str
+    metric: str
+    value: str
+    target: str = ""
+    ok: bool | None = None  # None: informational, no target
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "info"}[self.ok]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                right: Sequence[int] = ()) -> None:
+    """Columns padded to their widest cell; indices in `right` are right-aligned (numbers)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return "  " + "  ".join(parts).rstrip()
+
+    print(line(cells[0]))
+    print("  " + "  ".join("-" * w for w in widths))
+    for row in cells[1:]:
+        print(line(row))
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
+
+
+def verdict_line(label: str, value: str, target: str, ok: bool | None) -> None:
+    mark = {True: "PASS", False: "FAIL", None: "info"}[ok]
+    print(f"  {label:<44} {value:>14}   target {target:<10} {mark}", flush=True)
+
+
+# -- bench data ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    experiment: str
+    number: int
+    path: Path
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def bench_run(size: int) -> BenchRun:
+    """The bench run of about `size` bytes, written on first use. Its run number is its size in
+    MiB, so runs of several sizes sit side by side in one experiment and are all served."""
+    number = max(1, round(size / MiB))
+    path = DATA / EXPERIMENT / f"{EXPERIMENT}_Run{number:04d}.h5"
+    if not path.exists():
+        print(f"  generating {fmt_bytes(size)} bench run {path.relative_to(ROOT)} ...", flush=True)
+    generate_bench_run(path, size)
+    return BenchRun(EXPERIMENT, number, path)
+
+
+def warm_cache(path: Path, block: int = 16 * MiB) -> float:
+    """Read the whole file once so every contender reads from the page cache, not the disk;
+    returns the GB/s of that read (low on the first run after generation or a reboot)."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(view):
+            total += n
+    return gbps(total, time.perf_counter() - t0)
+
+
+# -- server processes ----------------------------------------------------------------------
+
+BANNER = re.compile(r"serving .* at (grpc://\S+)")
+
+
+class ServerProcess:
+    """A Flight server in a subprocess: started, awaited until it answers, always stopped.
+
+    Its output goes to `bench-data/logs/NAME.log` rather than a pipe that nobody drains.
+    """
+
+    def __init__(self, name: str, args: Sequence[str], timeout: float = 120.0) -> None:
+        self.name = name
+        self.args = [sys.executable, *args]
+        self.timeout = timeout
+        self.log = LOGS / f"{name}.log"
+        self.location = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def __enter__(self) -> ServerProcess:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as log:
+            self._proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self.location = self._wait_banner()
+            self._wait_answering()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _fail(self, why: str) -> RuntimeError:
+        tail = self.log.read_text(errors="replace")[-2000:]
+        return RuntimeError(f"server '{self.name}' {why}; log {self.log}:\n{tail}")
+
+    def _wait_banner(self) -> str:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            match = BANNER.search(self.log.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise self._fail(f"exited with status {self._proc.returncode}")
+            time.sleep(0.05)
+        raise self._fail(f"printed no 'serving ... at grpc://...' line in {self.timeout:.0f} s")
+
+    def _wait_answering(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        client = flight.connect(self.location)
+        try:
+            while True:
+                try:
+                    list(client.list_actions())
+                    return
+                except flight.FlightUnavailableError:  # not listening yet; anything else answers
+                    if time.monotonic() > deadline:
+                        raise self._fail("does not answer") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def our_server(name: str = "lclstream", *, partition_bytes: int | None = None,
+               batch_bytes: int | None = None) -> ServerProcess:
+    """`lclstream serve` over the bench data root, on a free port."""
+    args = ["-m", "flight_server.cli", "serve", "--data", str(DATA), "--port", "0"]
+    if partition_bytes is not None:
+        args += ["--partition-bytes", str(partition_bytes)]
+    if batch_bytes is not None:
+        args += ["--batch-bytes", str(batch_bytes)]
+    return ServerProcess(name, args)
+
+
+def reference_server(run: BenchRun, name: str = "reference") -> ServerProcess:
+    """The in-memory Flight server of bench/reference_server.py, holding `run`."""
+    return ServerProcess(name, ["-m", "bench.reference_server", "--file", str(run.path),
+                                "--experiment", run.experiment, "--run", str(run.number),
+                                "--port", "0"])
+
+
+@contextmanager
+def flight_client(location: str) -> Iterator[flight.FlightClient]:
+    client = flight.connect(location)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def environment() -> str:
+    """One line on what the figures were measured on; they mean little without it."""
+    import numpy as np
+    import psutil
+    import pyarrow as pa
+
+    mem = psutil.virtual_memory().total
+    return (f"python {sys.version.split()[0]}, pyarrow {pa.__version__}, numpy {np.__version__}, "
+            f"{os.cpu_count()} CPUs, {fmt_bytes(mem)} RAM")

@@ -1,0 +1,154 @@
+"""DoGet throughput: a whole run from HDF5 into a client-side Table, against the same table
+streamed from memory by a bare Flight server.
+
+The reference isolates what Arrow Flight itself costs on this machine, so the ratio ours /
+reference is the share of the transport's speed the server keeps despite reading HDF5 and
+running Python on the path. h5py `read_direct` of the same datasets is what the disk (page
+cache) alone delivers to a local process. All contenders read a page-cache-warm file, take turns
+within each repetition, and run once unmeasured first (client and server allocators warm up).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from bench.common import (
+    HUGE_PARTITION,
+    BenchRun,
+    Result,
+    bench_run,
+    fmt_bytes,
+    gbps,
+    median,
+    our_server,
+    print_table,
+    reference_server,
+    section,
+    timed,
+    verdict_line,
+    warm_cache,
+)
+from bench.reference_server import columns_ticket
+from clients import Client, connect
+
+NAME = "throughput"
+TARGET_RATIO = 0.9
+DATASETS = ("timestamp", "gmd/energy", "epix/image", "tof/waveforms")
+
+
+@dataclass
+class Contender:
+    """One way of moving the run; `fetch` returns the bytes it delivered."""
+
+    label: str
+    fetch: Callable[[], int]
+    seconds: list[float] = field(default_factory=list)
+    nbytes: int = 0
+
+    def best(self) -> float:
+        return gbps(self.nbytes, min(self.seconds))
+
+    def median(self) -> float:
+        return gbps(self.nbytes, median(self.seconds))
+
+
+def h5py_read_direct(run: BenchRun) -> int:
+    """Every dataset of the run into fresh numpy arrays, as a local analysis would read it."""
+    total = 0
+    with h5py.File(run.path, "r", locking=False) as f:
+        for name in DATASETS:
+            ds = f[name]
+            out = np.empty(ds.shape, dtype=ds.dtype)
+            ds.read_direct(out)
+            total += out.nbytes
+    return total
+
+
+def one_stream(client: Client, raw: flight.FlightClient, run: BenchRun) -> pa.Table:
+    """GetFlightInfo, then a single DoGet of the whole run (the server plans one endpoint),
+    read with `read_all` exactly as the reference is."""
+    info = client.plan(run.experiment, run.number)
+    if len(info.endpoints) != 1:
+        raise RuntimeError(f"expected one endpoint, the plan has {len(info.endpoints)}")
+    return raw.do_get(info.endpoints[0].ticket).read_all()
+
+
+def reference_get(client: flight.FlightClient) -> pa.Table:
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(columns_ticket(None)))
+    return client.do_get(info.endpoints[0].ticket).read_all()
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    section(f"throughput: DoGet of a {fmt_bytes(args.size)} run into a pyarrow.Table")
+    br = bench_run(args.size)
+    warm = warm_cache(br.path)
+    print(f"  run file {br.path.name}: {fmt_bytes(br.file_bytes)}, page cache warmed "
+          f"({warm:.2f} GB/s)")
+
+    with (
+        reference_server(br) as ref,
+        our_server("lclstream-1-endpoint", partition_bytes=HUGE_PARTITION) as single,
+        our_server("lclstream") as multi,
+    ):
+        ref_client = flight.connect(ref.location)
+        single_client = connect(single.location)
+        single_raw = flight.connect(single.location)
+        multi_client = connect(multi.location)
+        try:
+            endpoints = len(multi_client.plan(br.experiment, br.number).endpoints)
+            reference = reference_get(ref_client)
+            same = {
+                "1 stream": one_stream(single_client, single_raw, br).equals(reference),
+                "parallel": multi_client.read(br.experiment, br.number).equals(reference),
+            }
+            del reference
+            contenders = [
+                Contender("reference: in-memory Flight server, 1 DoGet",
+                          lambda: reference_get(ref_client).nbytes),
+                Contender("lclstream: 1 DoGet stream",
+                          lambda: one_stream(single_client, single_raw, br).nbytes),
+                Contender(f"lclstream: Client.read, {endpoints} endpoints, parallel=4",
+                          lambda: multi_client.read(br.experiment, br.number, parallel=4).nbytes),
+                Contender("h5py read_direct into numpy (local, no network)",
+                          lambda: h5py_read_direct(br)),
+            ]
+            for rep in range(args.reps + 1):  # repetition 0 warms up and is not counted
+                for c in contenders:
+                    seconds, c.nbytes = timed(c.fetch)
+                    if rep:
+                        c.seconds.append(seconds)
+        finally:
+            for cl in (ref_client, single_client, single_raw, multi_client):
+                cl.close()
+
+    ref_c, single_c, par_c, h5_c = contenders
+    print(f"  {args.reps} repetitions each, taking turns; {fmt_bytes(ref_c.nbytes)} per read "
+          f"(Arrow buffers); GB/s = 1e9 bytes/s")
+    rows = []
+    for c in contenders:
+        rows.append([c.label, f"{c.best():.2f}", f"{c.median():.2f}",
+                     f"{min(c.seconds):.3f}", f"{c.best() / ref_c.best():.2f}",
+                     f"{c.median() / ref_c.median():.2f}"])
+    print_table(["contender", "best GB/s", "median GB/s", "best s", "/ref best", "/ref median"],
+                rows, right=(1, 2, 3, 4, 5))
+    print(f"  same table as the reference: 1 stream {same['1 stream']}, "
+          f"parallel {same['parallel']}")
+
+    results = []
+    for key, c in (("1 stream", single_c), ("parallel", par_c)):
+        ratio = c.median() / ref_c.median()
+        ok = ratio >= TARGET_RATIO and same[key]
+        verdict_line(f"ours/reference, {key} (median)", f"{ratio:.2f}",
+                     f">= {TARGET_RATIO}", ok)
+        results.append(Result(NAME, f"ours/reference, {key} (median GB/s)",
+                              f"{c.median():.2f}/{ref_c.median():.2f} = {ratio:.2f}",
+                              f">= {TARGET_RATIO}", ok))
+    results.append(Result(NAME, "h5py read_direct (median GB/s)", f"{h5_c.median():.2f}"))
+    return results

@@ -1,0 +1,221 @@
+"""The Python client: list experiments and runs, read any columns of any runs as Arrow.
+
+    >>> from clients import connect
+    >>> c = connect("grpc://127.0.0.1:8815")
+    >>> c.runs("tmox42619")                      # a Polars DataFrame
+    >>> df = c.polars("tmox42619", 7, columns=["gmd/energy", "tof/waveforms"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from clients import convert
+from schemas import Request
+from schemas import metadata as md
+from schemas.request import EventSlice
+
+DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
+
+Runs = int | Iterable[int]
+Events = slice | range | tuple[int, ...] | dict | None
+
+
+def _detailless(exc: Exception) -> Exception:
+    """The server's message without pyarrow's appended transport detail, same exception type."""
+    text = str(exc)
+    for marker in (". Detail: ", ". gRPC client debug context"):
+        text = text.split(marker, 1)[0]
+    try:
+        clean = type(exc)(text)
+    except TypeError:
+        return exc
+    return clean
+
+
+@contextlib.contextmanager
+def _clean_errors() -> Iterator[None]:
+    try:
+        yield
+    except (flight.FlightError, pa.ArrowException) as exc:
+        raise _detailless(exc) from None
+
+
+def _events(events: Events) -> EventSlice:
+    if events is None:
+        return EventSlice()
+    if isinstance(events, EventSlice):
+        return events
+    if isinstance(events, slice | range):
+        return EventSlice(events.start or 0, events.stop, events.step or 1)
+    if isinstance(events, dict):
+        return EventSlice(events.get("start") or 0, events.get("stop"), events.get("step") or 1)
+    if isinstance(events, tuple) and 1 <= len(events) <= 3:
+        return _events(slice(*events))
+    raise TypeError(f"events must be a slice, range, (start, stop[, step]) or dict; got {events!r}")
+
+
+def _runs(runs: Runs) -> tuple[int, ...]:
+    return (int(runs),) if isinstance(runs, int | np.integer) else tuple(int(r) for r in runs)
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+
+class Client:
+    """A connection to one LCLStream Flight server. Thread-safe; reuse it."""
+
+    def __init__(self, location: str = DEFAULT_LOCATION, **options: Any) -> None:
+        self.location = location
+        self._flight = flight.connect(location, **options)
+
+    def close(self) -> None:
+        self._flight.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- catalog -----------------------------------------------------------------------------
+
+    def experiments(self) -> list[str]:
+        """Names of the experiments the server serves."""
+        with _clean_errors():
+            results = list(self._flight.do_action(flight.Action("experiments", b"")))
+        return [e["experiment"] for e in json.loads(results[0].body.to_pybytes())]
+
+    def runs(self, experiment: str):
+        """The runs of an experiment as a Polars DataFrame: run, events, bytes, start/end time,
+        layout."""
+        import polars as pl
+
+        rows = []
+        with _clean_errors():
+            for info in self._flight.list_flights(experiment.encode()):
+                meta = info.schema.metadata or {}
+                if meta.get(md.EXPERIMENT, b"").decode() != experiment:
+                    continue
+                rows.append({
+                    "run": int(meta[md.RUN]),
+                    "events": int(meta[md.EVENTS]),
+                    "bytes": int(meta.get(md.RUN_BYTES, info.total_bytes)),
+                    "start_time": meta.get(md.START_TIME, b"").decode() or None,
+                    "end_time": meta.get(md.END_TIME, b"").decode() or None,
+                    "layout": meta.get(md.LAYOUT, b"").decode(),
+                })
+        schema = {"run": pl.Int64, "events": pl.Int64, "bytes": pl.Int64,
+                  "start_time": pl.String, "end_time": pl.String, "layout": pl.String}
+        frame = pl.DataFrame(rows, schema=schema).sort("run")
+        return frame.with_columns(
+            pl.col("start_time", "end_time").str.to_datetime(time_zone="UTC", time_unit="us")
+        )
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def request(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+                events: Events = None) -> Request:
+        cols = None if columns is None else tuple([columns] if isinstance(columns, str)
+                                                  else columns)
+        return Request(experiment, _runs(runs), cols, _events(events))
+
+    def plan(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+             events: Events = None) -> flight.FlightInfo:
+        """GetFlightInfo: the result schema, sizes and one endpoint per partition."""
+        descriptor = flight.FlightDescriptor.for_command(
+            self.request(experiment, runs, columns, events).encode()
+        )
+        with _clean_errors():
+            return self._flight.get_flight_info(descriptor)
+
+    def schema(self, experiment: str, runs: Runs,
+               columns: Sequence[str] | None = None) -> pa.Schema:
+        descriptor = flight.FlightDescriptor.for_command(
+            self.request(experiment, runs, columns).encode()
+        )
+        with _clean_errors():
+            return self._flight.get_schema(descriptor).schema
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+             events: Events = None, *, parallel: int = 4, progress: bool = False) -> pa.Table:
+        """All requested events as one Table; endpoints fetched in parallel, order preserved."""
+        info = self.plan(experiment, runs, columns, events)
+        bar = progress_bar(info.total_bytes, f"{experiment} {runs}") if progress else None
+        try:
+            tables = self._fetch_all(info, parallel, bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not tables:
+            return info.schema.empty_table()
+        return pa.concat_tables(tables).replace_schema_metadata(info.schema.metadata)
+
+    def _fetch_all(self, info: flight.FlightInfo, parallel: int,
+                   on_bytes: Callable[[int], Any] | None) -> list[pa.Table]:
+        def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
+            with _clean_errors():
+                reader = self._flight.do_get(endpoint.ticket)
+                batches = []
+                for chunk in reader:
+                    batches.append(chunk.data)
+                    if on_bytes is not None:
+                        on_bytes(chunk.data.nbytes)
+                return pa.Table.from_batches(batches, schema=reader.schema)
+
+        endpoints = list(info.endpoints)
+        if len(endpoints) <= 1 or parallel <= 1:
+            return [fetch(e) for e in endpoints]
+        with ThreadPoolExecutor(max_workers=min(parallel, len(endpoints))) as pool:
+            return list(pool.map(fetch, endpoints))
+
+    def stream(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+               events: Events = None) -> Iterator[pa.RecordBatch]:
+        """RecordBatches in event order as they arrive; memory stays at about one batch."""
+        return self.batches(self.plan(experiment, runs, columns, events))
+
+    def batches(self, info: flight.FlightInfo) -> Iterator[pa.RecordBatch]:
+        """The batches of every endpoint of a plan, in order, one endpoint after the other."""
+        for endpoint in info.endpoints:
+            with _clean_errors():
+                for chunk in self._flight.do_get(endpoint.ticket):
+                    yield chunk.data
+
+    def polars(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+               events: Events = None, **kwargs: Any):
+        """A Polars DataFrame; tensors become multi-dimensional Array columns."""
+        return convert.to_polars(self.read(experiment, runs, columns, events, **kwargs))
+
+    def pandas(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+               events: Events = None, **kwargs: Any):
+        """A Pandas DataFrame; tensor cells are numpy arrays of the tensor's shape."""
+        return convert.to_pandas(self.read(experiment, runs, columns, events, **kwargs))
+
+    def numpy(self, experiment: str, runs: Runs, column: str, events: Events = None,
+              **kwargs: Any) -> np.ndarray:
+        """One column as an ndarray of shape (events, *per-event shape).
+
+        The array wraps the received Arrow buffer when the result arrived as one batch; several
+        batches are joined with one copy (see `clients.convert.column_to_numpy`).
+        """
+        table = self.read(experiment, runs, [column], events, **kwargs)
+        return convert.column_to_numpy(table.column(0))
+
+
+def connect(location: str = DEFAULT_LOCATION, **options: Any) -> Client:
+    """Connect to a server, e.g. connect("grpc://127.0.0.1:8815"). `options` go to
+    pyarrow.flight.connect (TLS roots, client certificates, ...)."""
+    return Client(location, **options)

@@ -1,0 +1,93 @@
+"""Arrow -> Polars, Pandas and NumPy, without copying where the formats allow it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def is_tensor(dtype: pa.DataType) -> bool:
+    return isinstance(dtype, pa.FixedShapeTensorType)
+
+
+def tensor_as_nested_lists(arr: pa.Array) -> pa.Array:
+    """fixed_shape_tensor (flat storage) -> nested fixed_size_list, same buffers.
+
+    Polars maps nested fixed-size lists to its multi-dimensional Array dtype, so a detector frame
+    arrives as Array(UInt16, shape=(1, 128, 128)) rather than an opaque extension column.
+    """
+    storage = arr.storage
+    values = storage.flatten()  # honours the storage's offset; no copy
+    shape = arr.type.shape
+    nested: pa.Array = values
+    for size in reversed(shape):
+        nested = pa.FixedSizeListArray.from_arrays(nested, size)
+    if storage.null_count:
+        nested = pa.FixedSizeListArray.from_buffers(
+            nested.type, len(storage), [storage.buffers()[0]], children=[nested.values],
+            null_count=storage.null_count,
+        )
+    return nested
+
+
+def _chunked_map(col: pa.ChunkedArray, fn) -> pa.ChunkedArray:
+    chunks = [fn(c) for c in col.chunks]
+    if chunks:
+        return pa.chunked_array(chunks)
+    return pa.chunked_array([], type=fn(pa.array([], type=col.type)).type)
+
+
+def for_dataframes(table: pa.Table) -> pa.Table:
+    """Replace tensor columns by nested fixed-size lists (zero-copy), keep everything else."""
+    for i, field in enumerate(table.schema):
+        if is_tensor(field.type):
+            col = _chunked_map(table.column(i), tensor_as_nested_lists)
+            table = table.set_column(i, field.with_type(col.type), col)
+    return table
+
+
+def to_polars(table: pa.Table):
+    """A Polars DataFrame; tensors become multi-dimensional Array columns."""
+    import polars as pl
+
+    return pl.from_arrow(for_dataframes(table), rechunk=False)
+
+
+def to_pandas(table: pa.Table):
+    """A Pandas DataFrame; tensor cells become numpy arrays of the tensor's shape."""
+    return for_dataframes(table).to_pandas()
+
+
+def array_to_numpy(arr: pa.Array) -> np.ndarray:
+    """One chunk -> ndarray of shape (events, *per-event shape), zero-copy when there are no
+    nulls (a chunk with nulls is converted with NaN/masked semantics by pyarrow)."""
+    if is_tensor(arr.type):
+        shape = arr.type.shape
+        flat = arr.storage.flatten()
+    elif pa.types.is_fixed_size_list(arr.type):
+        shape = [arr.type.list_size]
+        flat = arr.flatten()
+    else:
+        return arr.to_numpy(zero_copy_only=False)
+    while pa.types.is_fixed_size_list(flat.type):  # nested lists: flatten to the leaf values
+        shape = [*shape, flat.type.list_size]
+        flat = flat.flatten()
+    values = flat.to_numpy(zero_copy_only=arr.null_count == 0)
+    return values.reshape(len(arr), *shape)
+
+
+def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A whole column as one ndarray (events, *shape).
+
+    A single chunk is returned without copying; several chunks (several batches on the wire) are
+    joined with exactly one copy, which is unavoidable for one contiguous array. Iterate over
+    `Client.stream()` and call `array_to_numpy` per batch to stay copy-free.
+    """
+    if isinstance(col, pa.Array):
+        return array_to_numpy(col)
+    chunks = [array_to_numpy(c) for c in col.chunks]
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        return array_to_numpy(pa.array([], type=col.type))
+    return np.concatenate(chunks)

@@ -1,0 +1,145 @@
+"""Experiments and runs discovered under the data root.
+
+Layout on disk: DATA_ROOT/<experiment>/**/<file>, with the run number taken from the file name
+(`tmox42619_Run0007.h5`, `r0007.h5`, `run_7.cxi`). The tree is rescanned whenever a listing is
+asked for, so files that appear or disappear are seen without a restart; a described run is
+cached until its file's size or modification time changes.
+
+Names sent by clients are only ever used as keys into what the scan found, never joined into a
+path, so no request can open a file outside the data root.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
+from flight_server.sources import Run, describe
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = re.compile(r"(?:^|[_\-.])(?:run|r)[_\-]?0*(\d+)\.(?:h5|hdf5|cxi)$", re.IGNORECASE)
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class RunFile:
+    experiment: str
+    number: int
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def run_number(filename: str) -> int | None:
+    match = RUN_FILE.search(filename)
+    return int(match.group(1)) if match else None
+
+
+def check_experiment_name(name: str) -> None:
+    """Refuse names that could only be path tricks, with a message saying what is valid."""
+    if not EXPERIMENT_NAME.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid experiment name {name!r}: use letters, digits, '_', '-' and '.' "
+            "(no '/', '..', NUL or absolute paths)"
+        )
+
+
+class Catalog:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self._lock = threading.Lock()
+        self._files: dict[str, dict[int, RunFile]] = {}
+        self._runs: dict[Path, tuple[RunFile, Run]] = {}
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def scan(self) -> dict[str, dict[int, RunFile]]:
+        """Rescan the whole tree; returns experiment -> run number -> file."""
+        found: dict[str, dict[int, RunFile]] = {}
+        if self.root.is_dir():
+            for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False) and EXPERIMENT_NAME.match(entry.name):
+                    found[entry.name] = self._scan_experiment(entry.name)
+        with self._lock:
+            self._files = found
+            live = {f.path for runs in found.values() for f in runs.values()}
+            self._runs = {p: v for p, v in self._runs.items() if p in live}
+        return found
+
+    def _scan_experiment(self, experiment: str) -> dict[int, RunFile]:
+        runs: dict[int, RunFile] = {}
+        top = self.root / experiment
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                number = run_number(name)
+                if number is None:
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()
+                    if path.is_symlink() and not path.resolve().is_relative_to(self.root):
+                        log.warning("ignoring %s: symlink out of the data root", path)
+                        continue
+                except OSError:
+                    continue  # vanished while scanning
+                if number in runs:
+                    log.warning("run %d of %s: %s shadows %s", number, experiment,
+                                runs[number].path, path)
+                    continue
+                runs[number] = RunFile(experiment, number, path, st.st_size, st.st_mtime_ns)
+        return runs
+
+    def experiments(self, pattern: str | None = None) -> list[str]:
+        names = list(self.scan())
+        return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+    def run_files(self, experiment: str) -> dict[int, RunFile]:
+        check_experiment_name(experiment)
+        files = self.scan()
+        if experiment not in files:
+            raise NotFound(
+                f"no experiment '{experiment}'.{close_matches(experiment, files)} "
+                f"Experiments: {listing(files)}"
+            )
+        return files[experiment]
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def run(self, experiment: str, number: int) -> Run:
+        """The described run; rescans when it is not known yet or its file changed."""
+        check_experiment_name(experiment)
+        with self._lock:
+            known = self._files.get(experiment, {}).get(number)
+        rf = self._fresh(known) if known else None
+        if rf is None:
+            files = self.run_files(experiment)
+            rf = files.get(number)
+            if rf is None:
+                raise NotFound(
+                    f"experiment '{experiment}' has no run {number}. Runs: {listing(sorted(files))}"
+                )
+        with self._lock:
+            cached = self._runs.get(rf.path)
+        if cached and cached[0] == rf:
+            return cached[1]
+        run = describe(rf.path, experiment, number)
+        with self._lock:
+            self._runs[rf.path] = (rf, run)
+        return run
+
+    @staticmethod
+    def _fresh(rf: RunFile) -> RunFile | None:
+        """The same file with its current size and mtime, or None if it is gone."""
+        try:
+            st = rf.path.stat()
+        except OSError:
+            return None
+        return RunFile(rf.experiment, rf.number, rf.path, st.st_size, st.st_mtime_ns)

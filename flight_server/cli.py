@@ -1,0 +1,191 @@
+"""`lclstream serve | demo | generate | ls | get`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flight_server import config
+
+DEFAULT_SERVER = os.environ.get("LCLSTREAM_SERVER", "grpc://127.0.0.1:8815")
+
+
+def _size(text: str) -> int:
+    """'16MiB', '256M', '1GiB' or a plain byte count."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _events(text: str | None) -> slice | None:
+    if not text:
+        return None
+    parts = [int(p) if p else None for p in text.split(":")]
+    if not 1 <= len(parts) <= 3:
+        raise argparse.ArgumentTypeError("events must be START:STOP[:STEP]")
+    return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
+
+
+def _serve(settings: config.Settings, banner: str | None = None) -> int:
+    from flight_server.server import LclstreamServer
+
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.data.is_dir():
+        print(f"error: data directory {settings.data} does not exist", file=sys.stderr)
+        return 2
+    server = LclstreamServer(settings)
+    location = settings.location().replace(f":{settings.port}", f":{server.port}")
+    print(banner.format(location=location) if banner else f"serving {settings.data} at {location}",
+          flush=True)
+    server.serve()
+    return 0
+
+
+DEMO_BANNER = """\
+LCLStream Flight demo: serving {data} at {{location}}
+
+From Python (in this repository's .venv):
+
+    from clients import connect
+    c = connect("{{location}}")
+    c.runs("tmox42619")
+    df = c.polars("tmox42619", 1, columns=["gmd/energy", "tof/waveforms"])
+
+Walkthrough: notebooks/01_quickstart.ipynb   Command line: .venv/bin/lclstream ls
+Stop with Ctrl-C.
+"""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = config.load(args.config, {
+        "data": args.data, "host": args.host, "port": args.port,
+        "batch_bytes": args.batch_bytes, "partition_bytes": args.partition_bytes,
+    })
+    return _serve(settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flight_server.generator import generate_demo
+
+    settings = config.load(args.config, {"data": args.data, "port": args.port,
+                                         "host": args.host})
+    print(f"preparing demo data in {settings.data} ...", flush=True)
+    generate_demo(settings.data)
+    return _serve(settings, DEMO_BANNER.format(data=settings.data))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flight_server import generator
+
+    out = Path(args.data)
+    if args.layout == "demo":
+        paths = generator.generate_demo(out, seed=args.seed)
+    elif args.layout == "bench":
+        paths = [generator.generate_bench_run(out / args.experiment / f"run_{args.run}.h5",
+                                              _size(args.size), seed=args.seed)]
+    else:
+        make = {"lcls2": generator.generate_lcls2_run, "lcls1": generator.generate_lcls1_run,
+                "cxi": generator.generate_cxi_run}[args.layout]
+        suffix = "cxi" if args.layout == "cxi" else "h5"
+        path = out / args.experiment / f"{args.experiment}_Run{args.run:04d}.{suffix}"
+        paths = [make(path, args.run, n_events=args.events, seed=args.seed)]
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from clients import connect
+
+    with connect(args.server) as client:
+        if args.experiment is None:
+            for name in client.experiments():
+                print(name)
+        else:
+            import polars as pl
+
+            with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True):
+                print(client.runs(args.experiment))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from clients import connect
+    from clients.export import write_stream
+
+    columns = [c for c in args.columns.split(",") if c] if args.columns else None
+    with connect(args.server) as client:
+        info = client.plan(args.experiment, args.run, columns, args.events)
+        written = write_stream(client, info, Path(args.output), progress=not args.quiet)
+    print(f"wrote {written} events to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lclstream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve every run under a data directory")
+    s.add_argument("--data", type=Path, help="data root: DATA/<experiment>/**/<run file>")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8815; 0 picks a free one)")
+    s.add_argument("--config", type=Path, help="TOML settings file")
+    s.add_argument("--batch-bytes", type=_size, help="bytes per streamed batch (default 16MiB)")
+    s.add_argument("--partition-bytes", type=_size,
+                   help="bytes per endpoint of a large run (default 256MiB)")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="generate demo data (once) and serve it")
+    d.add_argument("--data", type=Path, help="where to write the demo data (default demo-data)")
+    d.add_argument("--host")
+    d.add_argument("--port", type=int)
+    d.add_argument("--config", type=Path)
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="write synthetic runs in the facility layouts")
+    g.add_argument("--data", default="demo-data")
+    g.add_argument("--layout", choices=["demo", "lcls2", "lcls1", "cxi", "bench"],
+                   default="demo")
+    g.add_argument("--experiment", default="tmox42619")
+    g.add_argument("--run", type=int, default=1)
+    g.add_argument("--events", type=int, default=240)
+    g.add_argument("--size", default="1GiB", help="bench layout: file size")
+    g.add_argument("--seed", type=int, default=42)
+    g.set_defaults(func=cmd_generate)
+
+    ls = sub.add_parser("ls", help="list experiments, or the runs of one")
+    ls.add_argument("experiment", nargs="?")
+    ls.add_argument("--server", default=DEFAULT_SERVER)
+    ls.set_defaults(func=cmd_ls)
+
+    get = sub.add_parser("get", help="download a run to Parquet or Arrow IPC")
+    get.add_argument("experiment")
+    get.add_argument("run", type=int)
+    get.add_argument("-c", "--columns", help="comma-separated columns (default: all)")
+    get.add_argument("-e", "--events", type=_events, help="START:STOP[:STEP]")
+    get.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.arrow")
+    get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    get.add_argument("--server", default=DEFAULT_SERVER)
+    get.set_defaults(func=cmd_get)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, LookupError) as exc:  # pyarrow's errors derive from these
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The demo data root: a few LCLS2 runs of one experiment plus a CXI run of another.
+
+Generation is idempotent so ``lclstream demo`` can be started repeatedly without rewriting
+gigabytes: files are written atomically, so a file that exists is complete and is kept.
+"""
+
+import os
+from pathlib import Path
+
+from . import physics as ph
+from .cxi import generate_cxi_run
+from .lcls2 import generate_lcls2_run
+
+CXI_EXPERIMENT = "cxilu9218"
+CXI_RUN = 12
+CXI_EVENTS = 240
+
+
+def demo_run_length(seed: int, run: int, events_per_run: int) -> int:
+    """Run lengths vary a little, as real runs do, but the same way every time."""
+    spread = min(300, events_per_run // 8)
+    jitter = int(ph.stream(seed, run, "demo/run_length").integers(-spread, spread + 1))
+    return max(1, events_per_run + jitter)
+
+
+def lcls2_run_path(data_dir: Path, experiment: str, run: int) -> Path:
+    """Where psana puts LCLS2 smalldata: ``<exp>/hdf5/smalldata/<exp>_Run<NNNN>.h5``."""
+    return data_dir / experiment / "hdf5" / "smalldata" / f"{experiment}_Run{run:04d}.h5"
+
+
+def generate_demo(
+    data_dir: str | os.PathLike[str],
+    experiment: str = "tmox42619",
+    n_runs: int = 4,
+    events_per_run: int = 2400,
+    seed: int = 42,
+) -> list[Path]:
+    """Write the demo runs that are missing under ``data_dir`` and return all their paths."""
+    data_dir = Path(data_dir)
+    paths = []
+    for run in range(1, n_runs + 1):
+        path = lcls2_run_path(data_dir, experiment, run)
+        if not path.exists():
+            generate_lcls2_run(path, run, demo_run_length(seed, run, events_per_run), seed=seed)
+        paths.append(path)
+    cxi = data_dir / CXI_EXPERIMENT / "cxi" / f"run_{CXI_RUN}.cxi"
+    if not cxi.exists():
+        generate_cxi_run(cxi, CXI_RUN, CXI_EVENTS, seed=seed)
+    paths.append(cxi)
+    return paths

@@ -1,0 +1,134 @@
+"""Turn a Flight descriptor or ticket into a validated plan: schema, partitions, sizes.
+
+A request names runs of one experiment; each run becomes one or more partitions (event ranges
+cut at chunk boundaries, each about `partition_bytes`), and each partition one FlightEndpoint
+with a ticket, so clients can fetch partitions in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server import ranges
+from flight_server.catalog import Catalog
+from flight_server.errors import InvalidArgument
+from flight_server.sources import Run
+from flight_server.sources.columns import Column
+from schemas import Request, RequestError, Ticket, parse_request, parse_ticket
+from schemas import metadata as md
+from schemas.request import EventSlice
+
+
+@dataclass(frozen=True)
+class Partition:
+    ticket: Ticket
+    records: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: Request
+    schema: pa.Schema
+    partitions: list[Partition]
+
+    @property
+    def total_records(self) -> int:
+        return sum(p.records for p in self.partitions)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.bytes for p in self.partitions)
+
+
+def request_from_descriptor(descriptor: flight.FlightDescriptor) -> Request:
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        parts = descriptor.path or []
+        try:
+            texts = [p.decode() if isinstance(p, bytes) else p for p in parts]
+        except UnicodeDecodeError:
+            raise InvalidArgument("path descriptor is not UTF-8") from None
+        if len(texts) != 2 or not texts[1].isdigit() or not texts[1].isascii():
+            raise InvalidArgument(
+                f"path descriptor must be [experiment, run] with run a decimal number, "
+                f"e.g. ['tmox42619', '7']; got {texts!r}"
+            )
+        return Request(experiment=texts[0], runs=(int(texts[1]),))
+    if descriptor.descriptor_type == flight.DescriptorType.CMD:
+        try:
+            return parse_request(descriptor.command)
+        except RequestError as exc:
+            raise InvalidArgument(str(exc)) from None
+    raise InvalidArgument("descriptor must be a path [experiment, run] or a v1 JSON command")
+
+
+def decode_ticket(raw: bytes) -> Ticket:
+    try:
+        return parse_ticket(raw)
+    except RequestError as exc:
+        raise InvalidArgument(f"{exc}; tickets come from GetFlightInfo") from None
+
+
+def check_range(run: Run, events: EventSlice) -> tuple[int, int, int]:
+    """Concrete (start, stop, step) of a slice within a run, or a clear error."""
+    n = run.num_events
+    stop = n if events.stop is None else events.stop
+    if events.start > n or stop > n:
+        raise InvalidArgument(
+            f"event slice [{events.start}:{events.stop}] is out of range for run {run.number} "
+            f"of '{run.experiment}', which has {n} events (valid: 0 <= start <= stop <= {n})"
+        )
+    return events.start, stop, events.step
+
+
+def resolve_columns(runs: list[Run], names: tuple[str, ...] | None) -> list[Column]:
+    """The columns every run serves with the same type (all common columns when names is None)."""
+    first = runs[0]
+    if names is None:
+        common = [c for c in first.columns.values() if all(c.name in r.columns for r in runs)]
+        names = tuple(c.name for c in common)
+    columns = first.resolve(names)
+    for run in runs[1:]:
+        for col, other in zip(columns, run.resolve([c.name for c in columns]), strict=True):
+            if other.field.type != col.field.type:
+                raise InvalidArgument(
+                    f"column '{col.name}' is {col.field.type} in run {first.number} but "
+                    f"{other.field.type} in run {run.number}; request these runs separately"
+                )
+    if len({c.name for c in columns}) != len(columns):
+        raise InvalidArgument("a column is named twice (directly and through a link alias)")
+    return columns
+
+
+def plan(request: Request, catalog: Catalog, partition_bytes: int) -> Plan:
+    runs = [catalog.run(request.experiment, number) for number in request.runs]
+    columns = resolve_columns(runs, request.columns)
+    names = tuple(c.name for c in columns)
+    per_event = ranges.event_bytes(columns)
+    align = ranges.chunk_alignment(columns)
+    partitions = []
+    for run in runs:
+        start, stop, step = check_range(run, request.events)
+        span = ranges.span_for(partition_bytes, per_event, step, align)
+        for lo, hi in ranges.split(start, stop, step, iter([span])):
+            records = ranges.count(lo, hi, step)
+            ticket = Ticket(request.experiment, run.number, names, lo, hi, step)
+            partitions.append(Partition(ticket, records, int(records * per_event)))
+    return Plan(request, pa.schema([c.field for c in columns], metadata=_metadata(runs)),
+                partitions)
+
+
+def _metadata(runs: list[Run]) -> dict[bytes, bytes]:
+    if len(runs) == 1:
+        return runs[0].schema_metadata()
+    layouts = sorted({r.layout.name for r in runs})
+    return {
+        md.EXPERIMENT: runs[0].experiment.encode(),
+        md.RUNS: json.dumps([r.number for r in runs]).encode(),
+        md.LAYOUT: ",".join(layouts).encode(),
+        md.EVENTS: str(sum(r.num_events for r in runs)).encode(),
+    }

@@ -1,0 +1,150 @@
+"""The Flight RPC surface: decode, delegate, return a stream. All logic lives elsewhere."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import logging
+import sys
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server import requests
+from flight_server.catalog import Catalog
+from flight_server.config import Settings
+from flight_server.errors import InvalidArgument
+from flight_server.streaming import BatchSizing, stream_batches
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ACTIONS = {
+    "experiments": "JSON list of {experiment, runs} for every experiment under the data root",
+}
+
+
+def _internal(exc: BaseException) -> flight.FlightInternalError:
+    incident = uuid.uuid4().hex[:12]
+    # An explicit limit: sys.tracebacklimit is 0 in the server (see LclstreamServer).
+    log.error("internal error %s:\n%s", incident,
+              "".join(traceback.format_exception(exc, limit=64)))
+    return flight.FlightInternalError(f"internal server error (incident {incident} in the log)")
+
+
+def _expected(exc: BaseException) -> bool:
+    return isinstance(exc, pa.ArrowException | flight.FlightError)
+
+
+def rpc(method: F) -> F:
+    """Let typed errors through with their status; turn anything else into INTERNAL, logged."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            if _expected(exc):
+                log.info("%s refused: %s", method.__name__, exc)
+                raise
+            raise _internal(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _guard_stream(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from batches
+    except Exception as exc:
+        if _expected(exc):
+            log.info("do_get failed mid-stream: %s", exc)
+            raise
+        raise _internal(exc) from None
+
+
+class LclstreamServer(flight.FlightServerBase):
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, **kwargs: Any) -> None:
+        # pyarrow appends the Python traceback of any server exception to the message the client
+        # sees; with tracebacklimit 0 only "Type: message" is appended. Our own logging passes an
+        # explicit limit and keeps full tracebacks.
+        sys.tracebacklimit = 0
+        super().__init__(settings.location(), **kwargs)
+        self.settings = settings
+        self.catalog = catalog or Catalog(settings.data)
+        self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
+                                  settings.prefetch)
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _flight_info(self, plan: requests.Plan,
+                     descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        endpoints = [flight.FlightEndpoint(p.ticket.encode(), []) for p in plan.partitions]
+        return flight.FlightInfo(plan.schema, descriptor, endpoints, plan.total_records,
+                                 plan.total_bytes, ordered=True)
+
+    def _plan(self, descriptor: flight.FlightDescriptor) -> requests.Plan:
+        request = requests.request_from_descriptor(descriptor)
+        return requests.plan(request, self.catalog, self.settings.partition_bytes)
+
+    @rpc
+    def list_flights(self, context: flight.ServerCallContext,
+                     criteria: bytes) -> Iterator[flight.FlightInfo]:
+        pattern = criteria.decode(errors="strict").strip() if criteria else "*"
+        found = self.catalog.scan()
+        infos = []
+        for experiment in found:
+            if not fnmatch.fnmatchcase(experiment, pattern):
+                continue
+            for number in sorted(found[experiment]):
+                descriptor = flight.FlightDescriptor.for_path(experiment, str(number))
+                try:
+                    infos.append(self._flight_info(self._plan(descriptor), descriptor))
+                except flight.FlightInternalError as exc:
+                    log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
+        return iter(infos)
+
+    @rpc
+    def get_flight_info(self, context: flight.ServerCallContext,
+                        descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        return self._flight_info(self._plan(descriptor), descriptor)
+
+    @rpc
+    def get_schema(self, context: flight.ServerCallContext,
+                   descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        return flight.SchemaResult(self._plan(descriptor).schema)
+
+    # -- data --------------------------------------------------------------------------------
+
+    @rpc
+    def do_get(self, context: flight.ServerCallContext,
+               ticket: flight.Ticket) -> flight.FlightDataStream:
+        t = requests.decode_ticket(ticket.ticket)
+        run = self.catalog.run(t.experiment, t.run)
+        columns = run.resolve(t.columns)
+        if t.stop > run.num_events:
+            raise InvalidArgument(f"ticket range [{t.start}:{t.stop}] is beyond run {t.run}'s "
+                                  f"{run.num_events} events; plan again with GetFlightInfo")
+        schema = run.schema(columns)
+        batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
+                                 context.is_cancelled)
+        return flight.GeneratorStream(schema, _guard_stream(batches))
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return list(ACTIONS.items())
+
+    @rpc
+    def do_action(self, context: flight.ServerCallContext,
+                  action: flight.Action) -> Iterator[bytes]:
+        if action.type == "experiments":
+            found = self.catalog.scan()
+            body = [{"experiment": e, "runs": sorted(r)} for e, r in found.items()]
+            return iter([json.dumps(body).encode()])
+        raise InvalidArgument(f"unknown action '{action.type}'; actions: {', '.join(ACTIONS)}")

@@ -1,0 +1,139 @@
+"""The v1 request (command descriptor) and ticket formats.
+
+Both are small JSON documents validated against the JSON Schemas beside this module, so any client
+in any language can build a request from the schema alone. Validation errors say where the
+document is wrong and what would be valid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+VERSION = 1
+MAX_DOCUMENT_BYTES = 64 * 1024  # a request or ticket larger than this is refused unparsed
+
+
+class RequestError(ValueError):
+    """A request or ticket that is malformed or asks for something impossible."""
+
+
+@dataclass(frozen=True)
+class EventSlice:
+    """Python slice semantics over a run's events; negatives are not allowed."""
+
+    start: int = 0
+    stop: int | None = None
+    step: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": self.start, "stop": self.stop, "step": self.step}
+
+
+@dataclass(frozen=True)
+class Request:
+    """Which runs of one experiment, which columns (None = all), which events."""
+
+    experiment: str
+    runs: tuple[int, ...]
+    columns: tuple[str, ...] | None = None
+    events: EventSlice = EventSlice()
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"v": VERSION, "experiment": self.experiment, "runs": list(self.runs)}
+        if self.columns is not None:
+            doc["columns"] = list(self.columns)
+        if self.events != EventSlice():
+            doc["events"] = self.events.to_json()
+        return doc
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One partition of a planned request: events [start, stop) with step of one run."""
+
+    experiment: str
+    run: int
+    columns: tuple[str, ...]
+    start: int
+    stop: int
+    step: int = 1
+
+    def encode(self) -> bytes:
+        doc = {
+            "v": VERSION,
+            "experiment": self.experiment,
+            "run": self.run,
+            "columns": list(self.columns),
+            "start": self.start,
+            "stop": self.stop,
+            "step": self.step,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@cache
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    schema = json.loads(resources.files("schemas").joinpath(name).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _load(raw: bytes | str, what: str, schema_file: str) -> dict[str, Any]:
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise RequestError(f"{what} is {len(raw)} bytes; at most {MAX_DOCUMENT_BYTES} are accepted")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"{what} must be a JSON object, got {type(doc).__name__}")
+    error = jsonschema.exceptions.best_match(_validator(schema_file).iter_errors(doc))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise RequestError(f"invalid {what} at {where}: {error.message}")
+    return doc
+
+
+def parse_request(raw: bytes | str) -> Request:
+    """Parse and validate a v1 command descriptor."""
+    doc = _load(raw, "request", "request.schema.json")
+    events = doc.get("events") or {}
+    start = events.get("start") or 0
+    stop = events.get("stop")
+    step = events.get("step") or 1
+    if stop is not None and stop < start:
+        raise RequestError(f"event slice is reversed: start {start} > stop {stop}")
+    columns = doc.get("columns")
+    return Request(
+        experiment=doc["experiment"],
+        runs=tuple(doc["runs"]),
+        columns=None if columns is None else tuple(columns),
+        events=EventSlice(start, stop, step),
+    )
+
+
+def parse_ticket(raw: bytes) -> Ticket:
+    """Parse and validate a v1 ticket. The caller still re-checks that the run exists."""
+    doc = _load(raw, "ticket", "ticket.schema.json")
+    if doc["stop"] < doc["start"]:
+        raise RequestError(f"ticket event range is reversed: {doc['start']} > {doc['stop']}")
+    return Ticket(
+        experiment=doc["experiment"],
+        run=doc["run"],
+        columns=tuple(doc["columns"]),
+        start=doc["start"],
+        stop=doc["stop"],
+        step=doc["step"],
+    )

@@ -1,0 +1,97 @@
+"""Clients that go away mid-stream free their file handles, threads and memory."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.flight as flight
+import pytest
+
+from flight_server.generator import generate_lcls2_run
+from tests.conftest import start_server
+
+
+@pytest.fixture(scope="module")
+def big_server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("big")
+    # ~48 MiB of frames; 64 KiB batches -> hundreds of batches per stream
+    generate_lcls2_run(root / "exp" / "exp_Run0001.h5", 1, n_events=1200, seed=1,
+                       frame_shape=(128, 128))
+    srv = start_server(root, batch_bytes=64 * 1024, first_batch_bytes=64 * 1024,
+                       partition_bytes=1 << 40)
+    yield srv, root
+    srv.shutdown()
+
+
+def open_run_files(root: Path) -> list[str]:
+    return [f.path for f in psutil.Process().open_files() if f.path.startswith(str(root))]
+
+
+def settle(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gc.collect()
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def reader_threads() -> int:
+    return sum(t.name.startswith("read-ahead") for t in threading.enumerate())
+
+
+def test_aborted_streams_release_files_threads_and_memory(big_server) -> None:
+    srv, root = big_server
+    loc = f"grpc://127.0.0.1:{srv.port}"
+    proc = psutil.Process()
+    c = flight.connect(loc)
+    [endpoint] = c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1")).endpoints
+    c.do_get(endpoint.ticket).read_all()  # warm up: caches, gRPC pools
+    assert settle(lambda: not open_run_files(root))
+    fds_before, rss_before = proc.num_fds(), proc.memory_info().rss
+
+    for i in range(40):
+        if i % 2:  # cancel the stream and keep the connection
+            reader = c.do_get(endpoint.ticket)
+            reader.read_chunk()
+            reader.cancel()
+        else:  # drop the whole connection mid-stream
+            other = flight.connect(loc)
+            reader = other.do_get(endpoint.ticket)
+            reader.read_chunk()
+            other.close()
+        del reader
+
+    assert settle(lambda: not open_run_files(root)), open_run_files(root)
+    assert settle(lambda: reader_threads() == 0), reader_threads()
+    assert settle(lambda: proc.num_fds() <= fds_before + 4), (fds_before, proc.num_fds())
+    # 40 streams of 48 MiB would be ~2 GiB if kept; allow allocator noise only
+    assert proc.memory_info().rss - rss_before < 200 * 1024 * 1024
+
+    # normal service afterwards
+    table = c.do_get(endpoint.ticket).read_all()
+    assert table.num_rows == 1200
+    c.close()
+
+
+def test_server_memory_is_bounded_by_batches_not_run_size(big_server) -> None:
+    srv, root = big_server
+    c = flight.connect(f"grpc://127.0.0.1:{srv.port}")
+    [endpoint] = c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1")).endpoints
+    # a slow consumer: the server may read ahead only `prefetch` batches, not the whole run
+    gc.collect()
+    rss_before = psutil.Process().memory_info().rss
+    reader = c.do_get(endpoint.ticket)
+    first = reader.read_chunk().data
+    time.sleep(0.5)
+    assert reader_threads() == 1  # the read-ahead thread waits on its bounded queue
+    grown = psutil.Process().memory_info().rss - rss_before
+    assert grown < 16 * 1024 * 1024, grown  # batches + gRPC window, not the 48 MiB run
+    rows = first.num_rows + sum(chunk.data.num_rows for chunk in reader)
+    assert rows == 1200
+    c.close()
