@@ -54,8 +54,15 @@ def to_polars(table: pa.Table):
 
 
 def to_pandas(table: pa.Table):
-    """A Pandas DataFrame; tensor cells become numpy arrays of the tensor's shape."""
-    return for_dataframes(table).to_pandas()
+    """A Pandas DataFrame; each tensor cell is an ndarray of the tensor's shape (a view into one
+    array per column, not a nest of 1-D object arrays)."""
+    tensors = [i for i, f in enumerate(table.schema) if is_tensor(f.type)]
+    plain = table.drop_columns([table.schema.field(i).name for i in tensors])
+    frame = plain.to_pandas()
+    for i in tensors:
+        arr = column_to_numpy(table.column(i))
+        frame.insert(i, table.schema.field(i).name, list(arr) if len(arr) else [])
+    return frame
 
 
 def array_to_numpy(arr: pa.Array) -> np.ndarray:

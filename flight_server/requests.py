@@ -74,14 +74,19 @@ def decode_ticket(raw: bytes) -> Ticket:
 
 
 def check_range(run: Run, events: EventSlice) -> tuple[int, int, int]:
-    """Concrete (start, stop, step) of a slice within a run, or a clear error."""
+    """Concrete (start, stop, step) of a slice within a run.
+
+    `stop` past the end is clamped, as Python, NumPy and h5py slices are, so one slice can be
+    applied to runs of different lengths; a `start` past the end is an error, since it can only
+    be a mistake.
+    """
     n = run.num_events
-    stop = n if events.stop is None else events.stop
-    if events.start > n or stop > n:
+    if events.start > n:
         raise InvalidArgument(
-            f"event slice [{events.start}:{events.stop}] is out of range for run {run.number} "
-            f"of '{run.experiment}', which has {n} events (valid: 0 <= start <= stop <= {n})"
+            f"event start {events.start} is out of range for run {run.number} of "
+            f"'{run.experiment}', which has {n} events (valid: 0 <= start <= {n})"
         )
+    stop = n if events.stop is None else min(events.stop, n)
     return events.start, stop, events.step
 
 

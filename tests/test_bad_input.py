@@ -88,8 +88,8 @@ def test_malformed_requests_are_invalid_argument(flight_client, raw, phrase) -> 
     ({"stop": -5}, "minimum of 0"),
     ({"step": 0}, "minimum of 1"),
     ({"step": -1}, "minimum of 1"),
-    ({"start": 0, "stop": 121}, "out of range for run 7"),
-    ({"start": 500}, "which has 120 events"),
+    ({"start": 121}, "out of range for run 7"),
+    ({"start": 500, "stop": 600}, "which has 120 events"),
 ])
 def test_bad_event_slices(flight_client, events, phrase) -> None:
     refused(lambda: flight_client.get_flight_info(cmd({

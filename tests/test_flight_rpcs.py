@@ -81,6 +81,15 @@ def test_command_descriptor_projection_and_events(flight_client, data_root) -> N
         np.testing.assert_array_equal(got, f["tof/waveforms"][10:80:3])
 
 
+def test_stop_past_the_end_is_clamped_per_run(flight_client) -> None:
+    # one slice over runs of 120 and 90 events, as with Python, NumPy and h5py slices
+    info = flight_client.get_flight_info(cmd(
+        experiment=LCLS2_EXP, runs=[7, 8], columns=["run"], events={"start": 50, "stop": 100}))
+    assert info.total_records == 50 + 40
+    runs = fetch(flight_client, info).column("run").to_pylist()
+    assert runs.count(7) == 50 and runs.count(8) == 40
+
+
 def test_get_schema_matches_flight_info(flight_client) -> None:
     d = cmd(experiment=CXI_EXP, runs=[12], columns=["entry_1/data_1/data", "time"])
     schema = flight_client.get_schema(d).schema

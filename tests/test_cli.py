@@ -1,0 +1,100 @@
+"""The `lclstream` command line, run as a user would: separate processes over loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import LCLS2_EXP
+
+LCLSTREAM = [sys.executable, "-m", "flight_server.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*LCLSTREAM, *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+def wait_for_location(proc: subprocess.Popen) -> str:
+    for line in proc.stdout:
+        found = re.search(r"grpc://[\w.\[\]:]+:\d+", line)
+        if found:
+            return found.group(0)
+    raise AssertionError(f"server printed no location; stderr: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def served(data_root: Path) -> Iterator[str]:
+    proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data_root), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        yield wait_for_location(proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_ls_lists_experiments_and_runs(served: str) -> None:
+    out = run_cli("ls", "--server", served)
+    assert out.returncode == 0, out.stderr
+    assert LCLS2_EXP in out.stdout.split()
+    runs = run_cli("ls", LCLS2_EXP, "--server", served)
+    assert runs.returncode == 0, runs.stderr
+    assert "lcls2-smalldata" in runs.stdout and "120" in runs.stdout and "90" in runs.stdout
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_get_writes_complete_files(served: str, tmp_path: Path, data_root: Path,
+                                   suffix: str) -> None:
+    out = tmp_path / f"run7{suffix}"
+    res = run_cli("get", LCLS2_EXP, "7", "-c", "gmd/energy,pnccd/image,time", "-o", str(out),
+                  "--server", served)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 120 events" in res.stdout
+    assert "100%" in res.stderr  # the progress bar ran to completion
+    table = pq.read_table(out) if suffix == ".parquet" else ipc.open_file(out).read_all()
+    assert table.column_names == ["gmd/energy", "pnccd/image", "time"]
+    path = data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run0007.h5"
+    with h5py.File(path) as f:
+        frames = table.column("pnccd/image").combine_chunks().to_numpy_ndarray()
+        np.testing.assert_array_equal(frames, f["pnccd/image"][()])  # tensor type round-trips
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+
+
+def test_get_failure_leaves_no_file(served: str, tmp_path: Path) -> None:
+    out = tmp_path / "bad.parquet"
+    res = run_cli("get", LCLS2_EXP, "7", "-c", "gmd/energi", "-o", str(out), "--server", served)
+    assert res.returncode == 1
+    assert "Did you mean 'gmd/energy'" in res.stderr and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []
+    res = run_cli("get", LCLS2_EXP, "7", "-o", str(tmp_path / "x.csv"), "--server", served)
+    assert res.returncode == 1 and "unknown output format" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_refuses_a_missing_data_directory(tmp_path: Path) -> None:
+    res = run_cli("serve", "--data", str(tmp_path / "nowhere"), "--port", "0")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_generate_writes_each_layout(tmp_path: Path) -> None:
+    for layout in ["lcls2", "lcls1", "cxi"]:
+        res = run_cli("generate", "--data", str(tmp_path), "--layout", layout,
+                      "--experiment", f"e{layout}", "--run", "3", "--events", "20")
+        assert res.returncode == 0, res.stderr
+        assert Path(res.stdout.strip()).is_file()
