@@ -43,7 +43,11 @@ def _serve(settings: config.Settings, banner: str | None = None) -> int:
     location = settings.location().replace(f":{settings.port}", f":{server.port}")
     print(banner.format(location=location) if banner else f"serving {settings.data} at {location}",
           flush=True)
-    server.serve()
+    try:
+        server.serve()  # returns, or raises KeyboardInterrupt, once SIGINT/SIGTERM shut it down
+    except KeyboardInterrupt:
+        pass
+    print("server stopped", flush=True)
     return 0
 
 

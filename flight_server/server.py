@@ -95,7 +95,11 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def list_flights(self, context: flight.ServerCallContext,
                      criteria: bytes) -> Iterator[flight.FlightInfo]:
-        pattern = criteria.decode(errors="strict").strip() if criteria else "*"
+        try:
+            pattern = criteria.decode().strip() if criteria else "*"
+        except UnicodeDecodeError:
+            raise InvalidArgument("ListFlights criteria must be an experiment name or glob "
+                                  "in UTF-8, e.g. 'tmox*'") from None
         found = self.catalog.scan()
         infos = []
         for experiment in found:

@@ -139,6 +139,10 @@ def test_bad_path_descriptors(flight_client, path) -> None:
     refused(lambda: flight_client.get_flight_info(d), INVALID, "[experiment, run]")
 
 
+def test_list_flights_criteria_not_utf8(flight_client) -> None:
+    refused(lambda: list(flight_client.list_flights(b"\xff\xfe")), INVALID, "UTF-8")
+
+
 def test_unknown_action(flight_client) -> None:
     refused(lambda: list(flight_client.do_action(flight.Action("drop-tables", b""))),
             INVALID, "unknown action", "experiments")

@@ -98,3 +98,23 @@ def test_generate_writes_each_layout(tmp_path: Path) -> None:
                       "--experiment", f"e{layout}", "--run", "3", "--events", "20")
         assert res.returncode == 0, res.stderr
         assert Path(res.stdout.strip()).is_file()
+
+
+def test_demo_generates_and_serves(tmp_path: Path) -> None:
+    """What `make demo` runs: demo data written once, served, and the banner says how to
+    connect."""
+    proc = subprocess.Popen([*LCLSTREAM, "demo", "--data", str(tmp_path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        location = wait_for_location(proc)
+        from clients import connect
+
+        with connect(location) as c:
+            assert c.experiments() == ["cxilu9218", "tmox42619"]
+            runs = c.runs("tmox42619")
+            assert runs.height >= 4 and (runs["events"] > 1000).all()
+            assert c.read("cxilu9218", 12, ["entry_1/data_1/data"]).num_rows > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    assert proc.returncode == 0
