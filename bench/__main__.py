@@ -12,7 +12,15 @@ import time
 from collections.abc import Callable
 
 from bench import latency, memory, throughput
-from bench.common import Result, environment, fmt_bytes, parse_size, print_table, section
+from bench.common import (
+    Result,
+    environment,
+    fmt_bytes,
+    machine_load,
+    parse_size,
+    print_table,
+    section,
+)
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     throughput.NAME: throughput.run,
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lclstream benchmarks: {environment()}")
     print(f"  --size {fmt_bytes(args.size)}, --big-size {fmt_bytes(args.big_size)}, "
           f"{args.reps} repetitions, {args.requests} requests")
+    print(f"  before: {machine_load()}")
     t0 = time.perf_counter()
     results: list[Result] = []
     for name, bench in BENCHMARKS.items():
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(Result(name, "benchmark run", f"error: {type(exc).__name__}",
                                   "completes", False))
 
+    print(f"\n  after: {machine_load()}")
     section(f"summary ({time.perf_counter() - t0:.0f} s)")
     print_table(["benchmark", "metric", "value", "target", "verdict"],
                 [[r.bench, r.metric, r.value, r.target or "-", r.verdict] for r in results],

@@ -12,14 +12,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 import pyarrow.flight as flight
 
+from bench import SET_FOR_CLIENT
 from flight_server.generator.bench import generate_bench_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,14 @@ def median(samples: Sequence[float]) -> float:
     return statistics.median(samples)
 
 
+def cpu_seconds(proc: psutil.Process | None) -> float:
+    """User + system CPU time of a process so far (0 for none)."""
+    if proc is None:
+        return 0.0
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     result = fn()
@@ -123,7 +132,7 @@ def section(title: str) -> None:
 
 def verdict_line(label: str, value: str, target: str, ok: bool | None) -> None:
     mark = {True: "PASS", False: "FAIL", None: "info"}[ok]
-    print(f"  {label:<44} {value:>14}   target {target:<10} {mark}", flush=True)
+    print(f"  {label:<44} {value:>14}   target {target:<12} {mark}", flush=True)
 
 
 # -- bench data ----------------------------------------------------------------------------
@@ -172,7 +181,8 @@ BANNER = re.compile(r"serving .* at (grpc://\S+)")
 class ServerProcess:
     """A Flight server in a subprocess: started, awaited until it answers, always stopped.
 
-    Its output goes to `bench-data/logs/NAME.log` rather than a pipe that nobody drains.
+    Its output goes to `bench-data/logs/NAME.log` rather than a pipe that nobody drains, and
+    it gets the user's environment, without the client-only settings of `bench/__init__.py`.
     """
 
     def __init__(self, name: str, args: Sequence[str], timeout: float = 120.0) -> None:
@@ -190,8 +200,9 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         LOGS.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in SET_FOR_CLIENT}
         with open(self.log, "wb") as log:
-            self._proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log,
+            self._proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             self.location = self._wait_banner()
@@ -265,21 +276,21 @@ def reference_server(run: BenchRun, name: str = "reference") -> ServerProcess:
                                 "--port", "0"])
 
 
-@contextmanager
-def flight_client(location: str) -> Iterator[flight.FlightClient]:
-    client = flight.connect(location)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def environment() -> str:
     """One line on what the figures were measured on; they mean little without it."""
     import numpy as np
-    import psutil
     import pyarrow as pa
 
     mem = psutil.virtual_memory().total
     return (f"python {sys.version.split()[0]}, pyarrow {pa.__version__}, numpy {np.__version__}, "
             f"{os.cpu_count()} CPUs, {fmt_bytes(mem)} RAM")
+
+
+def machine_load(seconds: float = 1.0) -> str:
+    """CPU use by everything on the machine over a moment, with a warning when it is busy:
+    on a small machine another process's work shows up as noise in every figure."""
+    busy = psutil.cpu_percent(interval=seconds)
+    line = f"machine CPU use {busy:.0f}%, load average {os.getloadavg()[0]:.2f}"
+    if busy > 10:
+        line += "  WARNING: other processes are busy; figures will be noisy"
+    return line

@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from bench.common import (
     HUGE_PARTITION,
     BenchRun,
+    GiB,
     Result,
     bench_run,
+    cpu_seconds,
     fmt_bytes,
     gbps,
     median,
@@ -45,12 +48,29 @@ DATASETS = ("timestamp", "gmd/energy", "epix/image", "tof/waveforms")
 
 @dataclass
 class Contender:
-    """One way of moving the run; `fetch` returns the bytes it delivered."""
+    """One way of moving the run; `fetch` returns the bytes it delivered. CPU time of the
+    client (this process) and of the server is kept per read: on a small machine the two
+    compete for the same cores, so CPU seconds per GiB explain the wall-clock figures."""
 
     label: str
     fetch: Callable[[], int]
+    server: psutil.Process | None = None
     seconds: list[float] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float] = field(default_factory=list)
     nbytes: int = 0
+
+    def measure(self, client: psutil.Process) -> None:
+        c0, s0 = cpu_seconds(client), cpu_seconds(self.server)
+        seconds, self.nbytes = timed(self.fetch)
+        self.seconds.append(seconds)
+        self.client_cpu.append(cpu_seconds(client) - c0)
+        self.server_cpu.append(cpu_seconds(self.server) - s0)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.client_cpu.clear()
+        self.server_cpu.clear()
 
     def best(self) -> float:
         return gbps(self.nbytes, min(self.seconds))
@@ -59,16 +79,24 @@ class Contender:
         return gbps(self.nbytes, median(self.seconds))
 
 
-def h5py_read_direct(run: BenchRun) -> int:
-    """Every dataset of the run into fresh numpy arrays, as a local analysis would read it."""
-    total = 0
-    with h5py.File(run.path, "r", locking=False) as f:
+class H5pyReader:
+    """Every dataset of the run read with `read_direct` into numpy arrays allocated (and
+    touched) once: the page cache's speed into a local process, without page faults."""
+
+    def __init__(self, run: BenchRun) -> None:
+        self.file = h5py.File(run.path, "r", locking=False)
+        self.out = {}
         for name in DATASETS:
-            ds = f[name]
-            out = np.empty(ds.shape, dtype=ds.dtype)
-            ds.read_direct(out)
-            total += out.nbytes
-    return total
+            ds = self.file[name]
+            self.out[name] = np.ones(ds.shape, dtype=ds.dtype)
+
+    def read(self) -> int:
+        for name, out in self.out.items():
+            self.file[name].read_direct(out)
+        return sum(out.nbytes for out in self.out.values())
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def one_stream(client: Client, raw: flight.FlightClient, run: BenchRun) -> pa.Table:
@@ -101,6 +129,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         single_client = connect(single.location)
         single_raw = flight.connect(single.location)
         multi_client = connect(multi.location)
+        local = H5pyReader(br)
         try:
             endpoints = len(multi_client.plan(br.experiment, br.number).endpoints)
             reference = reference_get(ref_client)
@@ -111,33 +140,37 @@ def run(args: argparse.Namespace) -> list[Result]:
             del reference
             contenders = [
                 Contender("reference: in-memory Flight server, 1 DoGet",
-                          lambda: reference_get(ref_client).nbytes),
+                          lambda: reference_get(ref_client).nbytes, psutil.Process(ref.pid)),
                 Contender("lclstream: 1 DoGet stream",
-                          lambda: one_stream(single_client, single_raw, br).nbytes),
+                          lambda: one_stream(single_client, single_raw, br).nbytes,
+                          psutil.Process(single.pid)),
                 Contender(f"lclstream: Client.read, {endpoints} endpoints, parallel=4",
-                          lambda: multi_client.read(br.experiment, br.number, parallel=4).nbytes),
-                Contender("h5py read_direct into numpy (local, no network)",
-                          lambda: h5py_read_direct(br)),
+                          lambda: multi_client.read(br.experiment, br.number, parallel=4).nbytes,
+                          psutil.Process(multi.pid)),
+                Contender("h5py read_direct into numpy (local, no network)", local.read),
             ]
+            me = psutil.Process()
             for rep in range(args.reps + 1):  # repetition 0 warms up and is not counted
                 for c in contenders:
-                    seconds, c.nbytes = timed(c.fetch)
-                    if rep:
-                        c.seconds.append(seconds)
+                    if rep == 1:
+                        c.reset()
+                    c.measure(me)
         finally:
-            for cl in (ref_client, single_client, single_raw, multi_client):
+            for cl in (ref_client, single_client, single_raw, multi_client, local):
                 cl.close()
 
     ref_c, single_c, par_c, h5_c = contenders
     print(f"  {args.reps} repetitions each, taking turns; {fmt_bytes(ref_c.nbytes)} per read "
-          f"(Arrow buffers); GB/s = 1e9 bytes/s")
+          f"(Arrow buffers); GB/s = 1e9 bytes/s; CPU = median CPU seconds per GiB read")
     rows = []
     for c in contenders:
+        per_gib = GiB / c.nbytes
         rows.append([c.label, f"{c.best():.2f}", f"{c.median():.2f}",
-                     f"{min(c.seconds):.3f}", f"{c.best() / ref_c.best():.2f}",
-                     f"{c.median() / ref_c.median():.2f}"])
-    print_table(["contender", "best GB/s", "median GB/s", "best s", "/ref best", "/ref median"],
-                rows, right=(1, 2, 3, 4, 5))
+                     f"{c.best() / ref_c.best():.2f}", f"{c.median() / ref_c.median():.2f}",
+                     f"{median(c.client_cpu) * per_gib:.2f}",
+                     f"{median(c.server_cpu) * per_gib:.2f}" if c.server else "-"])
+    print_table(["contender", "best GB/s", "median GB/s", "/ref best", "/ref median",
+                 "client CPU", "server CPU"], rows, right=(1, 2, 3, 4, 5, 6))
     print(f"  same table as the reference: 1 stream {same['1 stream']}, "
           f"parallel {same['parallel']}")
 

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +53,12 @@ def check_experiment_name(name: str) -> None:
 
 
 class Catalog:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_open_runs: int = 128) -> None:
         self.root = Path(root).resolve()
+        self.max_open_runs = max_open_runs  # described runs kept, each with an open file handle
         self._lock = threading.Lock()
         self._files: dict[str, dict[int, RunFile]] = {}
-        self._runs: dict[Path, tuple[RunFile, Run]] = {}
+        self._runs: OrderedDict[Path, tuple[RunFile, Run]] = OrderedDict()
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -70,7 +72,8 @@ class Catalog:
         with self._lock:
             self._files = found
             live = {f.path for runs in found.values() for f in runs.values()}
-            self._runs = {p: v for p, v in self._runs.items() if p in live}
+            for path in [p for p in self._runs if p not in live]:
+                self._runs.pop(path)[1].retire()
         return found
 
     def _scan_experiment(self, experiment: str) -> dict[int, RunFile]:
@@ -128,12 +131,25 @@ class Catalog:
                 )
         with self._lock:
             cached = self._runs.get(rf.path)
-        if cached and cached[0] == rf:
-            return cached[1]
+            if cached and cached[0] == rf:
+                self._runs.move_to_end(rf.path)
+                return cached[1]
         run = describe(rf.path, experiment, number)
         with self._lock:
+            old = self._runs.pop(rf.path, None)
+            if old is not None:
+                old[1].retire()  # the file changed: streams still on the old handle finish
             self._runs[rf.path] = (rf, run)
+            while len(self._runs) > self.max_open_runs:
+                self._runs.popitem(last=False)[1][1].retire()
         return run
+
+    def close(self) -> None:
+        """Close every file handle (once their streams end)."""
+        with self._lock:
+            for _, run in self._runs.values():
+                run.retire()
+            self._runs.clear()
 
     @staticmethod
     def _fresh(rf: RunFile) -> RunFile | None:

@@ -20,6 +20,7 @@ class Settings:
     first_batch_bytes: int = 1024 * 1024  # small first batch: low time-to-first-batch
     partition_bytes: int = 256 * 1024 * 1024  # one FlightEndpoint per this many bytes of a run
     prefetch: int = 2  # batches read ahead per stream
+    read_threads: int = 8  # HDF5 reads in flight across all streams
     log_level: str = "INFO"
 
     def location(self) -> str:

@@ -61,10 +61,11 @@ def split(start: int, stop: int, step: int, spans: Iterable[int]) -> Iterator[tu
 def ramp(first_bytes: int, target_bytes: int, per_event: float, step: int,
          align: int) -> Iterator[int]:
     """Spans growing from first_bytes to target_bytes by doubling: a small first batch keeps
-    time-to-first-batch low, large later batches keep throughput high."""
+    time-to-first-batch low, large later batches keep throughput high. Only the first batch may
+    end inside a chunk (a chunk can be larger than a whole first batch should be); `split` cuts
+    the rest at absolute chunk multiples, so alignment is back from the second batch on."""
     size = min(first_bytes, target_bytes)
-    while True:
-        yield span_for(size, per_event, step, align)
-        if size >= target_bytes:
-            return
+    yield span_for(size, per_event, step, 1)
+    while size < target_bytes:
         size = min(size * 2, target_bytes)
+        yield span_for(size, per_event, step, align)

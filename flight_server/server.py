@@ -10,6 +10,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -79,6 +80,12 @@ class LclstreamServer(flight.FlightServerBase):
         self.catalog = catalog or Catalog(settings.data)
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
                                   settings.prefetch)
+        self.read_pool = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="read")
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.read_pool.shutdown(wait=True, cancel_futures=True)
+        self.catalog.close()
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -136,7 +143,7 @@ class LclstreamServer(flight.FlightServerBase):
                                   f"{run.num_events} events; plan again with GetFlightInfo")
         schema = run.schema(columns)
         batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
-                                 context.is_cancelled)
+                                 self.read_pool, context.is_cancelled)
         return flight.GeneratorStream(schema, _guard_stream(batches))
 
     # -- actions -----------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Stream an event range of a run as RecordBatches, reading ahead while batches are on the wire.
 
-A reader thread fills a bounded queue; the Flight stream drains it. Memory is bounded by
-(prefetch + 2) batches per stream whatever the run size. The stream stops early when the client
-cancels or goes away, and the reader thread and file handle are released either way.
+Reads run on a pool shared by all streams: each stream keeps at most `prefetch` reads in flight
+and submits the next one only as a batch leaves, so memory is bounded by (prefetch + 2) batches
+per stream whatever the run size, and a request starts no thread of its own. The stream stops
+early when the client cancels or goes away; pending reads are dropped and the file is closed
+either way.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -20,8 +22,6 @@ from flight_server.sources import Run, RunReader
 from flight_server.sources.columns import Column
 
 log = logging.getLogger(__name__)
-
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -40,57 +40,49 @@ def batch_ranges(columns: list[Column], start: int, stop: int, step: int,
 
 
 def stream_batches(run: Run, columns: list[Column], start: int, stop: int, step: int,
-                   sizing: BatchSizing,
+                   sizing: BatchSizing, pool: Executor,
                    is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[pa.RecordBatch]:
     """The batches of range(start, stop, step). The file is opened now, so a run that cannot be
     read fails the DoGet call itself rather than a stream already promised to the client."""
     pieces = batch_ranges(columns, start, stop, step, sizing)
     reader = RunReader(run)
-    return _read_ahead(reader, columns, pieces, step, sizing.prefetch, is_cancelled)
+    return _read_ahead(reader, columns, pieces, step, sizing.prefetch, pool, is_cancelled)
 
 
 def _read_ahead(reader: RunReader, columns: list[Column], pieces: list[tuple[int, int]],
-                step: int, prefetch: int,
+                step: int, prefetch: int, pool: Executor,
                 is_cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
-    run = reader.run
-    out: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-    stopping = threading.Event()
+    todo = iter(pieces)
+    pending: deque[Future] = deque()
 
-    def put(item: object) -> bool:
-        while not stopping.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def top_up(limit: int) -> None:
+        while len(pending) < limit:
+            piece = next(todo, None)
+            if piece is None:
+                return
+            pending.append(pool.submit(reader.read, columns, piece[0], piece[1], step))
 
-    def read_ahead() -> None:
-        try:
-            for lo, hi in pieces:
-                if stopping.is_set() or not put(reader.read(columns, lo, hi, step)):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, which raises it to the client
-            put(exc)
-
-    worker = threading.Thread(target=read_ahead, name=f"read-ahead run {run.number}",
-                              daemon=True)
-    worker.start()
     try:
-        while True:
-            item = out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        first = next(todo, None)
+        if first is None:
+            return
+        # The first batch is read right here: a hand-off to the pool and back costs more than
+        # reading a small first batch, and nothing is on the wire yet to overlap with.
+        batch = reader.read(columns, first[0], first[1], step)
+        top_up(max(prefetch, 1))
+        yield batch
+        while pending:
+            batch = pending.popleft().result()
             if is_cancelled():
-                log.info("client cancelled run %d of %s", run.number, run.experiment)
+                log.info("client cancelled run %d of %s", reader.run.number,
+                         reader.run.experiment)
                 return
-            yield item
+            top_up(max(prefetch, 1))
+            yield batch
     finally:
-        stopping.set()
-        while not out.empty():
-            out.get_nowait()
-        worker.join()
+        for future in pending:
+            future.cancel()
+        for future in pending:  # a read already running must finish before the file closes
+            if not future.cancelled():
+                future.exception()
         reader.close()

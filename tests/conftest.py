@@ -59,3 +59,11 @@ def flight_client(location: str):
     c = flight.connect(location)
     yield c
     c.close()
+
+
+def open_h5(path: Path):
+    """Open a run file to check what the server sent. Without locking, as the server opens it:
+    HDF5 refuses a second handle on a file with a different locking flag in one process."""
+    import h5py
+
+    return h5py.File(path, "r", locking=False)

@@ -10,13 +10,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import LCLS2_EXP
+from tests.conftest import LCLS2_EXP, open_h5
 
 LCLSTREAM = [sys.executable, "-m", "flight_server.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -70,7 +69,7 @@ def test_get_writes_complete_files(served: str, tmp_path: Path, data_root: Path,
     table = pq.read_table(out) if suffix == ".parquet" else ipc.open_file(out).read_all()
     assert table.column_names == ["gmd/energy", "pnccd/image", "time"]
     path = data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run0007.h5"
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         frames = table.column("pnccd/image").combine_chunks().to_numpy_ndarray()
         np.testing.assert_array_equal(frames, f["pnccd/image"][()])  # tensor type round-trips
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -10,11 +9,11 @@ import pyarrow as pa
 import pytest
 
 from clients import array_to_numpy, column_to_numpy
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP
+from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
 
 def h5(data_root, run=7):
-    return h5py.File(data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run{run:04d}.h5")
+    return open_h5(data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run{run:04d}.h5")
 
 
 def test_experiments_and_runs(client) -> None:

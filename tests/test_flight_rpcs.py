@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
 from schemas import metadata as md
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP
+from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
 
 def cmd(**doc) -> flight.FlightDescriptor:
@@ -44,7 +43,7 @@ def test_path_descriptor_plans_partitions(flight_client, data_root) -> None:
     assert table.num_rows == 120
     assert table.schema.equals(info.schema)  # schema advertised == schema streamed
     path = data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run0007.h5"
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         np.testing.assert_array_equal(table.column("pnccd/image").combine_chunks()
                                       .to_numpy_ndarray(), f["pnccd/image"][()])
     # total_bytes is an honest estimate of what is streamed
@@ -76,7 +75,7 @@ def test_command_descriptor_projection_and_events(flight_client, data_root) -> N
     runs = table.column("run").to_numpy()
     assert (runs[: expected // 2] == 7).all() and (runs[expected // 2 :] == 8).all()
     path = data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run0008.h5"
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         got = table.column("tof/waveforms").combine_chunks().to_numpy_ndarray()[expected // 2 :]
         np.testing.assert_array_equal(got, f["tof/waveforms"][10:80:3])
 

@@ -13,7 +13,7 @@ import pytest
 from flight_server.errors import RunUnreadable
 from flight_server.sources import RunReader, describe
 from schemas import metadata as md
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP
+from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
 LCLS2_EPOCH_NS = 631_152_000 * 10**9
 
@@ -51,7 +51,7 @@ def test_lcls2_values_equal_h5py(data_root: Path) -> None:
     path = lcls2_path(data_root)
     run = describe(path, LCLS2_EXP, 7)
     batch = read_all(run)
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         img = batch.column("pnccd/image").to_numpy_ndarray()
         np.testing.assert_array_equal(img, f["pnccd/image"][()])
         assert img.dtype == np.uint16
@@ -74,7 +74,7 @@ def test_lcls2_missing_values_are_nulls(data_root: Path) -> None:
     path = lcls2_path(data_root)
     run = describe(path, LCLS2_EXP, 7)
     batch = read_all(run, ["gmd/energy", "evr/code_40"])
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         energy, code = f["gmd/energy"][()], f["evr/code_40"][()]
     assert np.isnan(energy).any() and (code == -99999).any(), "generator should write sentinels"
     got_energy = batch.column("gmd/energy")
@@ -92,7 +92,7 @@ def test_strided_slices_match_h5py(data_root: Path) -> None:
     path = lcls2_path(data_root)
     run = describe(path, LCLS2_EXP, 7)
     batch = read_all(run, ["pnccd/image", "peaks/var_y", "time"], start=3, stop=97, step=7)
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         np.testing.assert_array_equal(batch.column("pnccd/image").to_numpy_ndarray(),
                                       f["pnccd/image"][3:97:7])
         lens, flat = f["peaks/var_y_len"][()], f["peaks/var_y"][()]
@@ -128,7 +128,7 @@ def test_lcls1_layout(data_root: Path) -> None:
     raw = batch.column("event_time").to_numpy()
     unix_ns = (raw >> 32) * 10**9 + (raw & 0xFFFFFFFF)
     np.testing.assert_array_equal(batch.column("time").cast(pa.int64()).to_numpy(), unix_ns)
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         np.testing.assert_array_equal(batch.column("jungfrau1M/ROI_0_area").to_numpy_ndarray(),
                                       f["jungfrau1M/ROI_0_area"][()])
         assert f["ebeam/photon_energy"].dtype == np.float64
@@ -148,7 +148,7 @@ def test_cxi_layout_soft_link_and_peak_tables(data_root: Path) -> None:
     assert alias.name == "entry_1/data_1/data"
     assert s.field("entry_1/result_1/peakXPosRaw").type.list_size > 0
     batch = read_all(run, ["entry_1/data_1/data", "entry_1/result_1/nPeaks", "time"])
-    with h5py.File(path) as f:
+    with open_h5(path) as f:
         np.testing.assert_array_equal(batch.column(0).to_numpy_ndarray(),
                                       f["entry_1/instrument_1/detector_1/data"][()])
         np.testing.assert_array_equal(batch.column(1).to_numpy(), f["entry_1/result_1/nPeaks"])
@@ -184,3 +184,25 @@ def test_inconsistent_ragged_lengths_are_reported(tmp_path: Path, data_root: Pat
     run = describe(bad, "x", 3)
     with pytest.raises(RunUnreadable, match="inconsistent"):
         read_all(run, ["peaks/var_x"])
+
+
+def test_raw_chunk_path_matches_h5py(tmp_path: Path) -> None:
+    path = tmp_path / "run_9.h5"
+    n, frame = 11, (256, 256)  # 4-event chunks of 512 KiB; the last chunk is partial
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 2**16, size=(n, *frame), dtype=np.uint16)
+    with h5py.File(path, "w") as f:
+        f["timestamp"] = np.arange(n, dtype=np.int64) << 32
+        f.create_dataset("epix/image", data=data, chunks=(4, *frame))
+        f.create_dataset("epix/zipped", data=data, chunks=(4, *frame), compression="gzip")
+        f.create_dataset("epix/bigendian", data=data.astype(">u2"), chunks=(4, *frame))
+        f.create_dataset("epix/tiles", data=data, chunks=(4, 128, 128))
+    run = describe(path, "x", 9)
+    assert run.columns["epix/image"].whole_chunks
+    for name in ["epix/zipped", "epix/bigendian", "epix/tiles"]:
+        assert not run.columns[name].whole_chunks, name  # these need HDF5's own path
+    for start, stop in [(0, 11), (1, 10), (4, 8), (3, 5), (8, 11), (5, 6)]:
+        batch = read_all(run, ["epix/image", "epix/zipped", "epix/bigendian", "epix/tiles"],
+                         start=start, stop=stop)
+        for col in batch.columns:
+            np.testing.assert_array_equal(col.to_numpy_ndarray(), data[start:stop])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from pathlib import Path
 
@@ -41,18 +40,17 @@ def settle(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
-def reader_threads() -> int:
-    return sum(t.name.startswith("read-ahead") for t in threading.enumerate())
-
-
 def test_aborted_streams_release_files_threads_and_memory(big_server) -> None:
     srv, root = big_server
     loc = f"grpc://127.0.0.1:{srv.port}"
     proc = psutil.Process()
     c = flight.connect(loc)
     [endpoint] = c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1")).endpoints
-    c.do_get(endpoint.ticket).read_all()  # warm up: caches, gRPC pools
-    assert settle(lambda: not open_run_files(root))
+    c.do_get(endpoint.ticket).read_all()  # warm up: caches, gRPC pools, the run's file handle
+    run = srv.catalog.run("exp", 1)
+    assert settle(lambda: run._users == 0)
+    files_before = open_run_files(root)
+    assert len(files_before) <= 2  # the run's shared HDF5 handle (+ its plain descriptor)
     fds_before, rss_before = proc.num_fds(), proc.memory_info().rss
 
     for i in range(40):
@@ -67,8 +65,9 @@ def test_aborted_streams_release_files_threads_and_memory(big_server) -> None:
             other.close()
         del reader
 
-    assert settle(lambda: not open_run_files(root)), open_run_files(root)
-    assert settle(lambda: reader_threads() == 0), reader_threads()
+    assert settle(lambda: run._users == 0), run._users  # every aborted stream let go
+    assert open_run_files(root) == files_before  # no handle per stream
+    assert len(srv.read_pool._threads) <= srv.settings.read_threads  # no thread per stream
     assert settle(lambda: proc.num_fds() <= fds_before + 4), (fds_before, proc.num_fds())
     # 40 streams of 48 MiB would be ~2 GiB if kept; allow allocator noise only
     assert proc.memory_info().rss - rss_before < 200 * 1024 * 1024
@@ -89,9 +88,25 @@ def test_server_memory_is_bounded_by_batches_not_run_size(big_server) -> None:
     reader = c.do_get(endpoint.ticket)
     first = reader.read_chunk().data
     time.sleep(0.5)
-    assert reader_threads() == 1  # the read-ahead thread waits on its bounded queue
     grown = psutil.Process().memory_info().rss - rss_before
     assert grown < 16 * 1024 * 1024, grown  # batches + gRPC window, not the 48 MiB run
     rows = first.num_rows + sum(chunk.data.num_rows for chunk in reader)
     assert rows == 1200
     c.close()
+
+
+def test_shutdown_and_replaced_files_close_handles(tmp_path: Path) -> None:
+    path = tmp_path / "exp" / "exp_Run0001.h5"
+    generate_lcls2_run(path, 1, n_events=20)
+    srv = start_server(tmp_path)
+    c = flight.connect(f"grpc://127.0.0.1:{srv.port}")
+    read = lambda: sum(c.do_get(e.ticket).read_all().num_rows  # noqa: E731
+                       for e in c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1"))
+                       .endpoints)
+    assert read() == 20 and open_run_files(tmp_path)
+    generate_lcls2_run(path, 1, n_events=30, seed=5)  # replaced in place
+    assert read() == 30
+    assert settle(lambda: len(open_run_files(tmp_path)) <= 2)  # the old handle was closed
+    c.close()
+    srv.shutdown()
+    assert settle(lambda: not open_run_files(tmp_path))

@@ -38,6 +38,12 @@ class Column:
     chunk_events: int = 1  # events per HDF5 chunk along the event axis (1 if contiguous)
     sentinel: float | None = None  # the writer's missing value, served as null
     lengths_path: str | None = None  # ragged: the `_len` dataset
+    whole_chunks: bool = False  # chunks can be copied raw (see RunReader._read_fixed)
+
+    @property
+    def stored_event_bytes(self) -> int:
+        """Bytes of one event's values as stored in the file (no validity bitmap, no offsets)."""
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
 
 
 TIME_TYPE = pa.timestamp("ns", tz="UTC")
@@ -76,6 +82,7 @@ def dataset_column(
     chunk_events: int,
     units: str | None,
     sentinel: float | None,
+    whole_chunks: bool = False,
 ) -> Column:
     """A fixed-shape per-event dataset: scalar, fixed_size_list or fixed_shape_tensor."""
     value_type = arrow_value_type(dtype)
@@ -89,7 +96,8 @@ def dataset_column(
     if sentinel is not None:
         event_bytes += 0.125  # validity bitmap
     field = pa.field(name, arrow_type, metadata=field_metadata(path, units, sentinel))
-    return Column(name, kind, field, path, dtype, shape, event_bytes, chunk_events, sentinel)
+    return Column(name, kind, field, path, dtype, shape, event_bytes, chunk_events, sentinel,
+                  whole_chunks=whole_chunks)
 
 
 def ragged_column(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import posixpath
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from flight_server.sources.columns import (
 from schemas import metadata as md
 
 CONFIG_MAX_ELEMENTS = 4096  # larger configuration datasets are summarised, not inlined
+RAW_CHUNK_MIN = 256 * 1024  # bytes; smaller chunks are read through HDF5's selection path
 
 
 @dataclass
@@ -46,6 +48,74 @@ class Run:
     end_ns: int | None
     _offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _offsets_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _handle: h5py.File | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
+    _retired: bool = field(default=False, repr=False)
+    _handle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _datasets: dict[str, h5py.Dataset] = field(default_factory=dict, repr=False)
+    _fd: int = field(default=-1, repr=False)
+    _chunk_offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    # One HDF5 handle per described run, shared by its streams (h5py serialises access): a
+    # fresh handle per request would re-read the chunk index from disk every time, which costs
+    # more than the first batch itself.
+
+    def acquire(self) -> h5py.File:
+        with self._handle_lock:
+            if self._handle is None:
+                self._handle = h5py.File(self.path, "r", locking=False)
+                self._datasets = {}
+                self._fd = os.open(self.path, os.O_RDONLY)
+            self._users += 1
+            return self._handle
+
+    def dataset(self, path: str) -> h5py.Dataset:
+        """A dataset of the open handle, looked up once (a lookup costs more than a small read)."""
+        ds = self._datasets.get(path)
+        if ds is None:
+            ds = self._datasets[path] = self._handle[path]
+        return ds
+
+    @property
+    def fd(self) -> int:
+        """A plain descriptor on the file, valid between acquire() and release()."""
+        return self._fd
+
+    def release(self) -> None:
+        with self._handle_lock:
+            self._users -= 1
+            self._close_if_unused()
+
+    def retire(self) -> None:
+        """The catalog no longer serves this description: close once no stream uses it."""
+        with self._handle_lock:
+            self._retired = True
+            self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self._retired and self._users == 0 and self._handle is not None:
+            self._handle.close()
+            os.close(self._fd)
+            self._handle = None
+            self._datasets = {}
+
+    def chunk_offsets(self, col: Column) -> np.ndarray:
+        """File byte offset of each chunk of a `whole_chunks` column, from HDF5's chunk index,
+        read once per run and cached."""
+        with self._offsets_lock:
+            offsets = self._chunk_offsets.get(col.name)
+            if offsets is None:
+                ds = self.dataset(col.path)
+                chunk_bytes = col.chunk_events * col.stored_event_bytes
+                offsets = np.full(ds.id.get_num_chunks(), -1, dtype=np.int64)
+                for i in range(len(offsets)):
+                    info = ds.id.get_chunk_info(i)
+                    if info.size != chunk_bytes or info.filter_mask:
+                        raise RunUnreadable(f"/{col.path}: chunk {info.chunk_offset} holds "
+                                            f"{info.size} bytes, expected {chunk_bytes}")
+                    offsets[info.chunk_offset[0] // col.chunk_events] = info.byte_offset
+                self._chunk_offsets[col.name] = offsets
+            return offsets
 
     @property
     def nbytes(self) -> int:
@@ -222,7 +292,23 @@ def _fixed_column(name: str, path: str, ds: h5py.Dataset, layout: layouts.Layout
             sentinel = layout.int_sentinel
     chunk_events = ds.chunks[0] if ds.chunks else 1
     return dataset_column(name, path, dtype, tuple(ds.shape[1:]), chunk_events, _units(ds),
-                          sentinel)
+                          sentinel, _raw_chunks_readable(ds, dtype))
+
+
+def _raw_chunks_readable(ds: h5py.Dataset, dtype: np.dtype) -> bool:
+    """Whether a chunk's stored bytes are exactly its events' values, so a batch can copy chunks
+    straight from the file (`read_direct_chunk`) instead of going through HDF5's type and
+    selection machinery: no filters, native byte order, chunks spanning whole events, every
+    chunk written, and chunks large enough that one call per chunk is cheap."""
+    if not ds.chunks or ds.shape[0] == 0 or ds.dtype != dtype:
+        return False
+    c = ds.chunks[0]
+    return (
+        ds.chunks[1:] == ds.shape[1:]
+        and c * ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)) >= RAW_CHUNK_MIN
+        and ds.id.get_create_plist().get_nfilters() == 0
+        and ds.id.get_num_chunks() == -(-ds.shape[0] // c)
+    )
 
 
 def _is_ragged(path: str, datasets: dict[str, h5py.Dataset], n: int) -> bool:
