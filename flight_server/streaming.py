@@ -67,10 +67,10 @@ def _read_ahead(reader: RunReader, columns: list[Column], pieces: list[tuple[int
         if first is None:
             return
         # The first batch is read right here: a hand-off to the pool and back costs more than
-        # reading a small first batch, and nothing is on the wire yet to overlap with.
-        batch = reader.read(columns, first[0], first[1], step)
+        # reading a small first batch, and nothing is on the wire yet to overlap with. Reading
+        # ahead starts once it has left, so it does not compete with the first send for CPU.
+        yield reader.read(columns, first[0], first[1], step)
         top_up(max(prefetch, 1))
-        yield batch
         while pending:
             batch = pending.popleft().result()
             if is_cancelled():

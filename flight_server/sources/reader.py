@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pyarrow as pa
+from h5py import h5s
 
 from flight_server.errors import RunUnreadable
 from flight_server.sources.columns import TIME_TYPE, Column, Kind
@@ -76,7 +78,7 @@ class RunReader:
         if path not in cache:
             buf = _allocate((n,), np.dtype(np.int64))
             if n:
-                self.run.dataset(path).read_direct(buf, np.s_[start:stop:step])
+                _read_slab(self.run.dataset(path), buf, start, step)
             cache[path] = buf
         return cache[path]
 
@@ -87,7 +89,7 @@ class RunReader:
         if col.whole_chunks and step == 1:
             self._pread_events(col, start, stop, buf)
         else:
-            self.run.dataset(col.path).read_direct(buf, np.s_[start:stop:step])
+            _read_slab(self.run.dataset(col.path), buf, start, step)
         return buf
 
     def _pread_events(self, col: Column, start: int, stop: int, buf: np.ndarray) -> None:
@@ -114,7 +116,7 @@ class RunReader:
                                 "fewer events per request")
         values = _allocate((hi - lo,), col.dtype)
         if hi > lo:
-            self.run.dataset(col.path).read_direct(values, np.s_[lo:hi])
+            _read_slab(self.run.dataset(col.path), values, lo, 1)
         value_type = col.field.type.value_type
         arr = pa.ListArray.from_buffers(
             col.field.type,
@@ -132,6 +134,17 @@ class RunReader:
             f"run {self.run.number} of experiment '{self.run.experiment}' ({name}) cannot be "
             f"read: the file is truncated or corrupted ({exc})"
         )
+
+
+def _read_slab(ds: h5py.Dataset, buf: np.ndarray, start: int, step: int) -> None:
+    """Events start, start+step, ... (as many as `buf` holds) into `buf`, through h5py's
+    low-level API: half the per-call cost of Dataset.read_direct, which matters for the many
+    small reads of a small first batch."""
+    file_space = ds.id.get_space()
+    rest = buf.shape[1:]
+    file_space.select_hyperslab((start, *(0,) * len(rest)), buf.shape,
+                                (step, *(1,) * len(rest)))
+    ds.id.read(h5s.create_simple(buf.shape), file_space, buf)
 
 
 def _pread_exactly(fd: int, dest: np.ndarray, offset: int) -> None:

@@ -31,7 +31,7 @@ from flight_server.sources.columns import (
 from schemas import metadata as md
 
 CONFIG_MAX_ELEMENTS = 4096  # larger configuration datasets are summarised, not inlined
-RAW_CHUNK_MIN = 256 * 1024  # bytes; smaller chunks are read through HDF5's selection path
+RAW_CHUNK_MIN = 64 * 1024  # bytes; smaller chunks are read through HDF5's selection path
 
 
 @dataclass
