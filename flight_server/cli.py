@@ -14,7 +14,7 @@ DEFAULT_SERVER = os.environ.get("LCLSTREAM_SERVER", "grpc://127.0.0.1:8815")
 
 
 def _size(text: str) -> int:
-    """'16MiB', '256M', '1GiB' or a plain byte count."""
+    """'4MiB', '256M', '1GiB' or a plain byte count."""
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     if t and t[-1] in units:
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8815; 0 picks a free one)")
     s.add_argument("--config", type=Path, help="TOML settings file")
-    s.add_argument("--batch-bytes", type=_size, help="bytes per streamed batch (default 16MiB)")
+    s.add_argument("--batch-bytes", type=_size, help="bytes per streamed batch (default 4MiB)")
     s.add_argument("--partition-bytes", type=_size,
                    help="bytes per endpoint of a large run (default 256MiB)")
     s.set_defaults(func=cmd_serve)

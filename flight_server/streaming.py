@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchSizing:
-    batch_bytes: int = 16 * 1024 * 1024
+    batch_bytes: int = 4 * 1024 * 1024
     first_batch_bytes: int = 1024 * 1024
     prefetch: int = 2
 
