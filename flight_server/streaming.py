@@ -10,6 +10,7 @@ either way.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
@@ -46,7 +47,10 @@ def stream_batches(run: Run, columns: list[Column], start: int, stop: int, step:
     read fails the DoGet call itself rather than a stream already promised to the client."""
     pieces = batch_ranges(columns, start, stop, step, sizing)
     reader = RunReader(run)
-    return _read_ahead(reader, columns, pieces, step, sizing.prefetch, pool, is_cancelled)
+    batches = _read_ahead(reader, columns, pieces, step, sizing.prefetch, pool, is_cancelled)
+    # A generator dropped before its first batch never runs its `finally`: release then too.
+    weakref.finalize(batches, reader.close)
+    return batches
 
 
 def _read_ahead(reader: RunReader, columns: list[Column], pieces: list[tuple[int, int]],

@@ -110,3 +110,16 @@ def test_shutdown_and_replaced_files_close_handles(tmp_path: Path) -> None:
     c.close()
     srv.shutdown()
     assert settle(lambda: not open_run_files(tmp_path))
+
+
+def test_stream_dropped_before_its_first_batch_releases_the_run(big_server) -> None:
+    from flight_server.streaming import BatchSizing, stream_batches
+
+    srv, _ = big_server
+    run = srv.catalog.run("exp", 1)
+    assert settle(lambda: run._users == 0)
+    batches = stream_batches(run, run.resolve(["gmd/energy"]), 0, 10, 1, BatchSizing(),
+                             srv.read_pool)
+    assert run._users == 1
+    del batches  # never iterated, as when a client goes away before the first batch
+    assert settle(lambda: run._users == 0)
