@@ -181,12 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError, LookupError) as exc:  # pyarrow's errors derive from these
+    except flight.FlightUnavailableError:
+        print(f"error: cannot reach a server at {getattr(args, 'server', '?')}; is one running? "
+              "(start one with `make demo` or `lclstream serve`, or pass --server)",
+              file=sys.stderr)
+        return 1
+    except (OSError, ValueError, LookupError, pa.ArrowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

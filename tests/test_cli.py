@@ -86,6 +86,15 @@ def test_get_failure_leaves_no_file(served: str, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unreachable_server_is_a_clear_message(tmp_path: Path) -> None:
+    for args in (["ls"], ["get", LCLS2_EXP, "7", "-o", str(tmp_path / "x.arrow")]):
+        res = run_cli(*args, "--server", "grpc://127.0.0.1:1")
+        assert res.returncode == 1
+        assert "cannot reach a server at grpc://127.0.0.1:1" in res.stderr
+        assert "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_serve_refuses_a_missing_data_directory(tmp_path: Path) -> None:
     res = run_cli("serve", "--data", str(tmp_path / "nowhere"), "--port", "0")
     assert res.returncode == 2 and "does not exist" in res.stderr

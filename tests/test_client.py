@@ -96,3 +96,27 @@ def test_client_errors_are_clean_and_typed(client) -> None:
         client.read(LCLS2_EXP, 7, events=slice(10_000, None))
     with pytest.raises(TypeError, match="events must be"):
         client.read(LCLS2_EXP, 7, events="0:10")
+
+
+def test_concurrent_readers_get_correct_data(location, data_root) -> None:
+    """Streams share a run's file handle, the read pool and cached offsets: many at once must
+    each get exactly their own events."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clients import connect
+
+    with h5(data_root, 7) as f:
+        frames, lens = f["pnccd/image"][()], f["peaks/var_x_len"][()]
+
+    def job(i: int) -> bool:
+        start, step = i % 7, 1 + i % 3
+        with connect(location) as c:
+            t = c.read(LCLS2_EXP, 7, ["pnccd/image", "peaks/var_x"],
+                       events=slice(start, None, step), parallel=2)
+        got = column_to_numpy(t.column("pnccd/image"))
+        sizes = t.column("peaks/var_x").combine_chunks().value_lengths().to_numpy()
+        return (np.array_equal(got, frames[start::step])
+                and np.array_equal(sizes, lens[start::step]))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(job, range(24)))
