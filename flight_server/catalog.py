@@ -11,7 +11,6 @@ path, so no request can open a file outside the data root.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import re
@@ -99,10 +98,6 @@ class Catalog:
                     continue
                 runs[number] = RunFile(experiment, number, path, st.st_size, st.st_mtime_ns)
         return runs
-
-    def experiments(self, pattern: str | None = None) -> list[str]:
-        names = list(self.scan())
-        return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
 
     def run_files(self, experiment: str) -> dict[int, RunFile]:
         check_experiment_name(experiment)

@@ -26,7 +26,7 @@ class RunReader:
     def __init__(self, run: Run) -> None:
         self.run = run
         try:
-            self._file = run.acquire()
+            run.acquire()
         except OSError as exc:
             raise self._unreadable(exc) from None
         self._closed = False
@@ -109,7 +109,7 @@ class RunReader:
             lo = hi
 
     def _read_ragged(self, col: Column, start: int, stop: int, step: int) -> pa.Array:
-        offsets = self.run.ragged_offsets(self._file, col)
+        offsets = self.run.ragged_offsets(col)
         lo, hi = int(offsets[start]), int(offsets[stop])
         if hi - lo >= 2**31:
             raise RunUnreadable(f"/{col.path}: over 2**31 ragged values in one batch; ask for "

@@ -157,15 +157,15 @@ class Run:
             meta[md.END_TIME] = iso_utc(self.end_ns).encode()
         return meta
 
-    def ragged_offsets(self, f: h5py.File, col: Column) -> np.ndarray:
+    def ragged_offsets(self, col: Column) -> np.ndarray:
         """Cumulative offsets (N+1,) of a ragged column, read once per run and cached."""
         with self._offsets_lock:
             offsets = self._offsets.get(col.name)
             if offsets is None:
-                lengths = f[col.lengths_path][()]
+                lengths = self.dataset(col.lengths_path)[()]
                 offsets = np.zeros(self.num_events + 1, dtype=np.int64)
                 np.cumsum(lengths, out=offsets[1:])
-                flat_len = f[col.path].shape[0]
+                flat_len = self.dataset(col.path).shape[0]
                 if (lengths < 0).any() or offsets[-1] != flat_len:
                     raise RunUnreadable(
                         f"run {self.number} of '{self.experiment}': /{col.lengths_path} sums to "
