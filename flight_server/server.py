@@ -19,7 +19,7 @@ import pyarrow.flight as flight
 from flight_server import requests
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
-from flight_server.errors import InvalidArgument
+from flight_server.errors import InvalidArgument, NotFound
 from flight_server.streaming import BatchSizing, stream_batches
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class LclstreamServer(flight.FlightServerBase):
                 descriptor = flight.FlightDescriptor.for_path(experiment, str(number))
                 try:
                     infos.append(self._flight_info(self._plan(descriptor), descriptor))
-                except flight.FlightInternalError as exc:
+                except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone
                     log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
         return iter(infos)
 
