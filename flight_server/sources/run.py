@@ -60,14 +60,14 @@ class Run:
     # fresh handle per request would re-read the chunk index from disk every time, which costs
     # more than the first batch itself.
 
-    def acquire(self) -> h5py.File:
+    def acquire(self) -> None:
+        """Open the run's handle if needed and count one more stream using it."""
         with self._handle_lock:
             if self._handle is None:
                 self._handle = h5py.File(self.path, "r", locking=False)
                 self._datasets = {}
                 self._fd = os.open(self.path, os.O_RDONLY)
             self._users += 1
-            return self._handle
 
     def dataset(self, path: str) -> h5py.Dataset:
         """A dataset of the open handle, looked up once (a lookup costs more than a small read)."""
@@ -296,10 +296,10 @@ def _fixed_column(name: str, path: str, ds: h5py.Dataset, layout: layouts.Layout
 
 
 def _raw_chunks_readable(ds: h5py.Dataset, dtype: np.dtype) -> bool:
-    """Whether a chunk's stored bytes are exactly its events' values, so a batch can copy chunks
-    straight from the file (`read_direct_chunk`) instead of going through HDF5's type and
-    selection machinery: no filters, native byte order, chunks spanning whole events, every
-    chunk written, and chunks large enough that one call per chunk is cheap."""
+    """Whether a chunk's stored bytes are exactly its events' values, so a batch can copy event
+    ranges straight from the file (`RunReader._pread_events`) instead of going through HDF5's
+    type and selection machinery: no filters, native byte order, chunks spanning whole events,
+    every chunk written, and chunks large enough that one call per chunk is cheap."""
     if not ds.chunks or ds.shape[0] == 0 or ds.dtype != dtype:
         return False
     c = ds.chunks[0]
