@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients import convert
+from clients import convert, credentials
 from schemas import Request
 from schemas import metadata as md
 from schemas.request import EventSlice
@@ -76,8 +76,16 @@ def progress_bar(total: int, desc: str):
 class Client:
     """A connection to one LCLStream Flight server. Thread-safe; reuse it."""
 
-    def __init__(self, location: str = DEFAULT_LOCATION, **options: Any) -> None:
+    def __init__(self, location: str = DEFAULT_LOCATION, token: str | None = None, *,
+                 tls_root_certs: Any = None, cert_chain: Any = None, private_key: Any = None,
+                 **options: Any) -> None:
         self.location = location
+        token = credentials.find_token(location, token)
+        if token:
+            credentials.check_not_expired(location, token)
+            options["middleware"] = [*options.get("middleware", []),
+                                     credentials.BearerToken(token)]
+        options.update(credentials.tls_options(tls_root_certs, cert_chain, private_key))
         self._flight = flight.connect(location, **options)
 
     def close(self) -> None:
@@ -91,8 +99,14 @@ class Client:
 
     # -- catalog -----------------------------------------------------------------------------
 
+    def whoami(self) -> dict[str, Any]:
+        """Who the server takes this connection to be: subject, issuer, grants, expiry."""
+        with _clean_errors():
+            results = list(self._flight.do_action(flight.Action("whoami", b"")))
+        return json.loads(results[0].body.to_pybytes())
+
     def experiments(self) -> list[str]:
-        """Names of the experiments the server serves."""
+        """Names of the experiments the server serves that this caller may read."""
         with _clean_errors():
             results = list(self._flight.do_action(flight.Action("experiments", b"")))
         return [e["experiment"] for e in json.loads(results[0].body.to_pybytes())]
@@ -215,7 +229,12 @@ class Client:
         return convert.column_to_numpy(table.column(0))
 
 
-def connect(location: str = DEFAULT_LOCATION, **options: Any) -> Client:
-    """Connect to a server, e.g. connect("grpc://127.0.0.1:8815"). `options` go to
-    pyarrow.flight.connect (TLS roots, client certificates, ...)."""
-    return Client(location, **options)
+def connect(location: str = DEFAULT_LOCATION, token: str | None = None, **options: Any) -> Client:
+    """Connect to a server, e.g. connect("grpc://127.0.0.1:8815").
+
+    The bearer token is `token`, else $LCLSTREAM_TOKEN, else what `lclstream login LOCATION`
+    stored in the keyring. TLS: `tls_root_certs` (CA bundle of a grpc+tls:// server), and for
+    mutual TLS `cert_chain` and `private_key`; each PEM bytes or a file path. Other `options`
+    go to pyarrow.flight.connect.
+    """
+    return Client(location, token, **options)

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = re.compile(r"(?:^|[_\-.])(?:run|r)[_\-]?0*(\d+)\.(?:h5|hdf5|cxi)$", re.IGNORECASE)
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+Visible = Callable[[str], bool]
+
+
+def everyone(experiment: str) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -99,26 +107,28 @@ class Catalog:
                 runs[number] = RunFile(experiment, number, path, st.st_size, st.st_mtime_ns)
         return runs
 
-    def run_files(self, experiment: str) -> dict[int, RunFile]:
+    def run_files(self, experiment: str, visible: Visible = everyone) -> dict[int, RunFile]:
+        """`visible` limits the experiments an error message may name to the caller's own."""
         check_experiment_name(experiment)
         files = self.scan()
         if experiment not in files:
+            shown = [e for e in files if visible(e)]
             raise NotFound(
-                f"no experiment '{experiment}'.{close_matches(experiment, files)} "
-                f"Experiments: {listing(files)}"
+                f"no experiment '{experiment}'.{close_matches(experiment, shown)} "
+                f"Experiments: {listing(shown)}"
             )
         return files[experiment]
 
     # -- runs --------------------------------------------------------------------------------
 
-    def run(self, experiment: str, number: int) -> Run:
+    def run(self, experiment: str, number: int, visible: Visible = everyone) -> Run:
         """The described run; rescans when it is not known yet or its file changed."""
         check_experiment_name(experiment)
         with self._lock:
             known = self._files.get(experiment, {}).get(number)
         rf = self._fresh(known) if known else None
         if rf is None:
-            files = self.run_files(experiment)
+            files = self.run_files(experiment, visible)
             rf = files.get(number)
             if rf is None:
                 raise NotFound(

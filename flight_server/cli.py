@@ -6,9 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flight_server import config
+from flight_server import cli_security, config
+
+if TYPE_CHECKING:
+    from flight_server.server import LclstreamServer
 
 DEFAULT_SERVER = os.environ.get("LCLSTREAM_SERVER", "grpc://127.0.0.1:8815")
 
@@ -31,7 +36,8 @@ def _events(text: str | None) -> slice | None:
     return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
 
 
-def _serve(settings: config.Settings, banner: str | None = None) -> int:
+def _serve(settings: config.Settings, banner: str | None = None,
+           on_start: Callable[[LclstreamServer, str], dict[str, str]] | None = None) -> int:
     from flight_server.server import LclstreamServer
 
     logging.basicConfig(level=settings.log_level,
@@ -41,8 +47,9 @@ def _serve(settings: config.Settings, banner: str | None = None) -> int:
         return 2
     server = LclstreamServer(settings)
     location = settings.location().replace(f":{settings.port}", f":{server.port}")
-    print(banner.format(location=location) if banner else f"serving {settings.data} at {location}",
-          flush=True)
+    extra = on_start(server, location) if on_start else {}
+    print(banner.format(location=location, **extra) if banner
+          else f"serving {settings.data} at {location}", flush=True)
     try:
         server.serve()  # returns, or raises KeyboardInterrupt, once SIGINT/SIGTERM shut it down
     except KeyboardInterrupt:
@@ -52,12 +59,14 @@ def _serve(settings: config.Settings, banner: str | None = None) -> int:
 
 
 DEMO_BANNER = """\
-LCLStream Flight demo: serving {data} at {{location}}
+LCLStream Flight demo: serving {data} at {{location}} (authentication on)
+
+{{credentials}}
 
 From Python (in this repository's .venv):
 
     from clients import connect
-    c = connect("{{location}}")
+    c = connect("{{location}}")         # finds the token in the keyring
     c.runs("tmox42619")
     df = c.polars("tmox42619", 1, columns=["gmd/energy", "tof/waveforms"])
 
@@ -70,8 +79,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = config.load(args.config, {
         "data": args.data, "host": args.host, "port": args.port,
         "batch_bytes": args.batch_bytes, "partition_bytes": args.partition_bytes,
+        "auth": False if args.no_auth else None, "state_dir": args.state_dir,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+        "audit_log": args.audit_log,
     })
     return _serve(settings)
+
+
+DEMO_USER, DEMO_TOKEN_TTL = "demo", 7 * 86400
+
+
+def _demo_credentials(server: LclstreamServer, location: str) -> dict[str, str]:
+    """A demo user (for password logins) and a week-long read-all token kept in the keyring, so
+    that notebooks connect without a login step."""
+    import secrets
+
+    from clients import credentials
+    from flight_server.grants import Grants
+    from flight_server.state import write_private
+    from flight_server.users import UsersFile
+
+    if server.security.minter is None:
+        return {"credentials": "Authentication is OFF."}
+    grants = Grants.build(read=["*"])
+    password_file = server.settings.state_path() / "demo-password"
+    users = UsersFile(server.settings.users_path())
+    if DEMO_USER not in users.users() or not password_file.exists():
+        write_private(password_file, secrets.token_urlsafe(12).encode())
+        users.add(DEMO_USER, password_file.read_text(), grants)
+    token = server.security.minter.mint(DEMO_USER, grants, DEMO_TOKEN_TTL)
+    try:
+        credentials.store_token(location, token)
+        kept = f"Token (read all, 7 days) kept in {credentials.keyring_description()}:"
+    except Exception as exc:  # no usable keyring: the printed token still works
+        kept = f"No keyring ({exc}); export LCLSTREAM_TOKEN with this token:"
+    return {"credentials": f"{kept}\n    {token}\nPassword login (ADBC, `lclstream login "
+                           f"{location}`): user {DEMO_USER}, password {password_file.read_text()}"}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -81,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                          "host": args.host})
     print(f"preparing demo data in {settings.data} ...", flush=True)
     generate_demo(settings.data)
-    return _serve(settings, DEMO_BANNER.format(data=settings.data))
+    return _serve(settings, DEMO_BANNER.format(data=settings.data), _demo_credentials)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -104,10 +147,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_options(args: argparse.Namespace) -> dict:
+    return {"token": args.token, "tls_root_certs": args.tls_ca, "cert_chain": args.tls_cert,
+            "private_key": args.tls_key}
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from clients import connect
 
-    with connect(args.server) as client:
+    with connect(args.server, **_client_options(args)) as client:
         if args.experiment is None:
             for name in client.experiments():
                 print(name)
@@ -124,7 +172,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     from clients.export import write_stream
 
     columns = [c for c in args.columns.split(",") if c] if args.columns else None
-    with connect(args.server) as client:
+    with connect(args.server, **_client_options(args)) as client:
         info = client.plan(args.experiment, args.run, columns, args.events)
         written = write_stream(client, info, Path(args.output), progress=not args.quiet)
     print(f"wrote {written} events to {args.output}")
@@ -143,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-bytes", type=_size, help="bytes per streamed batch (default 4MiB)")
     s.add_argument("--partition-bytes", type=_size,
                    help="bytes per endpoint of a large run (default 256MiB)")
+    s.add_argument("--no-auth", action="store_true",
+                   help="serve without authentication (loopback addresses only)")
+    s.add_argument("--state-dir", type=Path,
+                   help="server secrets and users file (default DATA/.lclstream)")
+    s.add_argument("--tls-cert", type=Path, help="server certificate (PEM): serve grpc+tls")
+    s.add_argument("--tls-key", type=Path, help="server certificate's private key (PEM)")
+    s.add_argument("--tls-client-ca", type=Path,
+                   help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--audit-log", type=Path, help="also write audit lines to this file")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="generate demo data (once) and serve it")
@@ -166,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list experiments, or the runs of one")
     ls.add_argument("experiment", nargs="?")
     ls.add_argument("--server", default=DEFAULT_SERVER)
+    _client_arguments(ls)
     ls.set_defaults(func=cmd_ls)
 
     get = sub.add_parser("get", help="download a run to Parquet or Arrow IPC")
@@ -176,8 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.arrow")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     get.add_argument("--server", default=DEFAULT_SERVER)
+    _client_arguments(get)
     get.set_defaults(func=cmd_get)
+
+    cli_security.register(sub)
     return p
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="bearer token (default: $LCLSTREAM_TOKEN, else the keyring "
+                   "entry `lclstream login` stored)")
+    cli_security.add_tls_client_options(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,14 +256,20 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except flight.FlightUnavailableError:
-        print(f"error: cannot reach a server at {getattr(args, 'server', '?')}; is one running? "
-              "(start one with `make demo` or `lclstream serve`, or pass --server)",
-              file=sys.stderr)
+    except flight.FlightUnavailableError as exc:
+        server = getattr(args, "server", None) or getattr(args, "location", "?")
+        print(f"error: cannot reach a server at {server}; is one running, and do its TLS "
+              "settings match? (start one with `make demo` or `lclstream serve`, or pass "
+              f"--server)\n  ({_brief(exc)})", file=sys.stderr)
         return 1
     except (OSError, ValueError, LookupError, pa.ArrowException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_brief(exc)}", file=sys.stderr)
         return 1
+
+
+def _brief(exc: BaseException) -> str:
+    """The message without pyarrow's transport detail."""
+    return str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context", 1)[0]
 
 
 if __name__ == "__main__":

@@ -22,22 +22,80 @@ class Settings:
     prefetch: int = 2  # batches read ahead per stream
     read_threads: int = 8  # HDF5 reads in flight across all streams
     log_level: str = "INFO"
+    # -- security (see README "Security") --
+    auth: bool = True  # False only with --no-auth, and then only on loopback
+    state_dir: Path | None = None  # server secrets; default <data>/.lclstream
+    users_file: Path | None = None  # password login; default <state_dir>/users.json
+    token_issuer: str = "lclstream"  # `iss` of the tokens this server signs
+    token_audience: str = "lclstream"  # `aud` this server accepts (and puts in its own tokens)
+    token_algorithm: str = "HS256"  # or EdDSA
+    token_ttl: int = 8 * 3600  # seconds a password login's token lasts
+    leeway: int = 30  # seconds of clock skew tolerated on exp/nbf/iat
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed
+    bind_token_to_certificate: bool = False  # token sub must equal the client certificate's name
+    audit_log: Path | None = None  # also write audit lines to this file
+    issuers: tuple[dict[str, Any], ...] = ()  # [[issuer]] tables of the settings file
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def location(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"grpc://{host}:{self.port}"
+        return f"{'grpc+tls' if self.tls else 'grpc'}://{host}:{self.port}"
+
+    def state_path(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.data / ".lclstream"
+
+    def users_path(self) -> Path:
+        return self.users_file if self.users_file is not None else self.state_path() / "users.json"
+
+
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE | FALSE:
+        return text in TRUE
+    raise ValueError(value)
 
 
 def _coerce(name: str, value: Any) -> Any:
     kind = {f.name: f.type for f in fields(Settings)}[name]
     try:
-        if kind in ("Path", Path):
+        if kind == "Path | None":
+            return None if value in (None, "") else Path(value)
+        if kind == "Path":
             return Path(value)
-        if kind in ("int", int):
+        if kind == "int":
             return int(value)
+        if kind == "bool":
+            return _bool(value)
+        if kind.startswith("tuple"):
+            return tuple(value)
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"setting '{name}' must be {kind}, got {value!r}") from None
+
+
+def _issuer_tables(doc: dict[str, Any], base: Path) -> list[dict[str, Any]]:
+    """`[[issuer]]` tables, with key file paths taken relative to the settings file."""
+    tables = doc.pop("issuer", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError("'issuer' must be an array of tables: [[issuer]]")
+    resolved = []
+    for table in tables:
+        table = dict(table)
+        for key in ("secret_file", "public_key_file", "jwks_file"):
+            if key in table:
+                table[key] = str(base / table[key])
+        resolved.append(table)
+    return resolved
 
 
 def load(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -48,14 +106,18 @@ def load(config_file: Path | None = None, overrides: dict[str, Any] | None = Non
     if config_file is not None:
         with open(config_file, "rb") as fh:
             doc = tomllib.load(fh)
-        doc = doc.get("server", doc)
+        issuers = _issuer_tables(doc, config_file.parent)
+        doc = dict(doc.get("server", doc))
+        issuers += _issuer_tables(doc, config_file.parent)
+        if issuers:
+            doc["issuers"] = issuers
         unknown = set(doc) - names
         if unknown:
             raise ValueError(f"unknown settings in {config_file}: {sorted(unknown)}; "
                              f"known: {sorted(names)}")
         values.update(doc)
     env = os.environ if environ is None else environ
-    for name in names:
+    for name in names - {"issuers"}:  # issuers are tables: settings file only
         if ENV_PREFIX + name.upper() in env:
             values[name] = env[ENV_PREFIX + name.upper()]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})

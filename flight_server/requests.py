@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server import ranges
-from flight_server.catalog import Catalog
+from flight_server.catalog import Catalog, Visible, everyone
 from flight_server.errors import InvalidArgument
 from flight_server.sources import Run
 from flight_server.sources.columns import Column
@@ -109,8 +109,9 @@ def resolve_columns(runs: list[Run], names: tuple[str, ...] | None) -> list[Colu
     return columns
 
 
-def plan(request: Request, catalog: Catalog, partition_bytes: int) -> Plan:
-    runs = [catalog.run(request.experiment, number) for number in request.runs]
+def plan(request: Request, catalog: Catalog, partition_bytes: int,
+         visible: Visible = everyone) -> Plan:
+    runs = [catalog.run(request.experiment, number, visible) for number in request.runs]
     columns = resolve_columns(runs, request.columns)
     names = tuple(c.name for c in columns)
     per_event = ranges.event_bytes(columns)

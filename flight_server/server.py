@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server import requests
+from flight_server import requests, security
+from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_certificate
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ACTIONS = {
-    "experiments": "JSON list of {experiment, runs} for every experiment under the data root",
+    "experiments": "JSON list of {experiment, runs} for every experiment the caller may read",
+    "whoami": "JSON {subject, issuer, grants, expires, certificate}: who the server takes you for",
 }
 
 
@@ -59,9 +61,12 @@ def rpc(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _guard_stream(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _guard_stream(batches: Iterator[pa.RecordBatch],
+                  call: CallRecord) -> Iterator[pa.RecordBatch]:
     try:
-        yield from batches
+        for batch in batches:
+            call.bytes_sent += batch.nbytes
+            yield batch
     except Exception as exc:
         if _expected(exc):
             log.info("do_get failed mid-stream: %s", exc)
@@ -75,7 +80,10 @@ class LclstreamServer(flight.FlightServerBase):
         # sees; with tracebacklimit 0 only "Type: message" is appended. Our own logging passes an
         # explicit limit and keeps full tracebacks.
         sys.tracebacklimit = 0
-        super().__init__(settings.location(), **kwargs)
+        self.security = security.build(settings)
+        super().__init__(settings.location(),
+                         middleware={MIDDLEWARE_KEY: self.security.middleware},
+                         **{**self.security.server_options, **kwargs})
         self.settings = settings
         self.catalog = catalog or Catalog(settings.data)
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
@@ -86,18 +94,41 @@ class LclstreamServer(flight.FlightServerBase):
         super().shutdown()
         self.read_pool.shutdown(wait=True, cancel_futures=True)
         self.catalog.close()
+        self.security.close()
+
+    # -- who is calling ----------------------------------------------------------------------
+
+    def _call(self, context: flight.ServerCallContext) -> CallRecord:
+        """The call's record, completed with what only the RPC context knows (peer, cert)."""
+        call: CallRecord = context.get_middleware(MIDDLEWARE_KEY)
+        call.peer = context.peer()
+        call.certificate = context.peer_identity().decode("utf-8", "replace")
+        if self.settings.bind_token_to_certificate:
+            bind_to_certificate(call.identity, call.certificate)
+        return call
+
+    @staticmethod
+    def _may_read(call: CallRecord, experiment: str, run: int | None = None) -> None:
+        call.experiment, call.run = experiment, run
+        authorize(call.identity, experiment, "read")
 
     # -- planning ----------------------------------------------------------------------------
 
     def _flight_info(self, plan: requests.Plan,
                      descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        endpoints = [flight.FlightEndpoint(p.ticket.encode(), []) for p in plan.partitions]
+        endpoints = [flight.FlightEndpoint(self.security.seal.seal(p.ticket), [])
+                     for p in plan.partitions]
         return flight.FlightInfo(plan.schema, descriptor, endpoints, plan.total_records,
                                  plan.total_bytes, ordered=True)
 
-    def _plan(self, descriptor: flight.FlightDescriptor) -> requests.Plan:
+    def _plan(self, context: flight.ServerCallContext,
+              descriptor: flight.FlightDescriptor) -> requests.Plan:
+        call = self._call(context)
         request = requests.request_from_descriptor(descriptor)
-        return requests.plan(request, self.catalog, self.settings.partition_bytes)
+        self._may_read(call, request.experiment,
+                       request.runs[0] if len(request.runs) == 1 else None)
+        return requests.plan(request, self.catalog, self.settings.partition_bytes,
+                             lambda e: call.identity.may(e, "read"))
 
     @rpc
     def list_flights(self, context: flight.ServerCallContext,
@@ -107,15 +138,20 @@ class LclstreamServer(flight.FlightServerBase):
         except UnicodeDecodeError:
             raise InvalidArgument("ListFlights criteria must be an experiment name or glob "
                                   "in UTF-8, e.g. 'tmox*'") from None
+        call = self._call(context)
         found = self.catalog.scan()
         infos = []
         for experiment in found:
             if not fnmatch.fnmatchcase(experiment, pattern):
                 continue
+            if not call.identity.may(experiment, "read"):
+                continue
             for number in sorted(found[experiment]):
                 descriptor = flight.FlightDescriptor.for_path(experiment, str(number))
+                request = requests.request_from_descriptor(descriptor)
                 try:
-                    infos.append(self._flight_info(self._plan(descriptor), descriptor))
+                    plan = requests.plan(request, self.catalog, self.settings.partition_bytes)
+                    infos.append(self._flight_info(plan, descriptor))
                 except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone
                     log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
         return iter(infos)
@@ -123,19 +159,21 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def get_flight_info(self, context: flight.ServerCallContext,
                         descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        return self._flight_info(self._plan(descriptor), descriptor)
+        return self._flight_info(self._plan(context, descriptor), descriptor)
 
     @rpc
     def get_schema(self, context: flight.ServerCallContext,
                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        return flight.SchemaResult(self._plan(descriptor).schema)
+        return flight.SchemaResult(self._plan(context, descriptor).schema)
 
     # -- data --------------------------------------------------------------------------------
 
     @rpc
     def do_get(self, context: flight.ServerCallContext,
                ticket: flight.Ticket) -> flight.FlightDataStream:
-        t = requests.decode_ticket(ticket.ticket)
+        call = self._call(context)
+        t = self.security.seal.open(ticket.ticket)
+        self._may_read(call, t.experiment, t.run)
         run = self.catalog.run(t.experiment, t.run)
         columns = run.resolve(t.columns)
         if t.stop > run.num_events:
@@ -144,7 +182,7 @@ class LclstreamServer(flight.FlightServerBase):
         schema = run.schema(columns)
         batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
                                  self.read_pool, context.is_cancelled)
-        return flight.GeneratorStream(schema, _guard_stream(batches))
+        return flight.GeneratorStream(schema, _guard_stream(batches, call))
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -154,8 +192,15 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def do_action(self, context: flight.ServerCallContext,
                   action: flight.Action) -> Iterator[bytes]:
+        call = self._call(context)
         if action.type == "experiments":
             found = self.catalog.scan()
-            body = [{"experiment": e, "runs": sorted(r)} for e, r in found.items()]
+            body = [{"experiment": e, "runs": sorted(r)} for e, r in found.items()
+                    if call.identity.may(e, "read")]
+            return iter([json.dumps(body).encode()])
+        if action.type == "whoami":
+            who = call.identity
+            body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),
+                    "expires": who.expires, "certificate": call.certificate or None}
             return iter([json.dumps(body).encode()])
         raise InvalidArgument(f"unknown action '{action.type}'; actions: {', '.join(ACTIONS)}")

@@ -1,19 +1,57 @@
-"""Shared fixtures: generated runs in every layout and a real Flight server on loopback."""
+"""Shared fixtures: generated runs in every layout and a real Flight server on loopback.
+
+Every test server runs with authentication on and shares one state directory, so one admin
+token (exported as LCLSTREAM_TOKEN for the session) is valid on all of them, including servers
+the CLI tests start as subprocesses. The keyring is a plaintext file in a temporary directory:
+tests never touch the real user's keyring.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.flight as flight
 import pytest
 
 from clients import Client, connect
+from clients.credentials import BearerToken
 from flight_server.config import Settings
 from flight_server.generator import generate_cxi_run, generate_lcls1_run, generate_lcls2_run
+from flight_server.grants import ALL
+from flight_server.security import minter_for
 from flight_server.server import LclstreamServer
 
 LCLS2_EXP, LCLS1_EXP, CXI_EXP = "tmox42619", "xppd7114", "cxilu9218"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def credentials_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server state dir, an admin token for it, and a keyring of the session's own."""
+    # In the environment rather than module state: test modules import this file under another
+    # module name than pytest does, and CLI subprocesses read the same variables.
+    state_dir = tmp_path_factory.mktemp("state")
+    token = minter_for(Settings(state_dir=state_dir)).mint("tester", ALL, 24 * 3600)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LCLSTREAM_STATE_DIR", str(state_dir))
+        mp.setenv("LCLSTREAM_TOKEN", token)
+        mp.setenv("PYTHON_KEYRING_BACKEND", "keyrings.alt.file.PlaintextKeyring")
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        yield token
+
+
+def admin_token() -> str:
+    return os.environ["LCLSTREAM_TOKEN"]
+
+
+def raw_client(port_or_location: int | str, token: str | None = None,
+               **options) -> flight.FlightClient:
+    """A bare pyarrow.flight client that sends a bearer token (the admin's by default)."""
+    location = (port_or_location if isinstance(port_or_location, str)
+                else f"grpc://127.0.0.1:{port_or_location}")
+    return flight.connect(location, middleware=[BearerToken(token or admin_token())], **options)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +66,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_server(data: Path, **overrides) -> LclstreamServer:
-    settings = replace(Settings(data=data, port=0), **overrides)
+    state_dir = Path(os.environ["LCLSTREAM_STATE_DIR"])
+    settings = replace(Settings(data=data, port=0, state_dir=state_dir), **overrides)
     return LclstreamServer(settings)
 
 
@@ -54,11 +93,22 @@ def client(location: str) -> Iterator[Client]:
 
 @pytest.fixture
 def flight_client(location: str):
-    import pyarrow.flight as flight
-
-    c = flight.connect(location)
+    c = raw_client(location)
     yield c
     c.close()
+
+
+@pytest.fixture
+def sign(server: LclstreamServer):
+    """Seal a hand-written ticket as the server would, to test what lies behind the seal."""
+    return server.security.seal.sign
+
+
+def ticket_json(ticket: flight.Ticket) -> dict:
+    """The JSON document inside a sealed ticket."""
+    import json
+
+    return json.loads(ticket.ticket.rpartition(b".")[0])
 
 
 def open_h5(path: Path):

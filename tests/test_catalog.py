@@ -9,7 +9,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.catalog import run_number
-from tests.conftest import LCLS1_EXP, start_server
+from tests.conftest import LCLS1_EXP, raw_client, start_server
 
 
 @pytest.mark.parametrize("name, number", [
@@ -27,7 +27,7 @@ def test_runs_appear_and_disappear_without_restart(tmp_path: Path, data_root: Pa
     deep.mkdir(parents=True)
     srv = start_server(tmp_path)
     try:
-        c = flight.connect(f"grpc://127.0.0.1:{srv.port}")
+        c = raw_client(srv.port)
         assert list(c.list_flights()) == []
         shutil.copy(src, deep / "exp1_Run0004.h5")
         assert [i.descriptor.path for i in c.list_flights()] == [[b"exp1", b"4"]]

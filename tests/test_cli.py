@@ -18,12 +18,18 @@ import pytest
 from tests.conftest import LCLS2_EXP, open_h5
 
 LCLSTREAM = [sys.executable, "-m", "flight_server.cli"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli_env(**changes: str | None) -> dict[str, str]:
+    """The session's environment (its token and sandboxed keyring), with changes; None unsets."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: v for k, v in changes.items() if v}}
+    return {k: v for k, v in env.items() if changes.get(k, "") is not None}
+
+
+def run_cli(*args: str, timeout: float = 120, input: str | None = None,
+            **env: str | None) -> subprocess.CompletedProcess:
     return subprocess.run([*LCLSTREAM, *args], capture_output=True, text=True, timeout=timeout,
-                          env=ENV)
+                          env=cli_env(**env), input=input)
 
 
 def wait_for_location(proc: subprocess.Popen) -> str:
@@ -37,7 +43,8 @@ def wait_for_location(proc: subprocess.Popen) -> str:
 @pytest.fixture(scope="module")
 def served(data_root: Path) -> Iterator[str]:
     proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data_root), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())
     try:
         yield wait_for_location(proc)
     finally:
@@ -108,16 +115,20 @@ def test_generate_writes_each_layout(tmp_path: Path) -> None:
         assert Path(res.stdout.strip()).is_file()
 
 
-def test_demo_generates_and_serves(tmp_path: Path) -> None:
-    """What `make demo` runs: demo data written once, served, and the banner says how to
-    connect."""
+def test_demo_generates_and_serves(tmp_path: Path, monkeypatch) -> None:
+    """What `make demo` runs: demo data written once, served with authentication on, a token
+    left in the keyring so that a notebook connects with no login step."""
+    monkeypatch.delenv("LCLSTREAM_TOKEN")
+    monkeypatch.delenv("LCLSTREAM_STATE_DIR")  # the demo keeps its secrets in its data dir
     proc = subprocess.Popen([*LCLSTREAM, "demo", "--data", str(tmp_path), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())
     try:
         location = wait_for_location(proc)
         from clients import connect
 
-        with connect(location) as c:
+        with connect(location) as c:  # no token given: the keyring has the demo's
+            assert c.whoami()["subject"] == "demo"
             assert c.experiments() == ["cxilu9218", "tmox42619"]
             runs = c.runs("tmox42619")
             assert runs.height >= 4 and (runs["events"] > 1000).all()

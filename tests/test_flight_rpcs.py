@@ -10,7 +10,7 @@ import pyarrow.flight as flight
 import pytest
 
 from schemas import metadata as md
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
+from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5, ticket_json
 
 
 def cmd(**doc) -> flight.FlightDescriptor:
@@ -53,8 +53,8 @@ def test_path_descriptor_plans_partitions(flight_client, data_root) -> None:
 def test_batches_are_sized_by_bytes(flight_client) -> None:
     info = flight_client.get_flight_info(
         cmd(experiment=LCLS2_EXP, runs=[7], columns=["pnccd/image"]))
-    big = max(info.endpoints, key=lambda e: json.loads(e.ticket.ticket)["stop"]
-              - json.loads(e.ticket.ticket)["start"])
+    big = max(info.endpoints, key=lambda e: ticket_json(e.ticket)["stop"]
+              - ticket_json(e.ticket)["start"])
     sizes = [chunk.data.nbytes for chunk in flight_client.do_get(big.ticket)]
     assert len(sizes) > 2
     chunk = 5 * 32 * 1024  # batches hold whole HDF5 chunks (5 frames of 32 KiB)
@@ -102,15 +102,16 @@ def test_empty_event_slice_gives_empty_table(flight_client) -> None:
     assert info.total_records == 0 and list(info.endpoints) == []
 
 
-def test_tickets_are_rechecked_not_trusted(flight_client) -> None:
+def test_tickets_are_rechecked_not_trusted(flight_client, sign) -> None:
+    # Even a ticket carrying the server's own seal is checked against the run again.
     info = flight_client.get_flight_info(cmd(experiment=LCLS1_EXP, runs=[3]))
-    ticket = json.loads(info.endpoints[0].ticket.ticket)
+    ticket = ticket_json(info.endpoints[0].ticket)
     ticket["stop"] = 10_000  # beyond the run
     with pytest.raises(pa.ArrowInvalid, match="beyond run 3"):
-        flight_client.do_get(flight.Ticket(json.dumps(ticket).encode())).read_all()
+        flight_client.do_get(flight.Ticket(sign(json.dumps(ticket).encode()))).read_all()
     ticket.update(stop=10, columns=["../../etc/passwd"])
     with pytest.raises(pa.ArrowKeyError, match="no column"):
-        flight_client.do_get(flight.Ticket(json.dumps(ticket).encode())).read_all()
+        flight_client.do_get(flight.Ticket(sign(json.dumps(ticket).encode()))).read_all()
 
 
 def test_list_actions_and_experiments_action(flight_client) -> None:

@@ -11,7 +11,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.generator import generate_lcls2_run
-from tests.conftest import start_server
+from tests.conftest import raw_client, start_server
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_aborted_streams_release_files_threads_and_memory(big_server) -> None:
     srv, root = big_server
     loc = f"grpc://127.0.0.1:{srv.port}"
     proc = psutil.Process()
-    c = flight.connect(loc)
+    c = raw_client(loc)
     [endpoint] = c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1")).endpoints
     c.do_get(endpoint.ticket).read_all()  # warm up: caches, gRPC pools, the run's file handle
     run = srv.catalog.run("exp", 1)
@@ -59,7 +59,7 @@ def test_aborted_streams_release_files_threads_and_memory(big_server) -> None:
             reader.read_chunk()
             reader.cancel()
         else:  # drop the whole connection mid-stream
-            other = flight.connect(loc)
+            other = raw_client(loc)
             reader = other.do_get(endpoint.ticket)
             reader.read_chunk()
             other.close()
@@ -80,7 +80,7 @@ def test_aborted_streams_release_files_threads_and_memory(big_server) -> None:
 
 def test_server_memory_is_bounded_by_batches_not_run_size(big_server) -> None:
     srv, root = big_server
-    c = flight.connect(f"grpc://127.0.0.1:{srv.port}")
+    c = raw_client(srv.port)
     [endpoint] = c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1")).endpoints
     # a slow consumer: the server may read ahead only `prefetch` batches, not the whole run
     gc.collect()
@@ -99,7 +99,7 @@ def test_shutdown_and_replaced_files_close_handles(tmp_path: Path) -> None:
     path = tmp_path / "exp" / "exp_Run0001.h5"
     generate_lcls2_run(path, 1, n_events=20)
     srv = start_server(tmp_path)
-    c = flight.connect(f"grpc://127.0.0.1:{srv.port}")
+    c = raw_client(srv.port)
     read = lambda: sum(c.do_get(e.ticket).read_all().num_rows  # noqa: E731
                        for e in c.get_flight_info(flight.FlightDescriptor.for_path("exp", "1"))
                        .endpoints)
