@@ -2,6 +2,8 @@
 
 Servers run in their own processes, as in production, so that their CPU time, GIL and memory
 are not mixed up with the client's; data lives under `bench-data/` and is reused between runs.
+Our server runs with authentication on, as in production: the bench mints one token for all its
+clients, signed with the secret the servers share in `bench-data/.lclstream-bench/`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,11 +24,17 @@ import psutil
 import pyarrow.flight as flight
 
 from bench import SET_FOR_CLIENT
+from clients import Client, connect
+from clients.credentials import BearerToken
+from flight_server import config
 from flight_server.generator.bench import generate_bench_run
+from flight_server.grants import ALL
+from flight_server.security import minter_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench-data"
 LOGS = DATA / "logs"
+STATE = DATA / ".lclstream-bench"  # our servers' secrets; a dot name is no experiment
 EXPERIMENT = "bench"
 MiB = 2**20
 GiB = 2**30
@@ -185,10 +194,12 @@ class ServerProcess:
     it gets the user's environment, without the client-only settings of `bench/__init__.py`.
     """
 
-    def __init__(self, name: str, args: Sequence[str], timeout: float = 120.0) -> None:
+    def __init__(self, name: str, args: Sequence[str], timeout: float = 120.0,
+                 token: str | None = None) -> None:
         self.name = name
         self.args = [sys.executable, *args]
         self.timeout = timeout
+        self.token = token  # sent on every call of the clients below; None: the server needs none
         self.log = LOGS / f"{name}.log"
         self.location = ""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -214,6 +225,16 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def flight_client(self) -> flight.FlightClient:
+        """A bare pyarrow client that sends the server's token, if it needs one."""
+        middleware = [BearerToken(self.token)] if self.token else []
+        return flight.connect(self.location, middleware=middleware)
+
+    def client(self) -> Client:
+        """Our high-level client. Without a token it could pick one up from the keyring or
+        $LCLSTREAM_TOKEN; that only adds a header, which a server without auth ignores."""
+        return connect(self.location, self.token)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -244,7 +265,7 @@ class ServerProcess:
 
     def _wait_answering(self) -> None:
         deadline = time.monotonic() + self.timeout
-        client = flight.connect(self.location)
+        client = self.flight_client()
         try:
             while True:
                 try:
@@ -258,15 +279,28 @@ class ServerProcess:
             client.close()
 
 
+@cache
+def bench_token() -> str:
+    """One token for every client of the run, read-all and outliving any run. Minted from the
+    settings the server will load (environment included), so the server accepts it; the secret
+    is created in STATE on first use, before any server starts."""
+    settings = config.load(overrides={"data": DATA, "state_dir": STATE})
+    return minter_for(settings).mint("bench", ALL, 24 * 3600)
+
+
 def our_server(name: str = "lclstream", *, partition_bytes: int | None = None,
-               batch_bytes: int | None = None) -> ServerProcess:
-    """`lclstream serve` over the bench data root, on a free port."""
-    args = ["-m", "flight_server.cli", "serve", "--data", str(DATA), "--port", "0"]
+               batch_bytes: int | None = None, auth: bool = True) -> ServerProcess:
+    """`lclstream serve` over the bench data root, on a free port; with authentication on
+    unless `auth` is False (`--no-auth`, to measure what authentication costs)."""
+    args = ["-m", "flight_server.cli", "serve", "--data", str(DATA), "--port", "0",
+            "--state-dir", str(STATE)]
+    if not auth:
+        args.append("--no-auth")
     if partition_bytes is not None:
         args += ["--partition-bytes", str(partition_bytes)]
     if batch_bytes is not None:
         args += ["--batch-bytes", str(batch_bytes)]
-    return ServerProcess(name, args)
+    return ServerProcess(name, args, token=bench_token() if auth else None)
 
 
 def reference_server(run: BenchRun, name: str = "reference") -> ServerProcess:

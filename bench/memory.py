@@ -20,6 +20,7 @@ from bench.common import (
     BenchRun,
     MiB,
     Result,
+    ServerProcess,
     bench_run,
     fmt_bytes,
     gbps,
@@ -29,7 +30,6 @@ from bench.common import (
     verdict_line,
     warm_cache,
 )
-from clients import connect
 
 NAME = "memory"
 TARGET_PEAK = 512 * MiB
@@ -76,21 +76,21 @@ class Stream:
     samples: int
 
 
-def stream_all(location: str, run: BenchRun, streams: int, pid: int) -> Stream:
+def stream_all(server: ServerProcess, run: BenchRun, streams: int) -> Stream:
     """`streams` clients each read the whole run at once, batch by batch, keeping nothing."""
     received = [0] * streams
     errors: list[BaseException] = []
 
     def reader(i: int) -> None:
         try:
-            with connect(location) as client:
+            with server.client() as client:
                 for batch in client.stream(run.experiment, run.number):
                     received[i] += batch.nbytes
         except BaseException as exc:  # re-raised in the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(streams)]
-    sampler = RssSampler(pid)
+    sampler = RssSampler(server.pid)
     before = sampler.rss()
     t0 = time.perf_counter()
     with sampler:
@@ -112,14 +112,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     warm_cache(br.path)
 
     with our_server("lclstream-memory") as server:
-        with connect(server.location) as client:
+        with server.client() as client:
             info = client.plan(br.experiment, br.number)  # the run is described (and cached)
         print(f"  {br.path.name}: {fmt_bytes(info.total_bytes)} in {len(info.endpoints)} "
               f"endpoints, read one after the other by each stream; RSS sampled every "
               f"{INTERVAL * 1e3:.0f} ms")
         # One stream again at the end: if RSS after it is no higher than after the first, what
         # the server keeps between streams is allocator reserve, not a leak.
-        runs = [stream_all(server.location, br, n, server.pid) for n in (1, 2, 1)]
+        runs = [stream_all(server, br, n) for n in (1, 2, 1)]
 
     labels = ["1 stream", "2 streams", "1 stream, again"]
     rows = [[label, fmt_bytes(s.before), fmt_bytes(s.peak), fmt_bytes(s.peak - s.before),

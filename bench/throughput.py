@@ -39,7 +39,7 @@ from bench.common import (
     warm_cache,
 )
 from bench.reference_server import columns_ticket
-from clients import Client, connect
+from clients import Client
 
 NAME = "throughput"
 TARGET_RATIO = 0.9
@@ -125,10 +125,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         our_server("lclstream-1-endpoint", partition_bytes=HUGE_PARTITION) as single,
         our_server("lclstream") as multi,
     ):
-        ref_client = flight.connect(ref.location)
-        single_client = connect(single.location)
-        single_raw = flight.connect(single.location)
-        multi_client = connect(multi.location)
+        ref_client = ref.flight_client()
+        single_client = single.client()
+        single_raw = single.flight_client()
+        multi_client = multi.client()
         local = H5pyReader(br)
         try:
             endpoints = len(multi_client.plan(br.experiment, br.number).endpoints)

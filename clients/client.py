@@ -41,12 +41,38 @@ def _detailless(exc: Exception) -> Exception:
     return clean
 
 
+# GetSchema loses Flight error types in pyarrow, on both sides: the client raises OSError with
+# the status only in its text (apache/arrow#43556), and the server sends a Flight error raised in
+# get_schema as UNKNOWN, naming the Python exception. Map both back so that callers can catch
+# by type.
+_STATUS_DETAILS = {
+    ". Detail: Unauthenticated": flight.FlightUnauthenticatedError,
+    ". Detail: Unauthorized": flight.FlightUnauthorizedError,
+    ". Detail: Unavailable": flight.FlightUnavailableError,
+    ". Detail: Internal": flight.FlightInternalError,
+    ". Detail: TimedOut": flight.FlightTimedOutError,
+    ". Detail: Cancelled": flight.FlightCancelledError,
+    "Python exception: flight_server.auth.Unauthenticated": flight.FlightUnauthenticatedError,
+    "Python exception: flight_server.auth.Forbidden": flight.FlightUnauthorizedError,
+}
+
+
+def _typed(exc: Exception) -> Exception:
+    if isinstance(exc, flight.FlightError):
+        return exc
+    text = str(exc)
+    for marker, cls in _STATUS_DETAILS.items():
+        if marker in text:
+            return cls(text.removeprefix("Unknown error: "))
+    return exc
+
+
 @contextlib.contextmanager
 def _clean_errors() -> Iterator[None]:
     try:
         yield
-    except (flight.FlightError, pa.ArrowException) as exc:
-        raise _detailless(exc) from None
+    except (flight.FlightError, pa.ArrowException, OSError) as exc:
+        raise _detailless(_typed(exc)) from None
 
 
 def _events(events: Events) -> EventSlice:

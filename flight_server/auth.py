@@ -34,7 +34,7 @@ REQUIRED_CLAIMS = ("sub", "exp", "iat", "iss", "aud")
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                                    "ES256", "ES384", "ES512", "EdDSA"})
-MAX_AUTHORIZATION_BYTES = 8192  # institutional tokens with group lists reach ~4 KiB
+MAX_AUTHORIZATION_BYTES = 6144  # under gRPC's 8 KiB for all headers; IdP tokens reach ~4 KiB
 MIDDLEWARE_KEY = "auth"
 
 
