@@ -27,3 +27,47 @@ def test_bad_settings_are_reported(tmp_path: Path) -> None:
         config.load(toml, environ={})
     with pytest.raises(ValueError, match="setting 'port' must be int"):
         config.load(None, environ={"LCLSTREAM_PORT": "eighty"})
+
+
+def test_security_settings_from_file_and_environment(tmp_path: Path) -> None:
+    """An institution's issuer is configured in the settings file; key files are found next to
+    it; booleans read as people write them."""
+    toml = tmp_path / "lclstream.toml"
+    toml.write_text(
+        '[server]\ntls_cert = "certs/server.pem"\n\n'
+        '[[issuer]]\nname = "https://id.example.edu"\nalgorithms = ["RS256"]\n'
+        'public_key_file = "keys/idp.pem"\ngrants_claim = "scope"\n'
+    )
+    s = config.load(toml, environ={"LCLSTREAM_AUTH": "off", "LCLSTREAM_LEEWAY": "5"})
+    assert s.auth is False and s.leeway == 5 and s.tls and s.location().startswith("grpc+tls://")
+    (issuer,) = s.issuers
+    assert issuer["public_key_file"] == str(tmp_path / "keys" / "idp.pem")
+    assert s.state_path() == s.data / ".lclstream"
+    assert s.users_path() == s.data / ".lclstream" / "users.json"
+    with pytest.raises(ValueError, match="setting 'auth' must be bool"):
+        config.load(None, environ={"LCLSTREAM_AUTH": "maybe"})
+
+
+def test_issuer_misconfigurations_are_refused(tmp_path: Path) -> None:
+    from flight_server.auth import Issuer
+
+    pem = tmp_path / "k.pem"
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem.write_bytes(key.public_bytes(serialization.Encoding.PEM,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    cases = [
+        ({"name": "x", "algorithms": ["HS256"], "public_key_file": str(pem)}, "HS\\* algorithms"),
+        ({"name": "x", "algorithms": ["RS256"], "secret": "s"}, "only HS256"),
+        ({"name": "x", "algorithms": ["none"], "secret": "s"}, "'none' is never accepted"),
+        ({"name": "x", "algorithms": [], "secret": "s"}, "at least one"),
+        ({"name": "x", "algorithms": ["RS256"]}, "exactly one of"),
+        ({"algorithms": ["RS256"], "public_key_file": str(pem)}, "needs 'name'"),
+        ({"name": "x", "algorithms": ["RS256"], "public_key_file": str(pem), "colour": 1},
+         "unknown issuer settings"),
+    ]
+    for table, phrase in cases:
+        with pytest.raises(ValueError, match=phrase):
+            Issuer.from_config(table, "lclstream")
