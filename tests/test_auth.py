@@ -38,6 +38,7 @@ class Keys:
     """The institutions' private keys, kept by the test to sign tokens as they would."""
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.rsa_public_pem = self.rsa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -59,27 +60,22 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     users = UsersFile(state / "users.json")
     users.add("alice", PASSWORD, Grants.build(read=["tmox4*"]))
     users.add("carol", PASSWORD, Grants.build(read=["tmox4*"]))
+    users.add("dave", PASSWORD, Grants.build(read=["tmox4*"]))
     return state
 
 
 @pytest.fixture(scope="module")
 def auth_server(data_root: Path, keys: Keys, state_dir: Path) -> Iterator[LclstreamServer]:
-    issuers_dir = Path(keys.rsa_public_pem and state_dir.parent)
     issuers = (
         {"name": INSTITUTION, "algorithms": ["RS256"],
-         "public_key_file": str(_find(issuers_dir, "institution.pem")),
-         "grants_claim": "scope"},
+         "public_key_file": str(keys.directory / "institution.pem"), "grants_claim": "scope"},
         {"name": JWKS_ISSUER, "algorithms": ["ES256"],
-         "jwks_file": str(_find(issuers_dir, "jwks.json"))},
+         "jwks_file": str(keys.directory / "jwks.json")},
     )
     srv = start_server(data_root, state_dir=state_dir, issuers=issuers, leeway=5,
                        audit_log=state_dir / "audit.log")
     yield srv
     srv.shutdown()
-
-
-def _find(root: Path, name: str) -> Path:
-    return next(root.rglob(name))
 
 
 @pytest.fixture
@@ -460,12 +456,15 @@ def test_adbc_username_password(location: str, state_dir: Path) -> None:
     assert last["sub"] == "alice" and last["outcome"] == "invalid_argument"
 
 
-def test_adbc_wrong_password(location: str) -> None:
+def test_adbc_wrong_password_and_rate_limit(location: str) -> None:
     import adbc_driver_manager
 
-    with pytest.raises(adbc_driver_manager.Error, match="UNAUTHENTICATED|Unauthenticated") as info:
-        adbc_connect(location, username="alice", password="not-the-password")
-    assert "wrong user name or password" in str(info.value)
+    for _ in range(5):
+        with pytest.raises(adbc_driver_manager.Error, match="UNAUTHENTICATED") as info:
+            adbc_connect(location, username="dave", password="not-the-password")
+        assert "wrong user name or password" in str(info.value)
+    with pytest.raises(adbc_driver_manager.Error, match="too many failed logins for 'dave'"):
+        adbc_connect(location, username="dave", password=PASSWORD)
 
 
 def test_adbc_authorization_header(location: str, auth_server: LclstreamServer,
@@ -477,11 +476,17 @@ def test_adbc_authorization_header(location: str, auth_server: LclstreamServer,
     last = [line for line in audit_lines(state_dir) if line["rpc"] == "get_flight_info"][-1]
     assert last["sub"] == "adbc-user"
     now = int(time.time())
+    impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     bad_tokens = {
         "garbage": "Bearer garbage",
+        "malformed": "Token x",
         "expired": "Bearer " + institution_token(keys, iat=now - 7200, exp=now - 3600),
+        "not yet valid": "Bearer " + institution_token(keys, nbf=now + 3600),
+        "wrong signature": "Bearer " + jwt.encode(claims(), impostor, algorithm="RS256"),
+        "wrong audience": "Bearer " + institution_token(keys, aud="someone-else"),
         "alg none": "Bearer " + jwt.encode(claims(), None, algorithm="none"),
         "unknown issuer": "Bearer " + institution_token(keys, iss="https://evil.example.com"),
+        "oversized": f"Bearer {good}{'x' * 6500}",
     }
     for what, header in bad_tokens.items():
         with adbc_connect(location, **{"adbc.flight.sql.authorization_header": header}) as c:
