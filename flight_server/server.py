@@ -133,12 +133,12 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def list_flights(self, context: flight.ServerCallContext,
                      criteria: bytes) -> Iterator[flight.FlightInfo]:
+        call = self._call(context)
         try:
             pattern = criteria.decode().strip() if criteria else "*"
         except UnicodeDecodeError:
             raise InvalidArgument("ListFlights criteria must be an experiment name or glob "
                                   "in UTF-8, e.g. 'tmox*'") from None
-        call = self._call(context)
         found = self.catalog.scan()
         infos = []
         for experiment in found:
@@ -174,7 +174,7 @@ class LclstreamServer(flight.FlightServerBase):
         call = self._call(context)
         t = self.security.seal.open(ticket.ticket)
         self._may_read(call, t.experiment, t.run)
-        run = self.catalog.run(t.experiment, t.run)
+        run = self.catalog.run(t.experiment, t.run, lambda e: call.identity.may(e, "read"))
         columns = run.resolve(t.columns)
         if t.stop > run.num_events:
             raise InvalidArgument(f"ticket range [{t.start}:{t.stop}] is beyond run {t.run}'s "
