@@ -54,8 +54,7 @@ def rpc(method: F) -> F:
             return method(*args, **kwargs)
         except Exception as exc:
             if _expected(exc):
-                log.info("%s refused: %s", method.__name__, exc)
-                raise
+                raise  # the audit line of the call records it, with its message
             raise _internal(exc) from None
 
     return wrapper  # type: ignore[return-value]

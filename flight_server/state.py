@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -45,7 +46,7 @@ def write_private(path: Path, content: bytes, *, exclusive: bool = False) -> Non
     os.replace(tmp, path)
 
 
-def _load_or_create(path: Path, make: callable) -> bytes:
+def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     if not path.exists():
         try:
             write_private(path, make(), exclusive=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flight_server.grants import Grants
-from flight_server.state import write_private
+from flight_server.state import ensure_dir, write_private
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # about 50 ms and 16 MiB per check
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,127}$")
@@ -104,7 +104,7 @@ class UsersFile:
     def _save(self, users: dict[str, User]) -> None:
         doc = {"version": 1, "users": {
             u.name: {"hash": u.hash, "grants": u.grants.to_claim()} for u in users.values()}}
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         write_private(self.path, (json.dumps(doc, indent=2) + "\n").encode())
 
     def add(self, name: str, password: str, grants: Grants) -> None:
