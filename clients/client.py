@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients import convert, credentials
+from clients import convert, credentials, sql
 from schemas import Request
 from schemas import metadata as md
 from schemas.request import EventSlice
@@ -233,6 +233,32 @@ class Client:
             with _clean_errors():
                 for chunk in self._flight.do_get(endpoint.ticket):
                     yield chunk.data
+
+    # -- SQL -------------------------------------------------------------------------------
+
+    def sql(self, query: str, params: sql.Params = None) -> pa.Table:
+        """Run a SELECT over `<experiment>.events` / `<experiment>.runs` on the server (DuckDB)
+        and return the result. `params` fill the query's `?` placeholders: a list of values, a
+        list of rows (the query runs once per row), or an Arrow table."""
+        with self._statement(query, params) as info, _clean_errors():
+            tables = [self._flight.do_get(e.ticket).read_all() for e in info.endpoints]
+        return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+    def sql_batches(self, query: str, params: sql.Params = None) -> Iterator[pa.RecordBatch]:
+        """The result of `sql` as it streams in: memory stays at about one batch."""
+        with self._statement(query, params) as info, _clean_errors():
+            yield from sql.result_batches(self._flight, info)
+
+    @contextlib.contextmanager
+    def _statement(self, query: str, params: sql.Params) -> Iterator[flight.FlightInfo]:
+        with _clean_errors():
+            info, handle = sql.statement_info(self._flight, query, params)
+        try:
+            yield info
+        finally:
+            if handle is not None:
+                with _clean_errors():
+                    sql.close_statement(self._flight, handle)
 
     def polars(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                events: Events = None, **kwargs: Any):

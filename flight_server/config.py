@@ -37,6 +37,10 @@ class Settings:
     bind_token_to_certificate: bool = False  # token sub must equal the client certificate's name
     audit_log: Path | None = None  # also write audit lines to this file
     issuers: tuple[dict[str, Any], ...] = ()  # [[issuer]] tables of the settings file
+    # -- SQL (see README "SQL and BI tools") --
+    sql_timeout: int = 300  # seconds of engine time per query (waiting for the client is free)
+    sql_memory_limit: str = "2GB"  # per query
+    sql_threads: int = 2  # DuckDB threads per query
 
     @property
     def tls(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib.metadata
 import json
 import logging
 import sys
@@ -15,12 +16,17 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from google.protobuf.message import Message
 
+import schemas.flight_sql as fsql
 from flight_server import requests, security
 from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_certificate
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
+from flight_server.sql.engine import Limits
+from flight_server.sql.service import ACTIONS as SQL_ACTIONS
+from flight_server.sql.service import SqlService
 from flight_server.streaming import BatchSizing, stream_batches
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,14 @@ def rpc(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _sql_command(payload: bytes) -> Message | None:
+    """The Flight SQL message in a descriptor command or ticket; None for our own JSON."""
+    try:
+        return fsql.unpack(payload)
+    except fsql.UnknownCommand as exc:
+        raise NotImplementedError(f"Flight SQL command {exc} is not supported") from None
+
+
 def _guard_stream(batches: Iterator[pa.RecordBatch],
                   call: CallRecord) -> Iterator[pa.RecordBatch]:
     try:
@@ -88,9 +102,13 @@ class LclstreamServer(flight.FlightServerBase):
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
                                   settings.prefetch)
         self.read_pool = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="read")
+        limits = Limits(settings.sql_timeout, settings.sql_memory_limit, settings.sql_threads)
+        self.sql = SqlService(self.catalog, self.security.seal, self.sizing, self.read_pool,
+                              limits, _version())
 
     def shutdown(self) -> None:
         super().shutdown()
+        self.sql.close()
         self.read_pool.shutdown(wait=True, cancel_futures=True)
         self.catalog.close()
         self.security.close()
@@ -155,14 +173,24 @@ class LclstreamServer(flight.FlightServerBase):
                     log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
         return iter(infos)
 
+    @staticmethod
+    def _sql(descriptor: flight.FlightDescriptor) -> Message | None:
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            return None
+        return _sql_command(descriptor.command)
+
     @rpc
     def get_flight_info(self, context: flight.ServerCallContext,
                         descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        if (command := self._sql(descriptor)) is not None:
+            return self.sql.flight_info(self._call(context).identity, command, descriptor)
         return self._flight_info(self._plan(context, descriptor), descriptor)
 
     @rpc
     def get_schema(self, context: flight.ServerCallContext,
                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        if (command := self._sql(descriptor)) is not None:
+            return flight.SchemaResult(self.sql.schema(self._call(context).identity, command))
         return flight.SchemaResult(self._plan(context, descriptor).schema)
 
     # -- data --------------------------------------------------------------------------------
@@ -171,6 +199,8 @@ class LclstreamServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext,
                ticket: flight.Ticket) -> flight.FlightDataStream:
         call = self._call(context)
+        if (command := _sql_command(ticket.ticket)) is not None:
+            return self.sql.do_get(call.identity, command, context.is_cancelled)
         t = self.security.seal.open(ticket.ticket)
         self._may_read(call, t.experiment, t.run)
         run = self.catalog.run(t.experiment, t.run, lambda e: call.identity.may(e, "read"))
@@ -186,12 +216,23 @@ class LclstreamServer(flight.FlightServerBase):
     # -- actions -----------------------------------------------------------------------------
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return list(ACTIONS.items())
+        return list(ACTIONS.items()) + list(SQL_ACTIONS.items())
+
+    @rpc
+    def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
+               reader: flight.MetadataRecordBatchReader,
+               writer: flight.FlightMetadataWriter) -> None:
+        call = self._call(context)
+        if (command := self._sql(descriptor)) is not None:
+            return self.sql.do_put(call.identity, command, reader, writer)
+        raise NotImplementedError("DoPut takes Flight SQL prepared-statement parameters only")
 
     @rpc
     def do_action(self, context: flight.ServerCallContext,
                   action: flight.Action) -> Iterator[bytes]:
         call = self._call(context)
+        if action.type in SQL_ACTIONS:
+            return self.sql.do_action(call.identity, action)
         if action.type == "experiments":
             found = self.catalog.scan()
             body = [{"experiment": e, "runs": sorted(r)} for e, r in found.items()
@@ -202,4 +243,12 @@ class LclstreamServer(flight.FlightServerBase):
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),
                     "expires": who.expires, "certificate": call.certificate or None}
             return iter([json.dumps(body).encode()])
-        raise InvalidArgument(f"unknown action '{action.type}'; actions: {', '.join(ACTIONS)}")
+        raise InvalidArgument(f"unknown action '{action.type}'; actions: "
+                              f"{', '.join([*ACTIONS, *SQL_ACTIONS])}")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lclstream-flight")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

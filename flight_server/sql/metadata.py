@@ -1,0 +1,169 @@
+"""Flight SQL's catalog commands: what BI tools and drivers ask before they query.
+
+Experiments are schemas; each has the tables `events` and `runs`. There is no catalog level
+(GetCatalogs is empty and catalog_name is null), as a driver expects from a server whose tables
+are named `schema.table`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+import schemas.flight_sql as fsql
+from flight_server.sql.engine import TABLES
+
+TABLE_TYPE = "TABLE"
+SERVER_NAME = "LCLStream Flight"
+
+
+def like(pattern: str | None) -> re.Pattern[str]:
+    """A SQL LIKE pattern (% any run, _ any one character, \\ escapes) as a regex."""
+    if pattern is None:
+        return re.compile(".*", re.DOTALL)
+    out, escaped = [], False
+    for ch in pattern:
+        if escaped:
+            out.append(re.escape(ch))
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "%":
+            out.append(".*")
+        elif ch == "_":
+            out.append(".")
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out), re.DOTALL)
+
+
+def catalogs() -> pa.Table:
+    return fsql.GET_CATALOGS_SCHEMA.empty_table()
+
+
+def db_schemas(experiments: list[str], pattern: str | None) -> pa.Table:
+    match = like(pattern)
+    names = [e for e in experiments if match.fullmatch(e)]
+    return pa.table({"catalog_name": pa.nulls(len(names), pa.string()),
+                     "db_schema_name": names}, schema=fsql.GET_DB_SCHEMAS_SCHEMA)
+
+
+def tables(experiments: list[str], schema_pattern: str | None, table_pattern: str | None,
+           table_types: list[str], table_schemas: dict[str, pa.Schema] | None) -> pa.Table:
+    """`table_schemas` maps "experiment.table" to its Arrow schema when include_schema is set."""
+    schema_match, table_match = like(schema_pattern), like(table_pattern)
+    wanted_type = not table_types or TABLE_TYPE in table_types
+    rows = [(e, t) for e in experiments if schema_match.fullmatch(e) and wanted_type
+            for t in TABLES if table_match.fullmatch(t)]
+    columns = {
+        "catalog_name": pa.nulls(len(rows), pa.string()),
+        "db_schema_name": [e for e, _ in rows],
+        "table_name": [t for _, t in rows],
+        "table_type": [TABLE_TYPE] * len(rows),
+    }
+    if table_schemas is None:
+        return pa.table(columns, schema=fsql.GET_TABLES_SCHEMA)
+    columns["table_schema"] = [table_schemas[f"{e}.{t}"].serialize().to_pybytes()
+                               for e, t in rows]
+    return pa.table(columns, schema=fsql.GET_TABLES_SCHEMA_WITH_SCHEMA)
+
+
+def table_types() -> pa.Table:
+    return pa.table({"table_type": [TABLE_TYPE]}, schema=fsql.GET_TABLE_TYPES_SCHEMA)
+
+
+# -- GetSqlInfo ------------------------------------------------------------------------------
+
+# value union members, in the order of the spec's dense union
+STRING, BOOL, BIGINT, BITMASK, STRING_LIST = range(5)
+
+
+NO_TRANSACTIONS = fsql.SqlSupportedTransaction.SQL_SUPPORTED_TRANSACTION_NONE
+
+
+def _server_info(version: str) -> dict[int, tuple[int, object]]:
+    info = fsql.SqlInfo
+    return {
+        info.FLIGHT_SQL_SERVER_NAME: (STRING, SERVER_NAME),
+        info.FLIGHT_SQL_SERVER_VERSION: (STRING, version),
+        info.FLIGHT_SQL_SERVER_ARROW_VERSION: (STRING, pa.__version__),
+        info.FLIGHT_SQL_SERVER_READ_ONLY: (BOOL, True),
+        info.FLIGHT_SQL_SERVER_SQL: (BOOL, True),
+        info.FLIGHT_SQL_SERVER_SUBSTRAIT: (BOOL, False),
+        info.FLIGHT_SQL_SERVER_TRANSACTION: (BITMASK, int(NO_TRANSACTIONS)),
+        info.FLIGHT_SQL_SERVER_CANCEL: (BOOL, False),
+        info.FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: (BITMASK, 0),
+        info.SQL_DDL_CATALOG: (BOOL, False),
+        info.SQL_DDL_SCHEMA: (BOOL, False),
+        info.SQL_DDL_TABLE: (BOOL, False),
+        info.SQL_IDENTIFIER_QUOTE_CHAR: (STRING, '"'),
+        info.SQL_ALL_TABLES_ARE_SELECTABLE: (BOOL, True),
+        info.SQL_SEARCH_STRING_ESCAPE: (STRING, "\\"),
+        info.SQL_SCHEMA_TERM: (STRING, "experiment"),
+        info.SQL_CATALOG_TERM: (STRING, "catalog"),
+        info.SQL_TRANSACTIONS_SUPPORTED: (BOOL, False),
+    }
+
+
+def sql_info(requested: list[int], version: str) -> pa.Table:
+    """The requested SqlInfo ids we know (all of them if none are named); unknown ids are left
+    out, as the spec allows."""
+    known = _server_info(version)
+    ids = [i for i in (requested or list(known)) if i in known]
+    union_type = fsql.GET_SQL_INFO_SCHEMA.field("value").type
+    by_member: list[list[object]] = [[] for _ in range(union_type.num_fields)]
+    type_codes, offsets = [], []
+    for i in ids:
+        member, value = known[i]
+        type_codes.append(member)
+        offsets.append(len(by_member[member]))
+        by_member[member].append(value)
+    children = [pa.array(values, type=union_type.field(m).type)
+                for m, values in enumerate(by_member)]
+    # from_buffers, not UnionArray.from_dense: that cannot make the spec's non-nullable members
+    value = pa.Array.from_buffers(
+        union_type, len(ids),
+        [None, pa.array(type_codes, pa.int8()).buffers()[1],
+         pa.array(offsets, pa.int32()).buffers()[1]],
+        children=children)
+    return pa.Table.from_arrays([pa.array(ids, pa.uint32()), value],
+                                schema=fsql.GET_SQL_INFO_SCHEMA)
+
+
+# -- GetXdbcTypeInfo -------------------------------------------------------------------------
+
+# (DuckDB name, XDBC type, column size, literal prefix/suffix, case sensitive, unsigned)
+_TYPES = [
+    ("BOOLEAN", "XDBC_BIT", 1, None, False, None),
+    ("TINYINT", "XDBC_TINYINT", 3, None, False, False),
+    ("SMALLINT", "XDBC_SMALLINT", 5, None, False, False),
+    ("INTEGER", "XDBC_INTEGER", 10, None, False, False),
+    ("BIGINT", "XDBC_BIGINT", 19, None, False, False),
+    ("FLOAT", "XDBC_FLOAT", 24, None, False, False),
+    ("DOUBLE", "XDBC_DOUBLE", 53, None, False, False),
+    ("VARCHAR", "XDBC_VARCHAR", None, "'", True, None),
+    ("BLOB", "XDBC_VARBINARY", None, "'", False, None),
+    ("DATE", "XDBC_DATE", 10, "'", False, None),
+    ("TIMESTAMP", "XDBC_TIMESTAMP", 29, "'", False, None),
+    ("TIMESTAMP WITH TIME ZONE", "XDBC_TIMESTAMP", 35, "'", False, None),
+]
+
+
+def xdbc_type_info(data_type: int | None) -> pa.Table:
+    schema = fsql.GET_XDBC_TYPE_INFO_SCHEMA
+    rows = []
+    for name, xdbc, size, quote, case_sensitive, unsigned in _TYPES:
+        code = int(fsql.XdbcDataType[xdbc])
+        if data_type is not None and code != data_type:
+            continue
+        rows.append({
+            "type_name": name, "data_type": code, "column_size": size,
+            "literal_prefix": quote, "literal_suffix": quote, "create_params": None,
+            "nullable": int(fsql.Nullable.NULLABILITY_NULLABLE), "case_sensitive": case_sensitive,
+            "searchable": int(fsql.Searchable.SEARCHABLE_FULL), "unsigned_attribute": unsigned,
+            "fixed_prec_scale": False, "auto_increment": None, "local_type_name": name,
+            "minimum_scale": None, "maximum_scale": None, "sql_data_type": code,
+            "datetime_subcode": None, "num_prec_radix": None, "interval_precision": None,
+        })
+    return pa.Table.from_pylist(rows, schema=schema)

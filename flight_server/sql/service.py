@@ -1,0 +1,211 @@
+"""Flight SQL on the Flight server: commands in, DuckDB results out as streams.
+
+The server hands any descriptor, ticket, action or DoPut whose payload is a Flight SQL message
+(a protobuf Any) to this module. Queries run when DoGet asks for their results, never at
+GetFlightInfo, which only plans the query to return its schema; the result is streamed batch by
+batch as DuckDB produces it. Commands this server does not support answer UNIMPLEMENTED
+(`NotImplementedError`), which drivers such as ADBC rely on to fall back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import schemas.flight_sql as fsql
+from google.protobuf.message import Message
+
+from flight_server.auth import Identity
+from flight_server.catalog import Catalog
+from flight_server.sql import handles, metadata
+from flight_server.sql.engine import (
+    TABLES,
+    DatabasePool,
+    Limits,
+    Session,
+    open_session,
+    quote,
+    referenced_schemas,
+)
+from flight_server.sql.handles import Statement
+from flight_server.sql.tables import ReadContext
+from flight_server.streaming import BatchSizing
+from flight_server.tickets import TicketSeal
+
+log = logging.getLogger(__name__)
+
+CREATE_PREPARED = "CreatePreparedStatement"
+CLOSE_PREPARED = "ClosePreparedStatement"
+ACTIONS = {
+    CREATE_PREPARED: "Flight SQL: prepare a query (handle, result schema)",
+    CLOSE_PREPARED: "Flight SQL: close a prepared statement",
+}
+METADATA_COMMANDS = ("CommandGetCatalogs", "CommandGetDbSchemas", "CommandGetTables",
+                     "CommandGetTableTypes", "CommandGetSqlInfo", "CommandGetXdbcTypeInfo")
+UNSUPPORTED = "this server is read-only SQL over experiment runs; {} is not supported"
+
+
+def _name(message: Message) -> str:
+    return message.DESCRIPTOR.name
+
+
+class SqlService:
+    def __init__(self, catalog: Catalog, seal: TicketSeal, sizing: BatchSizing, pool: Executor,
+                 limits: Limits, version: str) -> None:
+        self.catalog = catalog
+        self.seal = seal
+        self.sizing = sizing
+        self.read_pool = pool
+        self.databases = DatabasePool(limits)
+        self.version = version
+
+    def close(self) -> None:
+        self.databases.close()
+
+    # -- planning: GetFlightInfo / GetSchema -------------------------------------------------
+
+    def flight_info(self, who: Identity, command: Message,
+                    descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        schema, ticket = self._plan(who, command)
+        endpoint = flight.FlightEndpoint(fsql.pack(ticket), [])
+        return flight.FlightInfo(schema, descriptor, [endpoint], -1, -1, ordered=True)
+
+    def schema(self, who: Identity, command: Message) -> pa.Schema:
+        return self._plan(who, command)[0]
+
+    def _plan(self, who: Identity, command: Message) -> tuple[pa.Schema, Message]:
+        name = _name(command)
+        if name == "CommandStatementQuery":
+            statement = Statement(command.query, who.subject, who.issuer)
+        elif name == "CommandPreparedStatementQuery":
+            statement = handles.open_statement(command.prepared_statement_handle, self.seal, who)
+        elif name in METADATA_COMMANDS:
+            return self._metadata(who, command).schema, command  # the ticket is the command
+        else:
+            raise NotImplementedError(UNSUPPORTED.format(name))
+        schema = self._result_schema(who, statement)
+        ticket = fsql.TicketStatementQuery(statement_handle=handles.seal(statement, self.seal))
+        return schema, ticket
+
+    def _result_schema(self, who: Identity, statement: Statement) -> pa.Schema:
+        with self._session(who, statement.query, lambda: False) as session:
+            return session.schema(statement.query, statement.rows()[0])
+
+    # -- results: DoGet ----------------------------------------------------------------------
+
+    def do_get(self, who: Identity, ticket: Message,
+               is_cancelled: Callable[[], bool]) -> flight.FlightDataStream:
+        name = _name(ticket)
+        if name in METADATA_COMMANDS:
+            return flight.RecordBatchStream(self._metadata(who, ticket))
+        if name != "TicketStatementQuery":
+            raise NotImplementedError(UNSUPPORTED.format(name))
+        statement = handles.open_statement(ticket.statement_handle, self.seal, who)
+        return self._stream(who, statement, is_cancelled)
+
+    def _stream(self, who: Identity, statement: Statement,
+                is_cancelled: Callable[[], bool]) -> flight.FlightDataStream:
+        rows = statement.rows()
+        session = self._session(who, statement.query, is_cancelled)
+        try:
+            schema, first = session.batches(statement.query, rows[0], is_cancelled)
+        except BaseException:
+            session.close()
+            raise
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from first
+                for params in rows[1:]:  # one result per parameter row, one after another
+                    yield from session.batches(statement.query, params, is_cancelled)[1]
+            finally:
+                session.close()
+
+        return flight.GeneratorStream(schema, batches())
+
+    def _session(self, who: Identity, query: str, is_cancelled: Callable[[], bool]) -> Session:
+        context = ReadContext(self.sizing, self.read_pool, is_cancelled)
+        return open_session(self.catalog, self.databases, query, lambda e: who.may(e, "read"),
+                            context)
+
+    # -- prepared statements: DoAction / DoPut -----------------------------------------------
+
+    def do_action(self, who: Identity, action: flight.Action) -> Iterator[bytes]:
+        command = fsql.unpack(action.body.to_pybytes())
+        if action.type == CREATE_PREPARED and command is not None \
+                and _name(command) == "ActionCreatePreparedStatementRequest":
+            return iter([fsql.pack(self._prepare(who, command.query))])
+        if action.type == CLOSE_PREPARED and command is not None \
+                and _name(command) == "ActionClosePreparedStatementRequest":
+            handles.open_statement(command.prepared_statement_handle, self.seal, who)
+            return iter([])  # stateless: nothing to free
+        raise NotImplementedError(UNSUPPORTED.format(f"the action {action.type}"))
+
+    def _prepare(self, who: Identity, query: str) -> Message:
+        statement = Statement(query, who.subject, who.issuer)
+        count = self._parameter_count(query)
+        schema = b""
+        if count == 0:  # with parameters the result types may depend on their values
+            schema = self._result_schema(who, statement).serialize().to_pybytes()
+        return fsql.ActionCreatePreparedStatementResult(
+            prepared_statement_handle=handles.seal(statement, self.seal), dataset_schema=schema)
+
+    def _parameter_count(self, query: str) -> int:
+        referenced_schemas(query, self.databases)  # refuses anything but one SELECT
+        with self.databases.parser() as con:
+            return len(con.extract_statements(query)[0].named_parameters)
+
+    def do_put(self, who: Identity, command: Message, reader: flight.MetadataRecordBatchReader,
+               writer: flight.FlightMetadataWriter) -> None:
+        name = _name(command)
+        if name != "CommandPreparedStatementQuery":
+            raise NotImplementedError(UNSUPPORTED.format(name))
+        statement = handles.open_statement(command.prepared_statement_handle, self.seal, who)
+        parameters = reader.read_all()
+        bound = handles.with_parameters(statement, parameters,
+                                        self._parameter_count(statement.query))
+        result = fsql.DoPutPreparedStatementResult(
+            prepared_statement_handle=handles.seal(bound, self.seal))
+        writer.write(pa.py_buffer(result.SerializeToString()))
+
+    # -- catalog commands --------------------------------------------------------------------
+
+    def _metadata(self, who: Identity, command: Message) -> pa.Table:
+        name = _name(command)
+        readable = [e for e in self.catalog.scan() if who.may(e, "read")]
+        if name == "CommandGetCatalogs":
+            return metadata.catalogs()
+        if name == "CommandGetDbSchemas":
+            return metadata.db_schemas(readable, _optional(command, "db_schema_filter_pattern"))
+        if name == "CommandGetTables":
+            schema_pattern = _optional(command, "db_schema_filter_pattern")
+            table_pattern = _optional(command, "table_name_filter_pattern")
+            schemas = None
+            if command.include_schema:
+                match = metadata.like(schema_pattern)
+                schemas = self._table_schemas(who, [e for e in readable if match.fullmatch(e)])
+            return metadata.tables(readable, schema_pattern, table_pattern,
+                                   list(command.table_types), schemas)
+        if name == "CommandGetTableTypes":
+            return metadata.table_types()
+        if name == "CommandGetSqlInfo":
+            return metadata.sql_info(list(command.info), self.version)
+        if name == "CommandGetXdbcTypeInfo":
+            return metadata.xdbc_type_info(_optional(command, "data_type"))
+        raise NotImplementedError(UNSUPPORTED.format(name))
+
+    def _table_schemas(self, who: Identity, experiments: list[str]) -> dict[str, pa.Schema]:
+        schemas = {}
+        for experiment in experiments:
+            for table in TABLES:
+                query = f"SELECT * FROM {quote(experiment)}.{table}"
+                with self._session(who, query, lambda: False) as session:
+                    schemas[f"{experiment}.{table}"] = session.schema(query)
+        return schemas
+
+
+def _optional(message: Message, field: str) -> object | None:
+    return getattr(message, field) if message.HasField(field) else None
