@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -30,6 +32,17 @@ def _writer(kind: str, sink: str, schema: pa.Schema):
 def write_stream(client: Client, info: flight.FlightInfo, output: Path,
                  progress: bool = True) -> int:
     """Fetch every endpoint of `info` in order into `output`; returns the events written."""
+    bar = progress_bar(info.total_bytes, output.name) if progress else None
+    try:
+        return write_batches(info.schema, client.batches(info), output, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def write_batches(schema: pa.Schema, batches: Iterable[pa.RecordBatch], output: Path,
+                  bar: Any = None) -> int:
+    """Write batches to `output` (format from its suffix), atomically; returns the rows."""
     kind = FORMATS.get(output.suffix.lower())
     if kind is None:
         raise ValueError(f"unknown output format '{output.suffix}'; use one of "
@@ -37,12 +50,11 @@ def write_stream(client: Client, info: flight.FlightInfo, output: Path,
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     os.close(fd)
-    bar = progress_bar(info.total_bytes, output.name) if progress else None
     rows = 0
     try:
-        writer = _writer(kind, tmp, info.schema)
+        writer = _writer(kind, tmp, schema)
         try:
-            for batch in client.batches(info):
+            for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
                 if bar is not None:
@@ -53,7 +65,4 @@ def write_stream(client: Client, info: flight.FlightInfo, output: Path,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     return rows

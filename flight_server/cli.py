@@ -179,6 +179,24 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from clients import connect, to_polars
+
+    with connect(args.server, **_client_options(args)) as client:
+        table = client.sql(args.query)
+    if args.output:
+        from clients.export import write_batches
+
+        write_batches(table.schema, table.to_batches(), Path(args.output))
+        print(f"wrote {table.num_rows} rows to {args.output}")
+        return 0
+    with pl.Config(tbl_rows=args.max_rows, tbl_hide_dataframe_shape=False, fmt_str_lengths=60):
+        print(to_polars(table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lclstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--server", default=DEFAULT_SERVER)
     _client_arguments(get)
     get.set_defaults(func=cmd_get)
+
+    q = sub.add_parser("sql", help="run a SQL query (SELECT over <experiment>.events / .runs)")
+    q.add_argument("query", help='e.g. \'SELECT run, avg("gmd/energy") FROM tmox42619.events '
+                   'GROUP BY run\'')
+    q.add_argument("--server", default=DEFAULT_SERVER)
+    q.add_argument("-o", "--output", help="write the result to FILE.parquet or FILE.arrow")
+    q.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
+    _client_arguments(q)
+    q.set_defaults(func=cmd_sql)
 
     cli_security.register(sub)
     return p

@@ -26,7 +26,7 @@ from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.sql.engine import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
-from flight_server.sql.service import SqlService
+from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService
 from flight_server.streaming import BatchSizing, stream_batches
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ def _sql_command(payload: bytes) -> Message | None:
     try:
         return fsql.unpack(payload)
     except fsql.UnknownCommand as exc:
-        raise NotImplementedError(f"Flight SQL command {exc} is not supported") from None
+        raise pa.ArrowNotImplementedError(f"Flight SQL command {exc} is not supported") from None
+    except fsql.MalformedCommand as exc:
+        raise InvalidArgument(f"malformed Flight SQL command: {exc}") from None
 
 
 def _guard_stream(batches: Iterator[pa.RecordBatch],
@@ -225,7 +227,8 @@ class LclstreamServer(flight.FlightServerBase):
         call = self._call(context)
         if (command := self._sql(descriptor)) is not None:
             return self.sql.do_put(call.identity, command, reader, writer)
-        raise NotImplementedError("DoPut takes Flight SQL prepared-statement parameters only")
+        raise pa.ArrowNotImplementedError(
+            "DoPut takes Flight SQL prepared-statement parameters only")
 
     @rpc
     def do_action(self, context: flight.ServerCallContext,
@@ -233,6 +236,8 @@ class LclstreamServer(flight.FlightServerBase):
         call = self._call(context)
         if action.type in SQL_ACTIONS:
             return self.sql.do_action(call.identity, action)
+        if action.type in UNSUPPORTED_ACTIONS:
+            raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")
         if action.type == "experiments":
             found = self.catalog.scan()
             body = [{"experiment": e, "runs": sorted(r)} for e, r in found.items()

@@ -137,3 +137,16 @@ def test_demo_generates_and_serves(tmp_path: Path, monkeypatch) -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
     assert proc.returncode == 0
+
+
+def test_sql_prints_a_table_and_writes_files(served: str, tmp_path: Path) -> None:
+    query = f'SELECT run, count(*) AS n FROM {LCLS2_EXP}.events GROUP BY run ORDER BY run'
+    res = run_cli("sql", query, "--server", served)
+    assert res.returncode == 0, res.stderr
+    assert "shape: (2, 2)" in res.stdout and "120" in res.stdout and "90" in res.stdout
+    out = tmp_path / "counts.parquet"
+    res = run_cli("sql", query, "-o", str(out), "--server", served)
+    assert res.returncode == 0 and "wrote 2 rows" in res.stdout
+    assert pq.read_table(out).to_pydict() == {"run": [7, 8], "n": [120, 90]}
+    res = run_cli("sql", "SELEC 1", "--server", served)
+    assert res.returncode == 1 and "syntax error" in res.stderr and "Traceback" not in res.stderr

@@ -103,3 +103,54 @@ def generate_bench_run(
             image[a:b] = frame_slab[: b - a]
             tof[a:b] = wave_slab[: b - a]
     return path
+
+
+SCALAR_CHUNK_EVENTS = 65536  # 512 KiB chunks of 8-byte values: read with one pread per chunk
+SCALAR_MISSING_FRACTION = 0.01  # as in the smalldata runs: a few shots without a reading
+
+
+def generate_scalar_run(
+    path: str | os.PathLike[str],
+    run: int,
+    n_events: int,
+    seed: int = 0,
+    chunk_events: int = SCALAR_CHUNK_EVENTS,
+    start_unix: float = 1_700_000_000.0,
+) -> Path:
+    """Write (or keep, if already there) an LCLS2 smalldata run of scalar per-event datasets
+    only: timestamp, gmd/energy (1% missing, NaN), ebeam/photon_energy and evr/code_40
+    (1% missing, -99999). Millions of events are written in seconds, for SQL aggregations.
+
+    Runs are spaced far enough apart in time that long ones do not overlap.
+    """
+    path = Path(path)
+    check_counts(n_events=n_events, chunk_events=chunk_events)
+    n = int(n_events)
+    attrs = {
+        "bench_scalar_run": int(run),
+        "bench_n_events": n,
+        "bench_seed": seed,
+        "bench_chunk_events": chunk_events,
+        "bench_start_unix": float(start_unix),
+    }
+    if _is_current(path, attrs):
+        return path
+
+    run_seconds = ph.RUN_SPACING_S * (1 + n // (ph.EVENT_RATE_HZ * ph.RUN_SPACING_S))
+    unix_ns = ph.event_unix_ns(start_unix + run * run_seconds, n)
+    pulse = ph.pulse_energy_mj(ph.stream(seed, run, "gmd/energy"), n)
+    gmd = ph.with_missing_float(pulse, ph.stream(seed, run, "gmd/missing"),
+                                SCALAR_MISSING_FRACTION)
+    del pulse
+    photon = ph.photon_energy_ev(ph.stream(seed, run, "ebeam/photon_energy"), n, 9500.0, 10.0)
+    laser = (np.arange(n) % 2 == 0).astype(np.int64)  # pump-probe: laser on every other shot
+    code_40 = ph.with_missing_int(laser, ph.stream(seed, run, "evr/missing"),
+                                  SCALAR_MISSING_FRACTION)
+
+    with atomic_h5(path) as f:
+        f.attrs.update(attrs)
+        write_events(f, "timestamp", ph.pack_time(unix_ns, ph.UNIX_AT_1990), chunk_events)
+        write_events(f, "gmd/energy", gmd, chunk_events, units="mJ")
+        write_events(f, "ebeam/photon_energy", photon, chunk_events, units="eV")
+        write_events(f, "evr/code_40", code_40, chunk_events)
+    return path

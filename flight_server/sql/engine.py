@@ -88,6 +88,12 @@ class DatabasePool:
         self._lock = threading.Lock()
         self._parser = duckdb.connect(":memory:", config=_locked_config(Limits()))
 
+    @property
+    def idle(self) -> int:
+        """Databases waiting for a query: one comes back each time a query ends, however."""
+        with self._lock:
+            return len(self._idle)
+
     def parser(self) -> duckdb.DuckDBPyConnection:
         """A connection for parsing only (cheap: a cursor on a shared, empty database)."""
         return self._parser.cursor()

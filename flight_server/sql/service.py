@@ -4,7 +4,7 @@ The server hands any descriptor, ticket, action or DoPut whose payload is a Flig
 (a protobuf Any) to this module. Queries run when DoGet asks for their results, never at
 GetFlightInfo, which only plans the query to return its schema; the result is streamed batch by
 batch as DuckDB produces it. Commands this server does not support answer UNIMPLEMENTED
-(`NotImplementedError`), which drivers such as ADBC rely on to fall back.
+(`pyarrow.ArrowNotImplementedError`), which drivers such as ADBC rely on to fall back.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from concurrent.futures import Executor
 
 import pyarrow as pa
 import pyarrow.flight as flight
-import schemas.flight_sql as fsql
 from google.protobuf.message import Message
 
+import schemas.flight_sql as fsql
 from flight_server.auth import Identity
 from flight_server.catalog import Catalog
 from flight_server.sql import handles, metadata
@@ -43,6 +43,12 @@ ACTIONS = {
     CREATE_PREPARED: "Flight SQL: prepare a query (handle, result schema)",
     CLOSE_PREPARED: "Flight SQL: close a prepared statement",
 }
+# Standard actions that drivers send and that need no answer here but UNIMPLEMENTED.
+UNSUPPORTED_ACTIONS = frozenset({
+    "BeginTransaction", "EndTransaction", "BeginSavepoint", "EndSavepoint", "CancelQuery",
+    "CreatePreparedSubstraitPlan", "CancelFlightInfo", "RenewFlightEndpoint",
+    "SetSessionOptions", "GetSessionOptions", "CloseSession",
+})
 METADATA_COMMANDS = ("CommandGetCatalogs", "CommandGetDbSchemas", "CommandGetTables",
                      "CommandGetTableTypes", "CommandGetSqlInfo", "CommandGetXdbcTypeInfo")
 UNSUPPORTED = "this server is read-only SQL over experiment runs; {} is not supported"
@@ -85,7 +91,7 @@ class SqlService:
         elif name in METADATA_COMMANDS:
             return self._metadata(who, command).schema, command  # the ticket is the command
         else:
-            raise NotImplementedError(UNSUPPORTED.format(name))
+            raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
         schema = self._result_schema(who, statement)
         ticket = fsql.TicketStatementQuery(statement_handle=handles.seal(statement, self.seal))
         return schema, ticket
@@ -102,7 +108,7 @@ class SqlService:
         if name in METADATA_COMMANDS:
             return flight.RecordBatchStream(self._metadata(who, ticket))
         if name != "TicketStatementQuery":
-            raise NotImplementedError(UNSUPPORTED.format(name))
+            raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
         statement = handles.open_statement(ticket.statement_handle, self.seal, who)
         return self._stream(who, statement, is_cancelled)
 
@@ -142,7 +148,7 @@ class SqlService:
                 and _name(command) == "ActionClosePreparedStatementRequest":
             handles.open_statement(command.prepared_statement_handle, self.seal, who)
             return iter([])  # stateless: nothing to free
-        raise NotImplementedError(UNSUPPORTED.format(f"the action {action.type}"))
+        raise pa.ArrowNotImplementedError(UNSUPPORTED.format(f"the action {action.type}"))
 
     def _prepare(self, who: Identity, query: str) -> Message:
         statement = Statement(query, who.subject, who.issuer)
@@ -162,7 +168,7 @@ class SqlService:
                writer: flight.FlightMetadataWriter) -> None:
         name = _name(command)
         if name != "CommandPreparedStatementQuery":
-            raise NotImplementedError(UNSUPPORTED.format(name))
+            raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
         statement = handles.open_statement(command.prepared_statement_handle, self.seal, who)
         parameters = reader.read_all()
         bound = handles.with_parameters(statement, parameters,
@@ -195,7 +201,7 @@ class SqlService:
             return metadata.sql_info(list(command.info), self.version)
         if name == "CommandGetXdbcTypeInfo":
             return metadata.xdbc_type_info(_optional(command, "data_type"))
-        raise NotImplementedError(UNSUPPORTED.format(name))
+        raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
 
     def _table_schemas(self, who: Identity, experiments: list[str]) -> dict[str, pa.Schema]:
         schemas = {}

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from flight_server.sources import Run
-from flight_server.sources.columns import Column, Kind
+from flight_server.sources.columns import Column, Kind, arrow_value_type
 from flight_server.streaming import BatchSizing, stream_batches
 
 EVENT_COLUMN = "event"  # the event's index within its run
@@ -31,23 +31,32 @@ MAX_GAP = 16  # unselected events read rather than starting a new read span
 
 
 def sql_type(column: Column) -> pa.DataType:
-    """The column's type as DuckDB should see it: an N-D tensor becomes nested fixed-size lists,
-    so the shape survives into SQL (`"pnccd/image"[1][5][7]`) and into the result sets."""
-    if column.kind is not Kind.TENSOR:
+    """The column's type as DuckDB should see it: a per-event array (waveform, frame, tensor)
+    becomes a list per dimension, so the shape survives into SQL (`"pnccd/image"[1][5][7]`).
+    Lists, not fixed-size lists: DuckDB sizes an ARRAY vector for 2048 rows whatever the batch,
+    which is 2 GiB for one vector of 1 MiB frames, where a LIST holds only the rows it has."""
+    if column.kind not in (Kind.TENSOR, Kind.LIST):
         return column.field.type
-    nested = column.field.type.value_type
-    for size in reversed(column.shape):
-        nested = pa.list_(nested, size)
+    nested = arrow_value_type(column.dtype)
+    for _ in column.shape:
+        nested = pa.list_(nested)
     return nested
 
 
 def to_sql_array(column: Column, array: pa.Array) -> pa.Array:
-    """Zero-copy: a tensor array's flat storage viewed as nested fixed-size lists."""
-    if column.kind is not Kind.TENSOR:
+    """Zero-copy: the values of a fixed-size array column, viewed as one list per dimension."""
+    if column.kind not in (Kind.TENSOR, Kind.LIST):
         return array
-    nested = array.storage.flatten()
-    for size in reversed(column.shape):
-        nested = pa.FixedSizeListArray.from_arrays(nested, size)
+    storage = array.storage if column.kind is Kind.TENSOR else array
+    width = storage.type.list_size
+    nested = storage.values.slice(storage.offset * width, len(storage) * width)
+    rows = len(storage)
+    counts = [rows]
+    for size in column.shape[:-1]:
+        counts.append(counts[-1] * size)
+    for size, count in zip(reversed(column.shape), reversed(counts), strict=True):
+        offsets = pa.array(np.arange(0, (count + 1) * size, size, dtype=np.int32))
+        nested = pa.ListArray.from_arrays(offsets, nested)
     return nested
 
 
