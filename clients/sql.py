@@ -74,3 +74,26 @@ def result_batches(client: flight.FlightClient,
     for endpoint in info.endpoints:
         for chunk in client.do_get(endpoint.ticket):
             yield chunk.data
+
+
+def adbc_connect(location: str, token: str | None = None, *, tls_root_certs: Any = None,
+                 cert_chain: Any = None, private_key: Any = None, **db_kwargs: Any):
+    """An ADBC DB-API connection (for polars.read_database, pandas.read_sql, ...) with the
+    token found as `connect` finds it (argument, $LCLSTREAM_TOKEN, keyring) and the same TLS
+    options (PEM text or file paths)."""
+    import adbc_driver_flightsql.dbapi as dbapi
+    from adbc_driver_flightsql import DatabaseOptions
+
+    from clients import credentials
+
+    token = credentials.find_token(location, token)
+    if token:
+        credentials.check_not_expired(location, token)
+        db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {token}"
+    tls = credentials.tls_options(tls_root_certs, cert_chain, private_key)
+    for option, key in ((DatabaseOptions.TLS_ROOT_CERTS, "tls_root_certs"),
+                        (DatabaseOptions.MTLS_CERT_CHAIN, "cert_chain"),
+                        (DatabaseOptions.MTLS_PRIVATE_KEY, "private_key")):
+        if key in tls:
+            db_kwargs[option.value] = tls[key].decode()
+    return dbapi.connect(location, db_kwargs=db_kwargs, autocommit=True)
