@@ -1,4 +1,4 @@
-"""`python -m bench`: throughput, latency and memory of the server against their targets.
+"""`python -m bench`: throughput, latency, memory and SQL of the server against their targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import latency, memory, throughput
+from bench import latency, memory, sql, throughput
 from bench.common import (
     Result,
     environment,
@@ -26,35 +26,44 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     throughput.NAME: throughput.run,
     latency.NAME: latency.run,
     memory.NAME: memory.run,
+    sql.NAME: sql.run,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--size", type=parse_size, default=None,
-                   help="run size for throughput and latency (default 1GiB)")
+                   help="run size for throughput and latency, and the size of sql's large "
+                        "result (default 1GiB)")
     p.add_argument("--big-size", type=parse_size, default=None,
                    help="run size for the memory benchmark (default 4GiB)")
     p.add_argument("--only", choices=list(BENCHMARKS), help="run only this benchmark")
     p.add_argument("--reps", type=int, default=None,
-                   help="throughput repetitions per contender (default 5)")
+                   help="throughput and sql repetitions per contender (default 5)")
     p.add_argument("--requests", type=int, default=None,
-                   help="time-to-first-batch requests per case (default 50)")
+                   help="time-to-first-batch requests per case, and sql small queries "
+                        "(default 50)")
+    p.add_argument("--events", type=int, default=None,
+                   help="events the sql benchmark aggregates over (default 10000000)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 128MiB / 256MiB runs, 3 repetitions, 10 requests")
+                   help="smoke run: 128MiB / 256MiB runs, 3 repetitions, 10 requests, "
+                        "1000000 events")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Defaults depend on --quick; explicit options win over both."""
     args = build_parser().parse_args(argv)
-    quick = {"size": 128 * 2**20, "big_size": 256 * 2**20, "reps": 3, "requests": 10}
-    full = {"size": 2**30, "big_size": 4 * 2**30, "reps": 5, "requests": 50}
+    quick = {"size": 128 * 2**20, "big_size": 256 * 2**20, "reps": 3, "requests": 10,
+             "events": 1_000_000}
+    full = {"size": 2**30, "big_size": 4 * 2**30, "reps": 5, "requests": 50,
+            "events": 10_000_000}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.reps < 3 or args.requests < 1:
-        build_parser().error("--reps must be at least 3 and --requests at least 1")
+    if args.reps < 3 or args.requests < 1 or args.events < 4:
+        build_parser().error("--reps must be at least 3, --requests at least 1 and --events "
+                             "at least 4")
     return args
 
 
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"lclstream benchmarks: {environment()}")
     print(f"  --size {fmt_bytes(args.size)}, --big-size {fmt_bytes(args.big_size)}, "
-          f"{args.reps} repetitions, {args.requests} requests")
+          f"{args.reps} repetitions, {args.requests} requests, {args.events:,} events")
     print(f"  before: {machine_load()}")
     t0 = time.perf_counter()
     results: list[Result] = []

@@ -27,7 +27,7 @@ from bench import SET_FOR_CLIENT
 from clients import Client, connect
 from clients.credentials import BearerToken
 from flight_server import config
-from flight_server.generator.bench import generate_bench_run
+from flight_server.generator.bench import generate_bench_run, generate_scalar_run
 from flight_server.grants import ALL
 from flight_server.security import minter_for
 
@@ -167,6 +167,43 @@ def bench_run(size: int) -> BenchRun:
         print(f"  generating {fmt_bytes(size)} bench run {path.relative_to(ROOT)} ...", flush=True)
     generate_bench_run(path, size)
     return BenchRun(EXPERIMENT, number, path)
+
+
+WAVEFORM_SAMPLES = 8192  # float32 samples per event: 32 KiB of waveform an event
+WAVEFORM_FRAME = (16, 16)  # the smallest frames the generator draws: the run is its waveforms
+
+
+def waveform_run(size: int) -> BenchRun:
+    """A bench run whose `tof/waveforms` column alone holds at least `size` bytes, written on
+    first use in experiment `bench_waveforms`, run number its size in MiB. The runs of
+    `bench_run` hold 32 MiB of waveforms a GiB beside 1 MiB `epix/image` frames; this is the same
+    generator with 16x16 frames."""
+    number = max(1, round(size / MiB))
+    experiment = f"{EXPERIMENT}_waveforms"
+    path = DATA / experiment / f"{experiment}_Run{number:04d}.h5"
+    wave_bytes = WAVEFORM_SAMPLES * 4
+    events = -(-size // wave_bytes)
+    per_event = WAVEFORM_FRAME[0] * WAVEFORM_FRAME[1] * 2 + wave_bytes + 16  # as bench_events
+    if not path.exists():
+        print(f"  generating {events} events of waveforms {path.relative_to(ROOT)} ...",
+              flush=True)
+    generate_bench_run(path, events * per_event, frame_shape=WAVEFORM_FRAME,
+                       tof_samples=WAVEFORM_SAMPLES)
+    return BenchRun(experiment, number, path)
+
+
+def scalar_experiment(runs: int, events_per_run: int) -> str:
+    """An experiment of `runs` LCLS2 runs (numbered from 1) of `events_per_run` events of scalar
+    columns only, written on first use; its name, `bench_scalars_<runs>x<events>`, says its
+    size, so experiments of several sizes sit side by side. Returns the name."""
+    name = f"{EXPERIMENT}_scalars_{runs}x{events_per_run}"
+    for number in range(1, runs + 1):
+        path = DATA / name / f"{name}_Run{number:04d}.h5"
+        if not path.exists():
+            print(f"  generating {events_per_run} scalar events {path.relative_to(ROOT)} ...",
+                  flush=True)
+        generate_scalar_run(path, number, events_per_run)
+    return name
 
 
 def warm_cache(path: Path, block: int = 16 * MiB) -> float:

@@ -241,6 +241,20 @@ def test_unreadable_experiments_look_like_missing_ones(loc: str,
     assert CXI_EXP not in sql_error(loc, "SELECT * FROM events", token)
 
 
+def test_a_reused_database_keeps_nothing_of_its_last_user(loc: str,
+                                                           sql_server: LclstreamServer) -> None:
+    query = f"SELECT count(*) AS n FROM {CXI_EXP}.events"
+    for _ in range(sql_server.sql.databases.keep + 1):  # every pooled database has CXI attached
+        with connect(loc) as admin:
+            assert admin.sql(query).to_pylist() == [{"n": 40}]
+    assert "NOT_FOUND" in sql_error(loc, query, tmox_token(sql_server))
+    with connect(loc, tmox_token(sql_server)) as user:
+        seen = user.sql(f"SELECT schema_name || '.' || view_name FROM duckdb_views() "
+                        f"WHERE (SELECT count(*) FROM {EVENTS}) > 0").column(0).to_pylist()
+    assert f"{LCLS2_EXP}.events" in seen
+    assert not [name for name in seen if CXI_EXP in name], seen
+
+
 @pytest.mark.parametrize("query, status, phrase", [
     ("SELECT * FROM read_csv('/etc/passwd')", "UNAUTHORIZED", "file system operations"),
     ("SELECT * FROM read_text('/etc/hostname')", "UNAUTHORIZED", "file system operations"),

@@ -2,19 +2,22 @@
 
 A query has a database to itself, holding only the experiments it names that the caller may
 read, so one user's query never sees another's tables, and the memory limit is per query.
-Creating a DuckDB database costs ~17 ms, more than a small query, so finished databases are
-emptied and reused from a pool. A database cannot touch the file system, load extensions or
-change its own settings; only a single SELECT is accepted, so nothing is ever written. A
-watchdog interrupts a query that runs past its time limit (time spent waiting for the client
-does not count) or whose client has gone away.
+Creating a DuckDB database costs ~17 ms and attaching an experiment a few more, more than a
+small query, so finished databases go back to a pool with their experiments attached. A
+database cannot touch the file system, load extensions or change its own settings; only a
+single SELECT is accepted, so nothing is ever written. A watchdog interrupts a query that runs
+past its time limit (time spent waiting for the client does not count) or whose client has
+gone away.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -77,16 +80,30 @@ class QueryError:
         return InvalidArgument(message)
 
 
+@dataclass
+class _Database:
+    """A locked-down database and the connection that holds its registered run sources."""
+
+    db: duckdb.DuckDBPyConnection
+    con: duckdb.DuckDBPyConnection
+    attached: dict[str, tuple[object, list[RunSource]]]  # experiment -> (files, sources)
+
+
 class DatabasePool:
-    """Locked-down databases lent to one query at a time. A returned database is emptied (its
-    experiment schemas dropped) before anyone else gets it; one that cannot be is discarded."""
+    """Locked-down databases lent to one query at a time.
+
+    A database keeps the experiments its last query attached: the next query that names the same
+    experiments, unchanged on disk, reuses them (attaching costs more than a small query).
+    Before a database is lent, every experiment the new query does not name, or may not read,
+    is dropped, so a query only ever sees its own experiments."""
 
     def __init__(self, limits: Limits, keep: int = 4) -> None:
         self.limits = limits
         self.keep = keep
-        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._idle: list[_Database] = []
         self._lock = threading.Lock()
         self._parser = duckdb.connect(":memory:", config=_locked_config(Limits()))
+        self._parsed: OrderedDict[str, Parsed] = OrderedDict()
 
     @property
     def idle(self) -> int:
@@ -94,59 +111,77 @@ class DatabasePool:
         with self._lock:
             return len(self._idle)
 
-    def parser(self) -> duckdb.DuckDBPyConnection:
-        """A connection for parsing only (cheap: a cursor on a shared, empty database)."""
-        return self._parser.cursor()
+    def parse(self, query: str) -> Parsed:
+        """The query's schemas and parameter count; refuses anything but one SELECT statement.
+        Remembered: a query is parsed for planning, again for DoGet, and often repeated."""
+        with self._lock:
+            hit = self._parsed.get(query)
+            if hit is not None:
+                self._parsed.move_to_end(query)
+                return hit
+        with self._parser.cursor() as con:
+            parsed = _parse(con, query)
+        with self._lock:
+            self._parsed[query] = parsed
+            if len(self._parsed) > PARSE_CACHE:
+                self._parsed.popitem(last=False)
+        return parsed
 
-    def take(self) -> duckdb.DuckDBPyConnection:
+    def take(self, wanted: set[str]) -> _Database:
+        """The idle database that already holds most of `wanted`, or a new one."""
         with self._lock:
             if self._idle:
-                return self._idle.pop()
-        return duckdb.connect(":memory:", config=_locked_config(self.limits))
+                best = max(self._idle, key=lambda d: len(wanted & d.attached.keys()))
+                self._idle.remove(best)
+                return best
+        db = duckdb.connect(":memory:", config=_locked_config(self.limits))
+        return _Database(db, db.cursor(), {})
 
-    def give_back(self, db: duckdb.DuckDBPyConnection, schemas: list[str]) -> None:
-        try:
-            for schema in schemas:
-                db.execute(f"DROP SCHEMA IF EXISTS {quote(schema)} CASCADE")
-        except duckdb.Error:
-            db.close()
-            return
+    def give_back(self, database: _Database, healthy: bool) -> None:
         with self._lock:
-            if len(self._idle) < self.keep:
-                self._idle.append(db)
+            if healthy and len(self._idle) < self.keep:
+                self._idle.append(database)
                 return
-        db.close()
+        database.con.close()
+        database.db.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for db in idle:
-            db.close()
+        for database in idle:
+            database.con.close()
+            database.db.close()
         self._parser.close()
 
 
-def referenced_schemas(query: str, pool: DatabasePool) -> set[str]:
-    """Schema names of the tables a SELECT names, from DuckDB's own parser; refuses anything but
-    exactly one SELECT statement, with the parser's message."""
-    with pool.parser() as con:
-        try:
-            statements = con.extract_statements(query) if query.strip() else []
-        except duckdb.Error as exc:
-            raise QueryError.translate(exc, 0) from None
-        if len(statements) != 1:
-            raise InvalidArgument(f"send exactly one SELECT statement per query "
-                                  f"(got {len(statements)})")
-        if statements[0].type is not duckdb.StatementType.SELECT:
-            kind = statements[0].type.name
-            raise InvalidArgument(f"only SELECT queries are served (this is a {kind} "
-                                  "statement); experiment data is read-only")
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+PARSE_CACHE = 512
+
+
+@dataclass(frozen=True)
+class Parsed:
+    schemas: frozenset[str]  # schema names of the tables the query names
+    parameters: int  # `?` / `$name` placeholders
+
+
+def _parse(con: duckdb.DuckDBPyConnection, query: str) -> Parsed:
+    try:
+        statements = con.extract_statements(query) if query.strip() else []
+    except duckdb.Error as exc:
+        raise QueryError.translate(exc, 0) from None
+    if len(statements) != 1:
+        raise InvalidArgument(f"send exactly one SELECT statement per query "
+                              f"(got {len(statements)})")
+    if statements[0].type is not duckdb.StatementType.SELECT:
+        kind = statements[0].type.name
+        raise InvalidArgument(f"only SELECT queries are served (this is a {kind} "
+                              "statement); experiment data is read-only")
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
     if tree.get("error"):
         raise InvalidArgument(f"{tree.get('error_type', 'parser')} error: "
                               f"{tree.get('error_message')}")
     found: set[str] = set()
     _walk_tables(tree, found)
-    return found
+    return Parsed(frozenset(found), len(statements[0].named_parameters))
 
 
 def _walk_tables(node: object, found: set[str]) -> None:
@@ -165,14 +200,35 @@ def quote(identifier: str) -> str:
 
 
 class Session:
-    """One query's database: the experiments it may use, then the query, then closed."""
+    """One query's database, holding exactly the experiments the query may use."""
 
-    def __init__(self, pool: DatabasePool) -> None:
+    def __init__(self, pool: DatabasePool, experiments: dict[str, tuple[object, Loader]],
+                 context: ReadContext) -> None:
+        """`experiments`: name -> (its files as the catalog saw them, a loader of its runs)."""
         self.pool = pool
         self.limits = pool.limits
-        self._db = pool.take()
-        self.con = self._db.cursor()  # registered sources live and die with this connection
-        self._schemas: list[str] = []
+        self._database = pool.take(set(experiments))
+        self.con = self._database.con
+        self._watchdogs: list[Watchdog] = []
+        self._healthy = False
+        try:
+            self._sync(experiments, context)
+            self._healthy = True
+        finally:
+            if not self._healthy:
+                self.close()
+        self.key = tuple(sorted((e, files) for e, (files, _) in experiments.items()))
+
+    def _sync(self, experiments: dict[str, tuple[object, Loader]], context: ReadContext) -> None:
+        attached = self._database.attached
+        for name in list(attached):
+            if name not in experiments or attached[name][0] != experiments[name][0]:
+                self._detach(name)
+        for name, (files, load) in experiments.items():
+            if name not in attached:
+                attached[name] = (files, self._attach(name, load()))
+            for source in attached[name][1]:
+                source.context = context  # reads of this query: its cancel check, its pool
 
     def __enter__(self) -> Session:
         return self
@@ -181,27 +237,37 @@ class Session:
         self.close()
 
     def close(self) -> None:
+        for watchdog in self._watchdogs:
+            watchdog.stop()
         if self.con is not None:
-            self.con.close()
             self.con = None  # type: ignore[assignment]
-            self.pool.give_back(self._db, self._schemas)
+            self.pool.give_back(self._database, self._healthy)
 
-    def attach(self, experiment: str, runs: list[Run], context: ReadContext) -> None:
+    def _attach(self, experiment: str, runs: list[Run]) -> list[RunSource]:
         """`<experiment>.events` and `<experiment>.runs` as views over the runs' sources."""
         schema = quote(experiment)
         self.con.execute(f"CREATE SCHEMA {schema}")
-        self._schemas.append(experiment)
-        parts = []
+        sources, parts = [], []
         for run in runs:
-            name = f"{experiment}/run/{run.number}"
-            self.con.register(name, RunSource(run, context))
-            parts.append(f"SELECT {run.number}::INTEGER AS run, * FROM {quote(name)}")
+            source = RunSource(run, None)
+            self.con.register(_source_name(experiment, run.number), source)
+            sources.append(source)
+            parts.append(f"SELECT {run.number}::INTEGER AS run, * "
+                         f"FROM {quote(_source_name(experiment, run.number))}")
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run, NULL::BIGINT AS event WHERE false"]
         self.con.execute(f"CREATE VIEW {schema}.events AS " + " UNION ALL BY NAME ".join(parts))
-        runs_name = f"{experiment}/runs"
-        self.con.register(runs_name, runs_table(runs))
-        self.con.execute(f"CREATE VIEW {schema}.runs AS SELECT * FROM {quote(runs_name)}")
+        self.con.register(f"{experiment}/runs", runs_table(runs))
+        self.con.execute(f"CREATE VIEW {schema}.runs AS SELECT * FROM "
+                         f"{quote(experiment + '/runs')}")
+        return sources
+
+    def _detach(self, experiment: str) -> None:
+        _, sources = self._database.attached.pop(experiment)
+        self.con.execute(f"DROP SCHEMA {quote(experiment)} CASCADE")
+        for source in sources:
+            self.con.unregister(_source_name(experiment, source.run.number))
+        self.con.unregister(f"{experiment}/runs")
 
     def schema(self, query: str, params: list[object] | None = None) -> pa.Schema:
         """The result schema, without running the query (LIMIT 0 is planned away)."""
@@ -215,6 +281,7 @@ class Session:
                 is_cancelled: Callable[[], bool]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         """The result as a stream: DuckDB computes each batch as it is asked for."""
         watchdog = Watchdog(self.con, self.limits.timeout_s, is_cancelled)
+        self._watchdogs.append(watchdog)
         try:
             with watchdog.running():
                 relation = self.con.sql(query, params=params or None)
@@ -308,27 +375,29 @@ class _Running:
             w._since = None
 
 
+Loader = Callable[[], list[Run]]
+
+
+def _source_name(experiment: str, run: int) -> str:
+    return f"{experiment}/run/{run}"
+
+
 def open_session(catalog: Catalog, pool: DatabasePool, query: str,
                  may_read: Callable[[str], bool], context: ReadContext) -> Session:
-    """A session with every readable experiment the query names attached (case-insensitive,
-    as DuckDB resolves names). Names the caller may not read are left out, so they fail exactly
-    as names that do not exist."""
-    wanted = {name.lower() for name in referenced_schemas(query, pool)}
+    """A session with every readable experiment the query names (case-insensitive, as DuckDB
+    resolves names). Names the caller may not read are left out, so they fail exactly as
+    names that do not exist."""
+    wanted = {name.lower() for name in pool.parse(query).schemas}
     found = catalog.scan()
-    session = Session(pool)
-    try:
-        for experiment in found:
-            if experiment.lower() in wanted and may_read(experiment):
-                session.attach(experiment, _runs(catalog, experiment, found[experiment]), context)
-    except BaseException:
-        session.close()
-        raise
-    return session
+    experiments = {
+        name: (tuple(sorted(files.items())), functools.partial(_runs, catalog, name, files))
+        for name, files in found.items() if name.lower() in wanted and may_read(name)}
+    return Session(pool, experiments, context)
 
 
-def _runs(catalog: Catalog, experiment: str, numbers: object) -> list[Run]:
+def _runs(catalog: Catalog, experiment: str, files: dict[int, object]) -> list[Run]:
     runs = []
-    for number in sorted(numbers):  # type: ignore[call-overload]
+    for number in sorted(files):
         try:
             runs.append(catalog.run(experiment, number))
         except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone

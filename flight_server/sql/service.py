@@ -10,6 +10,9 @@ batch as DuckDB produces it. Commands this server does not support answer UNIMPL
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 
@@ -28,7 +31,6 @@ from flight_server.sql.engine import (
     Session,
     open_session,
     quote,
-    referenced_schemas,
 )
 from flight_server.sql.handles import Statement
 from flight_server.sql.tables import ReadContext
@@ -51,6 +53,7 @@ UNSUPPORTED_ACTIONS = frozenset({
 })
 METADATA_COMMANDS = ("CommandGetCatalogs", "CommandGetDbSchemas", "CommandGetTables",
                      "CommandGetTableTypes", "CommandGetSqlInfo", "CommandGetXdbcTypeInfo")
+SCHEMA_CACHE = 512
 UNSUPPORTED = "this server is read-only SQL over experiment runs; {} is not supported"
 
 
@@ -67,6 +70,8 @@ class SqlService:
         self.read_pool = pool
         self.databases = DatabasePool(limits)
         self.version = version
+        self._schemas: OrderedDict[tuple, pa.Schema] = OrderedDict()
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self.databases.close()
@@ -97,8 +102,20 @@ class SqlService:
         return schema, ticket
 
     def _result_schema(self, who: Identity, statement: Statement) -> pa.Schema:
+        """Remembered per query, parameter types and experiment files: drivers plan the same
+        query several times (prepare, then GetFlightInfo), and BI tools repeat queries."""
+        params = statement.rows()[0]
         with self._session(who, statement.query, lambda: False) as session:
-            return session.schema(statement.query, statement.rows()[0])
+            key = (statement.query, tuple(type(p).__name__ for p in params), session.key)
+            with self._lock:
+                schema = self._schemas.get(key)
+            if schema is None:
+                schema = session.schema(statement.query, params)
+                with self._lock:
+                    self._schemas[key] = schema
+                    if len(self._schemas) > SCHEMA_CACHE:
+                        self._schemas.popitem(last=False)
+            return schema
 
     # -- results: DoGet ----------------------------------------------------------------------
 
@@ -130,7 +147,10 @@ class SqlService:
             finally:
                 session.close()
 
-        return flight.GeneratorStream(schema, batches())
+        stream = batches()
+        # A generator dropped before its first batch never runs its `finally`: close then too.
+        weakref.finalize(stream, session.close)
+        return flight.GeneratorStream(schema, stream)
 
     def _session(self, who: Identity, query: str, is_cancelled: Callable[[], bool]) -> Session:
         context = ReadContext(self.sizing, self.read_pool, is_cancelled)
@@ -160,9 +180,7 @@ class SqlService:
             prepared_statement_handle=handles.seal(statement, self.seal), dataset_schema=schema)
 
     def _parameter_count(self, query: str) -> int:
-        referenced_schemas(query, self.databases)  # refuses anything but one SELECT
-        with self.databases.parser() as con:
-            return len(con.extract_statements(query)[0].named_parameters)
+        return self.databases.parse(query).parameters  # also refuses anything but one SELECT
 
     def do_put(self, who: Identity, command: Message, reader: flight.MetadataRecordBatchReader,
                writer: flight.FlightMetadataWriter) -> None:

@@ -74,9 +74,9 @@ class RunSource(ds.Dataset):
     """One run as a dataset DuckDB can scan. Only `schema` and `scanner` are used by DuckDB; the
     base class is there because DuckDB recognises a dataset by its type."""
 
-    def __init__(self, run: Run, context: ReadContext) -> None:  # no super(): not a C++ dataset
+    def __init__(self, run: Run, context: ReadContext | None) -> None:  # no super(): not C++
         self.run = run
-        self.context = context
+        self.context = context  # set by each query that scans it: its pool and cancel check
         self.stored = [c for c in run.columns.values() if c.kind is not Kind.RUN]
         self._by_name = {c.name: c for c in self.stored}
         fields = [pa.field(EVENT_COLUMN, pa.int64(), nullable=False)]
