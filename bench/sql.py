@@ -124,10 +124,9 @@ class InProcess:
                                                settings.prefetch), self.pool)
         self.databases = DatabasePool(Limits(settings.sql_timeout, settings.sql_memory_limit,
                                              settings.sql_threads))
-        found = self.catalog.scan()
-        runs = [self.catalog.run(experiment, n) for n in sorted(found[experiment])]
-        self.session = Session(self.databases)
-        self.session.attach(experiment, runs, self.context)
+        self.session = open_session(self.catalog, self.databases,
+                                    f"SELECT * FROM {experiment}.events", lambda e: True,
+                                    self.context)
 
     def query(self, query: str, session: Session | None = None) -> pa.Table:
         """The query on the session built once (the engine alone), or on `session`."""
@@ -135,8 +134,9 @@ class InProcess:
         return pa.Table.from_batches(list(batches), schema)
 
     def query_fresh(self, query: str) -> pa.Table:
-        """As the server does per RPC: rescan the catalog, parse the query, attach what it names
-        to a pooled database, run the query, empty the database and give it back."""
+        """As the server does per RPC: rescan the catalog, parse the query, take a pooled
+        database (with what the query names attached, unless it still is), run the query and
+        give the database back."""
         with open_session(self.catalog, self.databases, query, lambda e: True,
                           self.context) as session:
             return self.query(query, session)

@@ -153,6 +153,66 @@ def test_a_query_opens_one_run_and_reads_one_dataset(data_root: Path) -> None:
         srv.shutdown()
 
 
+PLAIN = [
+    f'SELECT "tof/waveforms", event FROM {EVENTS} WHERE run = 7 AND event < 50',
+    f'SELECT e.run, e."gmd/energy" AS energy, "pnccd/image" FROM {EVENTS} e '
+    "WHERE event BETWEEN 5 AND 9 AND run IN (7, 8)",
+    f"SELECT time, run FROM {EVENTS} WHERE 3 > event OR FALSE",  # not plain (OR): DuckDB
+    f'SELECT "peaks/var_x", run FROM {EVENTS} WHERE run >= ? AND event = ?',
+    f"SELECT event FROM {EVENTS}",
+]
+
+
+@pytest.mark.parametrize("query", PLAIN)
+def test_plain_selections_stream_from_the_sources_with_duckdbs_result(
+        loc: str, query: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="flight_server.sql.service")
+    params = [8, 3] if "?" in query else None
+    with connect(loc) as client:
+        direct = client.sql(query, params)
+        through_duckdb = client.sql(f"SELECT * FROM ({query})", params)  # not plain
+    assert direct.schema == through_duckdb.schema
+    keys = [(n, "ascending") for n in direct.schema.names
+            if not pa.types.is_nested(direct.schema.field(n).type)]
+    assert direct.sort_by(keys).equals(through_duckdb.sort_by(keys))
+    streamed = [r for r in caplog.records if "streamed from the sources" in r.getMessage()]
+    assert bool(streamed) == (" OR " not in query)
+
+
+def test_recognised_selections() -> None:
+    from flight_server.sql import direct
+    from flight_server.sql.engine import DatabasePool, Limits
+
+    pool = DatabasePool(Limits())
+    try:
+        def plain(query: str, params=()) -> bool:
+            return direct.recognise(pool.parse(query).tree, list(params)) is not None
+
+        assert plain(f'SELECT run, "gmd/energy" FROM {EVENTS} WHERE run = 7 AND event < 10')
+        assert plain(f"SELECT event FROM {EVENTS} x WHERE x.run IN (1, 2) AND event != 4")
+        assert plain(f"SELECT event FROM {EVENTS} WHERE run = ?", [7])
+        for query, params in [
+            (f"SELECT * FROM {EVENTS}", ()),
+            (f"SELECT event + 1 FROM {EVENTS}", ()),
+            (f"SELECT event FROM {EVENTS} ORDER BY event", ()),
+            (f"SELECT event FROM {EVENTS} LIMIT 3", ()),
+            (f"SELECT DISTINCT run FROM {EVENTS}", ()),
+            (f"SELECT run, count(*) FROM {EVENTS} GROUP BY run", ()),
+            (f'SELECT event FROM {EVENTS} WHERE "gmd/energy" > 1', ()),
+            (f"SELECT event FROM {EVENTS} WHERE run = 7 OR event = 1", ()),
+            (f"SELECT event FROM {EVENTS} WHERE run = 7.5", ()),
+            (f"SELECT event FROM {EVENTS} WHERE run = ?", ["7"]),
+            (f"SELECT event FROM {EVENTS} WHERE run = ?", [True]),
+            (f"SELECT event FROM {LCLS2_EXP}.runs", ()),
+            (f"SELECT a.event FROM {EVENTS} a, {EVENTS} b", ()),
+            (f"WITH e AS (SELECT 1) SELECT event FROM {EVENTS}", ()),
+            (f"SELECT other.event FROM {EVENTS} e", ()),
+        ]:
+            assert not plain(query, params), query
+    finally:
+        pool.close()
+
+
 # -- clients and drivers -----------------------------------------------------------------------
 
 

@@ -161,6 +161,7 @@ PARSE_CACHE = 512
 class Parsed:
     schemas: frozenset[str]  # schema names of the tables the query names
     parameters: int  # `?` / `$name` placeholders
+    tree: dict  # DuckDB's parse tree (json_serialize_sql)
 
 
 def _parse(con: duckdb.DuckDBPyConnection, query: str) -> Parsed:
@@ -181,7 +182,7 @@ def _parse(con: duckdb.DuckDBPyConnection, query: str) -> Parsed:
                               f"{tree.get('error_message')}")
     found: set[str] = set()
     _walk_tables(tree, found)
-    return Parsed(frozenset(found), len(statements[0].named_parameters))
+    return Parsed(frozenset(found), len(statements[0].named_parameters), tree)
 
 
 def _walk_tables(node: object, found: set[str]) -> None:
@@ -261,6 +262,13 @@ class Session:
         self.con.execute(f"CREATE VIEW {schema}.runs AS SELECT * FROM "
                          f"{quote(experiment + '/runs')}")
         return sources
+
+    def sources(self, schema_name: str) -> list[RunSource] | None:
+        """The run sources of an attached experiment, named as DuckDB would resolve it."""
+        for name, (_, sources) in self._database.attached.items():
+            if name.lower() == schema_name.lower():
+                return sources
+        return None
 
     def _detach(self, experiment: str) -> None:
         _, sources = self._database.attached.pop(experiment)

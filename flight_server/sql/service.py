@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 import schemas.flight_sql as fsql
 from flight_server.auth import Identity
 from flight_server.catalog import Catalog
-from flight_server.sql import handles, metadata
+from flight_server.sql import direct, handles, metadata
 from flight_server.sql.engine import (
     TABLES,
     DatabasePool,
@@ -102,20 +102,22 @@ class SqlService:
         return schema, ticket
 
     def _result_schema(self, who: Identity, statement: Statement) -> pa.Schema:
+        with self._session(who, statement.query, lambda: False) as session:
+            return self._schema(session, statement.query, statement.rows()[0])
+
+    def _schema(self, session: Session, query: str, params: list[object]) -> pa.Schema:
         """Remembered per query, parameter types and experiment files: drivers plan the same
         query several times (prepare, then GetFlightInfo), and BI tools repeat queries."""
-        params = statement.rows()[0]
-        with self._session(who, statement.query, lambda: False) as session:
-            key = (statement.query, tuple(type(p).__name__ for p in params), session.key)
+        key = (query, tuple(type(p).__name__ for p in params), session.key)
+        with self._lock:
+            schema = self._schemas.get(key)
+        if schema is None:
+            schema = session.schema(query, params)
             with self._lock:
-                schema = self._schemas.get(key)
-            if schema is None:
-                schema = session.schema(statement.query, params)
-                with self._lock:
-                    self._schemas[key] = schema
-                    if len(self._schemas) > SCHEMA_CACHE:
-                        self._schemas.popitem(last=False)
-            return schema
+                self._schemas[key] = schema
+                if len(self._schemas) > SCHEMA_CACHE:
+                    self._schemas.popitem(last=False)
+        return schema
 
     # -- results: DoGet ----------------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class SqlService:
         rows = statement.rows()
         session = self._session(who, statement.query, is_cancelled)
         try:
-            schema, first = session.batches(statement.query, rows[0], is_cancelled)
+            schema, first = self._results(session, statement.query, rows[0], is_cancelled)
         except BaseException:
             session.close()
             raise
@@ -143,7 +145,7 @@ class SqlService:
             try:
                 yield from first
                 for params in rows[1:]:  # one result per parameter row, one after another
-                    yield from session.batches(statement.query, params, is_cancelled)[1]
+                    yield from self._results(session, statement.query, params, is_cancelled)[1]
             finally:
                 session.close()
 
@@ -151,6 +153,19 @@ class SqlService:
         # A generator dropped before its first batch never runs its `finally`: close then too.
         weakref.finalize(stream, session.close)
         return flight.GeneratorStream(schema, stream)
+
+    def _results(self, session: Session, query: str, params: list[object],
+                 is_cancelled: Callable[[], bool]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """A plain selection of events streams from the sources; the rest runs in DuckDB."""
+        selection = direct.recognise(self.databases.parse(query).tree, params)
+        if selection is not None:
+            schema = self._schema(session, query, params)  # also: DuckDB's checks and errors
+            sources = session.sources(selection.schema_name)
+            batches = None if sources is None else direct.stream(selection, sources, schema)
+            if batches is not None:
+                log.debug("plain selection, streamed from the sources: %s", query)
+                return schema, batches
+        return session.batches(query, params, is_cancelled)
 
     def _session(self, who: Identity, query: str, is_cancelled: Callable[[], bool]) -> Session:
         context = ReadContext(self.sizing, self.read_pool, is_cancelled)
