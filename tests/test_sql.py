@@ -462,3 +462,24 @@ def test_unknown_and_malformed_flight_sql_payloads(loc: str) -> None:
                               pa.schema([("x", pa.int64())]))
     with pytest.raises(pa.ArrowNotImplementedError):
         writer.close()
+
+
+def test_runs_that_appear_or_vanish_are_seen_without_a_restart(data_root: Path,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    smalldata = tmp_path / LCLS2_EXP / "hdf5" / "smalldata"
+    smalldata.mkdir(parents=True)
+    shutil.copy(run_file(data_root, 7), smalldata)
+    srv = start_server(tmp_path)
+    query = f"SELECT run, count(*) AS n FROM {EVENTS} GROUP BY run ORDER BY run"
+    try:
+        with connect(f"grpc://127.0.0.1:{srv.port}") as client:
+            assert client.sql(query).to_pylist() == [{"run": 7, "n": 120}]
+            shutil.copy(run_file(data_root, 8), smalldata)
+            assert client.sql(query).to_pylist() == [{"run": 7, "n": 120}, {"run": 8, "n": 90}]
+            (smalldata / run_file(data_root, 7).name).unlink()
+            assert client.sql(query).to_pylist() == [{"run": 8, "n": 90}]
+            assert client.sql(f"SELECT run FROM {LCLS2_EXP}.runs").to_pylist() == [{"run": 8}]
+    finally:
+        srv.shutdown()

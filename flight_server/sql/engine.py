@@ -396,10 +396,12 @@ def open_session(catalog: Catalog, pool: DatabasePool, query: str,
     resolves names). Names the caller may not read are left out, so they fail exactly as
     names that do not exist."""
     wanted = {name.lower() for name in pool.parse(query).schemas}
-    found = catalog.scan()
-    experiments = {
-        name: (tuple(sorted(files.items())), functools.partial(_runs, catalog, name, files))
-        for name, files in found.items() if name.lower() in wanted and may_read(name)}
+    experiments = {}
+    for name in catalog.experiments():
+        if name.lower() in wanted and may_read(name):
+            files = catalog.scan_experiment(name)
+            experiments[name] = (tuple(sorted(files.items())),
+                                 functools.partial(_runs, catalog, name, files))
     return Session(pool, experiments, context)
 
 
