@@ -24,7 +24,7 @@ from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_ce
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
-from flight_server.sql.engine import Limits
+from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
 from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService
 from flight_server.streaming import BatchSizing, stream_batches

@@ -181,7 +181,7 @@ def test_plain_selections_stream_from_the_sources_with_duckdbs_result(
 
 def test_recognised_selections() -> None:
     from flight_server.sql import direct
-    from flight_server.sql.engine import DatabasePool, Limits
+    from flight_server.sql.databases import DatabasePool, Limits
 
     pool = DatabasePool(Limits())
     try:

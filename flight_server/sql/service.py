@@ -24,14 +24,8 @@ import schemas.flight_sql as fsql
 from flight_server.auth import Identity
 from flight_server.catalog import Catalog
 from flight_server.sql import direct, handles, metadata
-from flight_server.sql.engine import (
-    TABLES,
-    DatabasePool,
-    Limits,
-    Session,
-    open_session,
-    quote,
-)
+from flight_server.sql.databases import DatabasePool, Limits, quote
+from flight_server.sql.engine import TABLES, Session, open_session
 from flight_server.sql.handles import Statement
 from flight_server.sql.tables import ReadContext
 from flight_server.streaming import BatchSizing
