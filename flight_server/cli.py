@@ -69,8 +69,10 @@ From Python (in this repository's .venv):
     c = connect("{{location}}")         # finds the token in the keyring
     c.runs("tmox42619")
     df = c.polars("tmox42619", 1, columns=["gmd/energy", "tof/waveforms"])
+    c.sql('SELECT run, count(*), avg("gmd/energy") FROM tmox42619.events GROUP BY run')
 
-Walkthrough: notebooks/01_quickstart.ipynb   Command line: .venv/bin/lclstream ls
+SQL tools (ADBC, JDBC, Polars, Pandas): Flight SQL at {{location}}; see README "SQL and BI tools"
+Walkthroughs: notebooks/01_quickstart.ipynb, 02_sql.ipynb   Command line: .venv/bin/lclstream ls
 Stop with Ctrl-C.
 """
 
