@@ -100,6 +100,23 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - t0, result
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc malloc in this process keep what is freed for reuse, as `bench/__init__.py`
+    makes mimalloc: Flight hands the client gRPC's receive buffers (glibc malloc) as the result's
+    Arrow buffers, without a copy, and glibc returns a freed gigabyte to the OS (heap trim,
+    munmap), so every read of it would page-fault it in anew, about 1 CPU-s a GiB. Trimming off;
+    blocks up to 32 MiB (the most glibc allows; batches are smaller) from the heap, not mmap.
+    Call it first thing in a client process; False where the C library is not glibc."""
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_trim_threshold, -1) and mallopt(m_mmap_threshold, 32 * MiB))
+
+
 # -- reporting -----------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ Three measurements against one server process (authentication on, as in producti
 2. A large result (>= 1 GiB of waveforms) fetched with ADBC `fetch_arrow_table`, against DoGet
    of the same column of the same run from the same server, in GB/s of Arrow bytes; and, for
    information, the same with the 1 MiB frames and the waveforms of the throughput bench's run.
+   Each contender fetches in a client process of its own (see `ClientProcess`).
 3. The round trip of a small query, connection made once, through ADBC and `Client.sql`.
 
 Where the time goes is shown beside each: `Client.sql` (plain pyarrow Flight SQL, no driver),
@@ -20,7 +21,9 @@ repetition, after unmeasured rounds.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ from bench.common import (
     cpu_seconds,
     fmt_bytes,
     gbps,
+    keep_freed_memory,
     ms,
     our_server,
     percentile,
@@ -54,11 +58,13 @@ from bench.common import (
     warm_cache,
     waveform_run,
 )
-from clients import Client
+from clients import Client, connect
+from clients.credentials import BearerToken
 from clients.sql import statement_info
 from flight_server import config
 from flight_server.catalog import Catalog
-from flight_server.sql.engine import DatabasePool, Limits, Session, open_session
+from flight_server.sql.databases import DatabasePool, Limits
+from flight_server.sql.engine import Session, open_session
 from flight_server.sql.tables import ReadContext
 from flight_server.streaming import BatchSizing
 from schemas import Request
@@ -71,20 +77,23 @@ RUNS = 4  # runs of each scalar experiment
 SMALL_EVENTS = 10_000  # events per run of the small query's experiment
 WAVEFORMS = "tof/waveforms"
 SMALL_WARMUP = 3
+LARGE_WARMUP = 2  # unmeasured rounds of each large result: a client process's first fetches
+#                   page-fault fresh memory in from its allocators
+CHILD_TIMEOUT = 600.0  # seconds a client process may take to start or to answer one fetch
 
 
 # -- ways to run a query -----------------------------------------------------------------------
 
 
-def adbc_connect(server: ServerProcess):
-    """An ADBC Flight SQL connection to `server`, with the bench's token."""
+def adbc_connect(location: str, token: str | None):
+    """An ADBC Flight SQL connection to `location`, with the bench's token."""
     import adbc_driver_flightsql.dbapi as dbapi
     from adbc_driver_flightsql import DatabaseOptions
 
     kwargs = {}
-    if server.token:
-        kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {server.token}"
-    return dbapi.connect(server.location, db_kwargs=kwargs, autocommit=True)
+    if token:
+        kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {token}"
+    return dbapi.connect(location, db_kwargs=kwargs, autocommit=True)
 
 
 def adbc_query(conn, query: str) -> pa.Table:
@@ -281,6 +290,128 @@ def same_values(sql: pa.Table, doget: pa.Table) -> bool:
     return True
 
 
+# Each large-result contender runs in a client process of its own, whose freed memory glibc keeps
+# for reuse (`keep_freed_memory`). Fetching a gigabyte into fresh memory page-faults it in, about
+# 1 CPU-s a GiB on the client; with three contenders sharing one process, and three allocators
+# (pyarrow's mimalloc, glibc's under gRPC's buffers, ADBC's Go runtime), who pays those faults
+# varies from round to round, and glibc returns a freed gigabyte to the OS after every fetch.
+
+
+def fetcher(kind: str, location: str, token: str | None
+            ) -> tuple[Callable[[dict], pa.Table], Callable[[], None]]:
+    """In a client process: a connection for contender `kind`, as (fetch one result, close)."""
+    if kind == "adbc":
+        conn = adbc_connect(location, token)
+        return (lambda work: adbc_query(conn, work["query"])), conn.close
+    if kind == "client.sql":
+        client = connect(location, token)
+        return (lambda work: client.sql(work["query"])), client.close
+    if kind == "doget":
+        raw = flight.connect(location, middleware=[BearerToken(token)] if token else [])
+
+        def doget(work: dict) -> pa.Table:
+            descriptor = flight.FlightDescriptor.for_command(work["command"])
+            return read_endpoints(raw, raw.get_flight_info(descriptor))
+
+        return doget, raw.close
+    raise ValueError(f"no contender {kind!r}")
+
+
+def fetch_loop(pipe, kind: str, location: str, token: str | None, server_pid: int) -> None:
+    """The body of a client process: connect, answer ready, then fetch what each message asks
+    (None ends), answering wall-clock seconds, CPU seconds of this process and of the server,
+    and the result's bytes and rows. The result is freed before the next message is read."""
+    keep_freed_memory()
+    try:
+        fetch, close = fetcher(kind, location, token)
+        me, server = psutil.Process(), psutil.Process(server_pid)
+    except Exception as exc:
+        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    pipe.send(("ok", None))
+    try:
+        while (work := pipe.recv()) is not None:
+            try:
+                c0, s0 = cpu_seconds(me), cpu_seconds(server)
+                t0 = time.perf_counter()
+                table = fetch(work)
+                seconds = time.perf_counter() - t0
+                answer = (seconds, cpu_seconds(me) - c0, cpu_seconds(server) - s0,
+                          table.nbytes, table.num_rows)
+                del table
+                pipe.send(("ok", answer))
+            except Exception as exc:
+                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        close()
+
+
+class ClientProcess:
+    """A contender's client in a process of its own, started once (spawned: it inherits none
+    of this process's heap) and kept for every large result; its allocators warm up on its own
+    fetches only."""
+
+    def __init__(self, kind: str, server: ServerProcess) -> None:
+        self.kind = kind
+        context = multiprocessing.get_context("spawn")
+        self.pipe, child = context.Pipe()
+        self.process = context.Process(target=fetch_loop, name=f"bench-sql-{kind}",
+                                       args=(child, kind, server.location, server.token,
+                                             server.pid), daemon=True)
+        self.process.start()
+        child.close()
+
+    def ready(self) -> None:
+        self._answer()
+
+    def fetch(self, work: dict) -> tuple[float, float, float, int, int]:
+        """One fetch in the client process: seconds, client CPU, server CPU, bytes, rows."""
+        self.pipe.send(work)
+        return self._answer()
+
+    def _answer(self):
+        try:
+            if not self.pipe.poll(CHILD_TIMEOUT):
+                raise RuntimeError(f"no answer in {CHILD_TIMEOUT:.0f} s")
+            status, value = self.pipe.recv()
+        except EOFError:
+            status, value = "error", f"exited with status {self.process.exitcode}"
+        if status != "ok":
+            raise RuntimeError(f"client process {self.kind}: {value}")
+        return value
+
+    def close(self) -> None:
+        try:
+            self.pipe.send(None)
+        except OSError:
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+        self.pipe.close()
+
+
+class InClient(Timing):
+    """A contender timed in its client process: `call` fetches there and returns what
+    `ClientProcess.fetch` does; `last` keeps its (bytes, rows)."""
+
+    def measure(self, me: psutil.Process, keep: bool) -> None:
+        seconds, client_cpu, server_cpu, nbytes, rows = self.call()
+        self.last = (nbytes, rows)
+        if keep:
+            self.seconds.append(seconds)
+            self.client_cpu.append(client_cpu)
+            self.server_cpu.append(server_cpu)
+
+
+LARGE_CONTENDERS = (  # ADBC, DoGet, Client.sql: the order of LargeCase.timings
+    ("adbc", "ADBC execute + fetch_arrow_table"),
+    ("doget", "DoGet (GetFlightInfo of a JSON request)"),
+    ("client.sql", "Client.sql (pyarrow, no driver)"),
+)
+
+
 @dataclass
 class LargeCase:
     """One large result, fetched by every contender; `timings` are ADBC, DoGet, Client.sql."""
@@ -299,28 +430,20 @@ class LargeCase:
         names = ", ".join(f'"{c}"' for c in self.columns)
         return f"SELECT {names} FROM {self.run.experiment}.events WHERE run = {self.run.number}"
 
-    def measure(self, reps: int, conn, client: Client, raw: flight.FlightClient,
-                proc: psutil.Process) -> None:
-        request = Request(self.run.experiment, (self.run.number,), self.columns)
-
-        def doget() -> pa.Table:
-            descriptor = flight.FlightDescriptor.for_command(request.encode())
-            return read_endpoints(raw, raw.get_flight_info(descriptor))
-
+    def measure(self, reps: int, conn, raw: flight.FlightClient,
+                clients: list[ClientProcess]) -> None:
+        command = Request(self.run.experiment, (self.run.number,), self.columns).encode()
         warm_cache(self.run.path)
-        self.same = same_values(adbc_query(conn, self.query), doget())  # once, unmeasured
-        self.timings = [
-            Timing("ADBC execute + fetch_arrow_table", lambda: adbc_query(conn, self.query),
-                   proc),
-            Timing("DoGet (GetFlightInfo of a JSON request)", doget, proc),
-            Timing("Client.sql (pyarrow, no driver)", lambda: client.sql(self.query), proc),
-        ]
-        take_turns(self.timings, reps)
+        descriptor = flight.FlightDescriptor.for_command(command)
+        self.same = same_values(adbc_query(conn, self.query),  # once, unmeasured, in this process
+                                read_endpoints(raw, raw.get_flight_info(descriptor)))
+        work = {"query": self.query, "command": command}
+        self.timings = [InClient(label, (lambda c=c: c.fetch(work)))
+                        for c, (_, label) in zip(clients, LARGE_CONTENDERS, strict=True)]
+        take_turns(self.timings, reps, LARGE_WARMUP)
         adbc, get, _ = self.timings
-        self.nbytes, self.sql_nbytes = get.last.nbytes, adbc.last.nbytes
-        self.events = get.last.num_rows
-        for t in self.timings:
-            t.last = None
+        self.sql_nbytes = adbc.last[0]
+        self.nbytes, self.events = get.last
 
     def ratio(self) -> float:
         return self.timings[1].p(50) / self.timings[0].p(50)
@@ -338,9 +461,17 @@ def large_result(args: argparse.Namespace, server: ServerProcess, conn, client: 
         LargeCase("waveforms", waves, (WAVEFORMS,)),
         LargeCase("frames", frames, ("epix/image", WAVEFORMS)),
     ]
-    proc = psutil.Process(server.pid)
-    for case in cases:
-        case.measure(args.reps, conn, client, raw, proc)
+    clients: list[ClientProcess] = []
+    try:
+        for kind, _ in LARGE_CONTENDERS:  # all start at once, then are awaited
+            clients.append(ClientProcess(kind, server))
+        for c in clients:
+            c.ready()
+        for case in cases:
+            case.measure(args.reps, conn, raw, clients)
+    finally:
+        for c in clients:
+            c.close()
 
     for case in cases:
         print(f"  {case.label}: {case.query}")
@@ -349,9 +480,12 @@ def large_result(args: argparse.Namespace, server: ServerProcess, conn, client: 
     print("  waveforms: 8192 float32 a row, beside 16x16 frames, since the throughput bench's run "
           "holds too few (32 MiB a GiB); frames: that run's 1 MiB epix/image frames and its "
           "waveforms, all of its data")
+    print(f"  each contender in a client process of its own (started once; freed memory kept "
+          f"for reuse); {LARGE_WARMUP} unmeasured rounds of each result, then {args.reps} "
+          f"taking turns")
     print("  GB/s of the DoGet result's Arrow bytes for every contender (SQL's result holds the "
           "same values as lists, with offsets and validity); DoGet is planned as one endpoint, "
-          "one stream as SQL's; CPU: median seconds per GiB")
+          "one stream as SQL's; CPU: median seconds per GiB, client: the contender's process")
     rows = []
     for case in cases:
         get = case.timings[1]
@@ -439,7 +573,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     with our_server("lclstream-sql", partition_bytes=HUGE_PARTITION) as server:
         raw = server.flight_client()
         client = server.client()
-        conn = adbc_connect(server)
+        conn = adbc_connect(server.location, server.token)
         try:
             for measure in (aggregation, large_result, small_query):
                 try:
