@@ -202,7 +202,8 @@ class LclstreamServer(flight.FlightServerBase):
                ticket: flight.Ticket) -> flight.FlightDataStream:
         call = self._call(context)
         if (command := _sql_command(ticket.ticket)) is not None:
-            return self.sql.do_get(call.identity, command, context.is_cancelled)
+            schema, batches = self.sql.do_get(call.identity, command, context.is_cancelled)
+            return flight.GeneratorStream(schema, _guard_stream(batches, call))
         t = self.security.seal.open(ticket.ticket)
         self._may_read(call, t.experiment, t.run)
         run = self.catalog.run(t.experiment, t.run, lambda e: call.identity.may(e, "read"))

@@ -124,10 +124,16 @@ def test_runs_table(loc: str) -> None:
                     {"run": 8, "events": 90, "layout": "lcls2-smalldata", "has_energy": True}]
 
 
-def test_large_results_stream_in_batches(loc: str) -> None:
+def test_large_results_stream_in_batches(loc: str, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    caplog.set_level(logging.INFO, logger="lclstream.audit")
     with connect(loc) as client:
         batches = list(client.sql_batches(f'SELECT "tof/waveforms" FROM {EVENTS}'))
     assert len(batches) > 1 and sum(b.num_rows for b in batches) == 210
+    audited = [json.loads(r.getMessage()) for r in caplog.records
+               if r.name == "lclstream.audit" and '"do_get"' in r.getMessage()]
+    assert audited[-1]["bytes"] == sum(b.nbytes for b in batches)  # the audit counts SQL too
 
 
 def test_parameter_rows_run_once_each(loc: str) -> None:

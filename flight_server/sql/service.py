@@ -115,18 +115,20 @@ class SqlService:
 
     # -- results: DoGet ----------------------------------------------------------------------
 
-    def do_get(self, who: Identity, ticket: Message,
-               is_cancelled: Callable[[], bool]) -> flight.FlightDataStream:
+    def do_get(self, who: Identity, ticket: Message, is_cancelled: Callable[[], bool],
+               ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """The result's schema and its batches, produced as they are asked for."""
         name = _name(ticket)
         if name in METADATA_COMMANDS:
-            return flight.RecordBatchStream(self._metadata(who, ticket))
+            table = self._metadata(who, ticket)
+            return table.schema, iter(table.to_batches())
         if name != "TicketStatementQuery":
             raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
         statement = handles.open_statement(ticket.statement_handle, self.seal, who)
         return self._stream(who, statement, is_cancelled)
 
-    def _stream(self, who: Identity, statement: Statement,
-                is_cancelled: Callable[[], bool]) -> flight.FlightDataStream:
+    def _stream(self, who: Identity, statement: Statement, is_cancelled: Callable[[], bool],
+                ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         rows = statement.rows()
         session = self._session(who, statement.query, is_cancelled)
         try:
@@ -146,7 +148,7 @@ class SqlService:
         stream = batches()
         # A generator dropped before its first batch never runs its `finally`: close then too.
         weakref.finalize(stream, session.close)
-        return flight.GeneratorStream(schema, stream)
+        return schema, stream
 
     def _results(self, session: Session, query: str, params: list[object],
                  is_cancelled: Callable[[], bool]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
