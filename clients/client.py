@@ -166,16 +166,23 @@ class Client:
     # -- planning ----------------------------------------------------------------------------
 
     def request(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
-                events: Events = None) -> Request:
+                events: Events = None, *, filter: str | None = None,
+                processing: Sequence[dict[str, Any]] | None = None) -> Request:
+        """The v1 request. `filter` keeps the events where a condition on scalar columns holds
+        ("gmd/energy > 0.5 and evr/code_40 = 1"); `processing` lists steps the server applies
+        before sending ([{"step": "roi", "column": "pnccd/image", "y": [0, 64], "x": [0, 64]}];
+        see README "Filters and server-side processing")."""
         cols = None if columns is None else tuple([columns] if isinstance(columns, str)
                                                   else columns)
-        return Request(experiment, _runs(runs), cols, _events(events))
+        steps = None if processing is None else tuple(dict(s) for s in processing)
+        return Request(experiment, _runs(runs), cols, _events(events), filter, steps)
 
     def plan(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
-             events: Events = None) -> flight.FlightInfo:
-        """GetFlightInfo: the result schema, sizes and one endpoint per partition."""
+             events: Events = None, **shape: Any) -> flight.FlightInfo:
+        """GetFlightInfo: the result schema (after any processing), sizes and one endpoint per
+        partition. `shape`: `filter=` and `processing=`, as for `request`."""
         descriptor = flight.FlightDescriptor.for_command(
-            self.request(experiment, runs, columns, events).encode()
+            self.request(experiment, runs, columns, events, **shape).encode()
         )
         with _clean_errors():
             return self._flight.get_flight_info(descriptor)
@@ -191,9 +198,11 @@ class Client:
     # -- reading -----------------------------------------------------------------------------
 
     def read(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
-             events: Events = None, *, parallel: int = 4, progress: bool = False) -> pa.Table:
-        """All requested events as one Table; endpoints fetched in parallel, order preserved."""
-        info = self.plan(experiment, runs, columns, events)
+             events: Events = None, *, parallel: int = 4, progress: bool = False,
+             **shape: Any) -> pa.Table:
+        """All requested events as one Table; endpoints fetched in parallel, order preserved.
+        `shape`: `filter=` and `processing=`, as for `request`."""
+        info = self.plan(experiment, runs, columns, events, **shape)
         bar = progress_bar(info.total_bytes, f"{experiment} {runs}") if progress else None
         try:
             tables = self._fetch_all(info, parallel, bar.update if bar else None)
@@ -223,9 +232,9 @@ class Client:
             return list(pool.map(fetch, endpoints))
 
     def stream(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
-               events: Events = None) -> Iterator[pa.RecordBatch]:
+               events: Events = None, **shape: Any) -> Iterator[pa.RecordBatch]:
         """RecordBatches in event order as they arrive; memory stays at about one batch."""
-        return self.batches(self.plan(experiment, runs, columns, events))
+        return self.batches(self.plan(experiment, runs, columns, events, **shape))
 
     def batches(self, info: flight.FlightInfo) -> Iterator[pa.RecordBatch]:
         """The batches of every endpoint of a plan, in order, one endpoint after the other."""

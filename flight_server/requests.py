@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server import ranges
+from flight_server import ranges, shaping
 from flight_server.catalog import Catalog, Visible, everyone
 from flight_server.errors import InvalidArgument
 from flight_server.sources import Run
@@ -38,6 +38,8 @@ class Plan:
 
     @property
     def total_records(self) -> int:
+        if self.request.filter is not None:
+            return -1  # unknown until the filter has run
         return sum(p.records for p in self.partitions)
 
     @property
@@ -114,18 +116,21 @@ def plan(request: Request, catalog: Catalog, partition_bytes: int,
     runs = [catalog.run(request.experiment, number, visible) for number in request.runs]
     columns = resolve_columns(runs, request.columns)
     names = tuple(c.name for c in columns)
+    shaped = [shaping.build(run, columns, request.filter, request.processing) for run in runs]
     per_event = ranges.event_bytes(columns)
     align = ranges.chunk_alignment(columns)
+    sent_per_event = per_event if shaped[0] is None else shaping.event_bytes(shaped[0], columns)
     partitions = []
     for run in runs:
         start, stop, step = check_range(run, request.events)
         span = ranges.span_for(partition_bytes, per_event, step, align)
         for lo, hi in ranges.split(start, stop, step, iter([span])):
             records = ranges.count(lo, hi, step)
-            ticket = Ticket(request.experiment, run.number, names, lo, hi, step)
-            partitions.append(Partition(ticket, records, int(records * per_event)))
-    return Plan(request, pa.schema([c.field for c in columns], metadata=_metadata(runs)),
-                partitions)
+            ticket = Ticket(request.experiment, run.number, names, lo, hi, step,
+                            request.filter, request.processing)
+            partitions.append(Partition(ticket, records, int(records * sent_per_event)))
+    fields = [c.field for c in columns] if shaped[0] is None else list(shaped[0].schema)
+    return Plan(request, pa.schema(fields, metadata=_metadata(runs)), partitions)
 
 
 def _metadata(runs: list[Run]) -> dict[bytes, bytes]:

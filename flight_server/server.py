@@ -19,7 +19,7 @@ import pyarrow.flight as flight
 from google.protobuf.message import Message
 
 import schemas.flight_sql as fsql
-from flight_server import requests, security
+from flight_server import requests, security, shaping
 from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_certificate
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
@@ -211,10 +211,15 @@ class LclstreamServer(flight.FlightServerBase):
         if t.stop > run.num_events:
             raise InvalidArgument(f"ticket range [{t.start}:{t.stop}] is beyond run {t.run}'s "
                                   f"{run.num_events} events; plan again with GetFlightInfo")
-        schema = run.schema(columns)
-        batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
+        shaped = shaping.build(run, columns, t.filter, t.processing)
+        if shaped is None:
+            batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
+                                     self.read_pool, context.is_cancelled)
+            return flight.GeneratorStream(run.schema(columns), _guard_stream(batches, call))
+        batches = stream_batches(run, shaped.read, t.start, t.stop, t.step, self.sizing,
                                  self.read_pool, context.is_cancelled)
-        return flight.GeneratorStream(schema, _guard_stream(batches, call))
+        sent = (b for b in map(shaped.apply, batches) if b.num_rows)
+        return flight.GeneratorStream(shaped.schema, _guard_stream(sent, call))
 
     # -- actions -----------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class Request:
     runs: tuple[int, ...]
     columns: tuple[str, ...] | None = None
     events: EventSlice = EventSlice()
+    filter: str | None = None  # keep only events where this holds (see flight_server/filters)
+    processing: tuple[dict[str, Any], ...] | None = None  # steps applied on the server, in order
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"v": VERSION, "experiment": self.experiment, "runs": list(self.runs)}
@@ -50,6 +52,10 @@ class Request:
             doc["columns"] = list(self.columns)
         if self.events != EventSlice():
             doc["events"] = self.events.to_json()
+        if self.filter is not None:
+            doc["filter"] = self.filter
+        if self.processing is not None:
+            doc["processing"] = list(self.processing)
         return doc
 
     def encode(self) -> bytes:
@@ -66,9 +72,11 @@ class Ticket:
     start: int
     stop: int
     step: int = 1
+    filter: str | None = None
+    processing: tuple[dict[str, Any], ...] | None = None
 
     def encode(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "v": VERSION,
             "experiment": self.experiment,
             "run": self.run,
@@ -77,6 +85,10 @@ class Ticket:
             "stop": self.stop,
             "step": self.step,
         }
+        if self.filter is not None:
+            doc["filter"] = self.filter
+        if self.processing is not None:
+            doc["processing"] = list(self.processing)
         return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -116,11 +128,14 @@ def parse_request(raw: bytes | str) -> Request:
     if stop is not None and stop < start:
         raise RequestError(f"event slice is reversed: start {start} > stop {stop}")
     columns = doc.get("columns")
+    processing = doc.get("processing")
     return Request(
         experiment=doc["experiment"],
         runs=tuple(doc["runs"]),
         columns=None if columns is None else tuple(columns),
         events=EventSlice(start, stop, step),
+        filter=doc.get("filter"),
+        processing=None if processing is None else tuple(processing),
     )
 
 
@@ -136,4 +151,6 @@ def parse_ticket(raw: bytes) -> Ticket:
         start=doc["start"],
         stop=doc["stop"],
         step=doc["step"],
+        filter=doc.get("filter"),
+        processing=None if doc.get("processing") is None else tuple(doc["processing"]),
     )

@@ -351,6 +351,10 @@ class Step(ABC):
     def transform(self, column: pa.Array, batch: pa.RecordBatch) -> pa.Array:
         """The new column from the old one (and, for some steps, other columns of the batch)."""
 
+    def inputs(self) -> set[str]:
+        """The columns the step reads: its own, and for some steps another of the event."""
+        return {self.column}
+
     def _index(self, schema: pa.Schema) -> int:
         index = schema.get_field_index(self.column)
         if index < 0 or not schema.field(index).type.equals(self.input_field.type):

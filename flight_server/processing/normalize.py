@@ -54,6 +54,9 @@ class Normalize(Step):
         out = processed_field(field, out_layout.arrow_type(), note, meta, nullable=True)
         return cls(field.name, field, out, layout, out_layout, by)
 
+    def inputs(self) -> set[str]:
+        return {self.column, self.by.name}
+
     def transform(self, column: pa.Array, batch: pa.RecordBatch) -> pa.Array:
         by = batch.column(self.by.name) if self.by.name in batch.schema.names else None
         if by is None or not by.type.equals(self.by.type):

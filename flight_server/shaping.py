@@ -1,0 +1,84 @@
+"""A request's filter and processing steps, as one transform applied to each batch of a run.
+
+The columns read are the requested ones plus what the filter and the steps need (a normalize
+step's divisor); the filter runs first, so the steps only touch the events kept; the batches
+sent carry exactly the requested columns, as the steps left them. A request with neither is not
+shaped at all: its batches go out exactly as read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flight_server import filters
+from flight_server.errors import InvalidArgument
+from flight_server.processing import Pipeline, build_pipeline
+from flight_server.sources import Run
+from flight_server.sources.columns import Column
+
+
+@dataclass(frozen=True)
+class Shaping:
+    read: list[Column]  # what to read from the run
+    schema: pa.Schema  # what is sent: the requested columns after the steps
+    predicate: pc.Expression | None
+    pipeline: Pipeline | None
+
+    def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if self.predicate is not None:
+            batch = batch.filter(self.predicate)
+        if self.pipeline is not None:
+            batch = self.pipeline.apply(batch)
+        return batch.select(self.schema.names)
+
+
+def build(run: Run, requested: list[Column], filter_text: str | None,
+          steps: tuple[dict[str, Any], ...] | None) -> Shaping | None:
+    """The shaping of `requested` columns of `run`, or None when the request asks for none."""
+    if filter_text is None and not steps:
+        return None
+    everything = run.schema()
+    predicate, needed = None, {c.name for c in requested}
+    if filter_text is not None:
+        parsed = filters.parse_filter(filter_text, everything)
+        predicate = parsed.expression
+        needed |= set(parsed.columns)
+    if steps:
+        # Built once against every column to learn what the steps read, then again against
+        # exactly the columns read, which is the schema the batches will have.
+        wide = build_pipeline(list(steps), everything)
+        needed |= {name for step in wide.steps for name in step.inputs()}
+        untouched = {step.column for step in wide.steps} - {c.name for c in requested}
+        if untouched:
+            raise InvalidArgument(f"processing applies to {', '.join(sorted(untouched))}, which "
+                                  "the request's columns leave out; add it to `columns`")
+    read = [c for c in run.columns.values() if c.name in needed]
+    pipeline = build_pipeline(list(steps), run.schema(read)) if steps else None
+    after = pipeline.schema if pipeline is not None else run.schema(read)
+    schema = pa.schema([after.field(c.name) for c in requested], metadata=everything.metadata)
+    return Shaping(read, schema, predicate, pipeline)
+
+
+def event_bytes(shaping: Shaping, requested: list[Column]) -> float:
+    """Bytes per sent event, for the plan's size estimate: the steps' output where its type has
+    a fixed size, the column's own estimate otherwise (ragged lists)."""
+    by_name = {c.name: c for c in requested}
+    return sum(_fixed_bytes(field.type) or by_name[field.name].event_bytes
+               for field in shaping.schema)
+
+
+def _fixed_bytes(kind: pa.DataType) -> float:
+    if isinstance(kind, pa.BaseExtensionType):
+        return _fixed_bytes(kind.storage_type)
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size * _fixed_bytes(kind.value_type)
+    if pa.types.is_boolean(kind):
+        return 0.125
+    try:
+        return kind.bit_width / 8
+    except ValueError:  # variable-size
+        return 0.0
