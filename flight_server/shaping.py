@@ -2,8 +2,8 @@
 
 The columns read are the requested ones plus what the filter and the steps need (a normalize
 step's divisor); the filter runs first, so the steps only touch the events kept; the batches
-sent carry exactly the requested columns, as the steps left them. A request with neither is not
-shaped at all: its batches go out exactly as read.
+sent carry the requested columns as the steps left them, and the columns the steps made. A
+request with neither is not shaped at all: its batches go out exactly as read.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from flight_server.errors import InvalidArgument
 from flight_server.processing import Pipeline, build_pipeline
 from flight_server.sources import Run
 from flight_server.sources.columns import Column
+
+RAGGED_GUESS = 64.0  # bytes per event of a list column a step makes: offsets and a few values
 
 
 @dataclass(frozen=True)
@@ -52,22 +54,28 @@ def build(run: Run, requested: list[Column], filter_text: str | None,
         # exactly the columns read, which is the schema the batches will have.
         wide = build_pipeline(list(steps), everything)
         needed |= {name for step in wide.steps for name in step.inputs()}
-        untouched = {step.column for step in wide.steps} - {c.name for c in requested}
+        made = set(wide.schema.names) - set(everything.names)  # e.g. `peaks` -> `C/n_peaks`
+        untouched = {step.column for step in wide.steps} - {c.name for c in requested} - made
         if untouched:
             raise InvalidArgument(f"processing applies to {', '.join(sorted(untouched))}, which "
                                   "the request's columns leave out; add it to `columns`")
     read = [c for c in run.columns.values() if c.name in needed]
     pipeline = build_pipeline(list(steps), run.schema(read)) if steps else None
     after = pipeline.schema if pipeline is not None else run.schema(read)
-    schema = pa.schema([after.field(c.name) for c in requested], metadata=everything.metadata)
+    # Sent: the requested columns as the steps left them (a step may consume one, as `peaks`
+    # does a frame) and the columns the steps made; not what was read only for the filter.
+    asked, was_read = {c.name for c in requested}, {c.name for c in read}
+    sent = [f for f in after if f.name in asked or f.name not in was_read]
+    schema = pa.schema(sent, metadata=everything.metadata)
     return Shaping(read, schema, predicate, pipeline)
 
 
 def event_bytes(shaping: Shaping, requested: list[Column]) -> float:
     """Bytes per sent event, for the plan's size estimate: the steps' output where its type has
-    a fixed size, the column's own estimate otherwise (ragged lists)."""
-    by_name = {c.name: c for c in requested}
-    return sum(_fixed_bytes(field.type) or by_name[field.name].event_bytes
+    a fixed size, else the column's own estimate; a ragged list a step made (hit times, peak
+    positions) cannot be known before it is made, and counts as RAGGED_GUESS."""
+    by_name = {c.name: c.event_bytes for c in requested}
+    return sum(_fixed_bytes(field.type) or by_name.get(field.name, RAGGED_GUESS)
                for field in shaping.schema)
 
 

@@ -427,7 +427,8 @@ def test_a_batch_of_another_schema_is_refused(lcls2: pa.RecordBatch, cxi: pa.Rec
 BAD = [
     # the request's shape
     ({"step": "rio"}, 'unknown processing step "rio"; the steps are \'roi\', \'bin\', '
-                      "'threshold', 'normalize', 'cast', 'pad'. Did you mean 'roi'?"),
+                      "'threshold', 'normalize', 'cast', 'pad', 'tof_integrate', 'tof_hits', "
+                      "'peaks', 'hits'. Did you mean 'roi'?"),
     ({"column": IMAGE}, 'a processing step must be an object with "step"'),
     ("roi", 'a processing step must be an object with "step"'),
     ({"step": "bin", "column": IMAGE, "factr": 2, "reduce": "sum"},

@@ -105,3 +105,37 @@ def test_bad_filters_and_steps_are_refused(flight_client: flight.FlightClient, c
     for phrase in phrases:
         assert phrase in message, message
     assert client.read(LCLS2_EXP, RUN, ["gmd/energy"]).num_rows == 120  # still serving
+
+
+def test_peaks_then_hits_sends_only_the_hits(client: Client, data_root: Path) -> None:
+    from tests.conftest import CXI_EXP
+
+    frame = "entry_1/data_1/data"
+    steps = [{"step": "peaks", "column": frame, "snr": 5.0, "min_pixels": 2},
+             {"step": "hits", "column": f"{frame}/n_peaks", "min": 10}]
+    info = client.plan(CXI_EXP, 12, [frame, "time"], processing=steps)
+    table = client.read(CXI_EXP, 12, [frame, "time"], processing=steps)
+    assert table.schema.names == info.schema.names  # the frame is consumed, peak lists sent
+    assert f"{frame}/peaks/x" in table.schema.names and frame not in table.schema.names
+    counts = table.column(f"{frame}/n_peaks").to_numpy()
+    assert 0 < len(counts) < 40 and (counts >= 10).all()
+    lengths = pa.compute.list_value_length(table.column(f"{frame}/peaks/x")).to_numpy()
+    np.testing.assert_array_equal(lengths, counts)
+    with open_h5(data_root / CXI_EXP / "cxi" / "run_12.cxi") as f:
+        reference = f["entry_1/result_1/nPeaks"][()]
+    assert abs(int(counts.sum()) - int(reference[reference >= 10].sum())) \
+        < 0.2 * reference[reference >= 10].sum()  # found about as many as the file lists
+
+
+def test_tof_integrate_windows(client: Client, data_root: Path) -> None:
+    steps = [{"step": "tof_integrate", "column": "tof/waveforms", "baseline": [0, 100],
+              "windows": {"early": [200, 400], "late": [600, 900]}}]
+    table = client.read(LCLS2_EXP, RUN, ["tof/waveforms"], processing=steps)
+    assert table.column_names == ["tof/waveforms/early", "tof/waveforms/late"]
+    path = data_root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run{RUN:04d}.h5"
+    with open_h5(path) as f:
+        traces = f["tof/waveforms"][()].astype(np.float64)
+    corrected = traces - traces[..., 0:100].mean(axis=-1, keepdims=True)
+    early = table.column("tof/waveforms/early").combine_chunks().flatten().to_numpy()
+    np.testing.assert_allclose(early.reshape(len(traces), -1),
+                               corrected[..., 200:400].sum(axis=-1), rtol=1e-4, atol=1e-3)

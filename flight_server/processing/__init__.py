@@ -5,7 +5,8 @@ whole detector frames to reduce them itself.
 A request carries `[{"step": NAME, ...parameters}, ...]`; `build_pipeline` checks all of it
 against the schema the client would otherwise get, before any data is read, and gives the
 schema after the steps (`Pipeline.schema`); `Pipeline.apply` runs the steps on each batch.
-Columns no step touches are passed through as they are (the same buffers, no copy).
+Columns no step touches are passed through as they are (the same buffers, no copy). A step may
+add or drop columns (peaks) and drop events (hits): a batch can come out shorter than it went in.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from flight_server.errors import close_matches
 from flight_server.processing.base import DTYPE, PROCESSING, Step, StepError, quoted, shown
 from flight_server.processing.bin import Bin
 from flight_server.processing.cast import Cast
+from flight_server.processing.hits import Hits
 from flight_server.processing.normalize import Normalize
 from flight_server.processing.pad import Pad
+from flight_server.processing.peaks import Peaks
 from flight_server.processing.roi import Roi
 from flight_server.processing.threshold import Threshold
+from flight_server.processing.tof_hits import TofHits
+from flight_server.processing.tof_integrate import TofIntegrate
 
 STEPS: dict[str, type[Step]] = {
-    cls.name: cls for cls in (Roi, Bin, Threshold, Normalize, Cast, Pad)
+    cls.name: cls for cls in (Roi, Bin, Threshold, Normalize, Cast, Pad, TofIntegrate, TofHits,
+                              Peaks, Hits)
 }
 
 __all__ = ["DTYPE", "PROCESSING", "STEPS", "Pipeline", "Step", "StepError", "build_pipeline"]
