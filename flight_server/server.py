@@ -217,8 +217,8 @@ class LclstreamServer(flight.FlightServerBase):
                                      self.read_pool, context.is_cancelled)
             return flight.GeneratorStream(run.schema(columns), _guard_stream(batches, call))
         batches = stream_batches(run, shaped.read, t.start, t.stop, t.step, self.sizing,
-                                 self.read_pool, context.is_cancelled)
-        sent = (b for b in map(shaped.apply, batches) if b.num_rows)
+                                 self.read_pool, context.is_cancelled, shaped.apply)
+        sent = (b for b in batches if b.num_rows)
         return flight.GeneratorStream(shaped.schema, _guard_stream(sent, call))
 
     # -- actions -----------------------------------------------------------------------------

@@ -25,6 +25,9 @@ from flight_server.sources.columns import Column
 log = logging.getLogger(__name__)
 
 
+Transform = Callable[[pa.RecordBatch], pa.RecordBatch]
+
+
 @dataclass(frozen=True)
 class BatchSizing:
     batch_bytes: int = 4 * 1024 * 1024
@@ -42,19 +45,32 @@ def batch_ranges(columns: list[Column], start: int, stop: int, step: int,
 
 def stream_batches(run: Run, columns: list[Column], start: int, stop: int, step: int,
                    sizing: BatchSizing, pool: Executor,
-                   is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[pa.RecordBatch]:
+                   is_cancelled: Callable[[], bool] = lambda: False,
+                   transform: Transform | None = None) -> Iterator[pa.RecordBatch]:
     """The batches of range(start, stop, step). The file is opened now, so a run that cannot be
-    read fails the DoGet call itself rather than a stream already promised to the client."""
+    read fails the DoGet call itself rather than a stream already promised to the client.
+    `transform` (a request's filter and processing) runs on the pool with the read, so batches
+    are processed on several cores and while earlier ones are on the wire."""
     pieces = batch_ranges(columns, start, stop, step, sizing)
     reader = RunReader(run)
-    batches = _read_ahead(reader, columns, pieces, step, sizing.prefetch, pool, is_cancelled)
+    read = reader.read if transform is None else _then(reader.read, transform)
+    batches = _read_ahead(reader, read, columns, pieces, step, sizing.prefetch, pool,
+                          is_cancelled)
     # A generator dropped before its first batch never runs its `finally`: release then too.
     weakref.finalize(batches, reader.close)
     return batches
 
 
-def _read_ahead(reader: RunReader, columns: list[Column], pieces: list[tuple[int, int]],
-                step: int, prefetch: int, pool: Executor,
+def _then(read: Callable[..., pa.RecordBatch],
+          transform: Transform) -> Callable[..., pa.RecordBatch]:
+    def read_and_transform(*args: object) -> pa.RecordBatch:
+        return transform(read(*args))
+
+    return read_and_transform
+
+
+def _read_ahead(reader: RunReader, read: Callable[..., pa.RecordBatch], columns: list[Column],
+                pieces: list[tuple[int, int]], step: int, prefetch: int, pool: Executor,
                 is_cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
     todo = iter(pieces)
     pending: deque[Future] = deque()
@@ -64,7 +80,7 @@ def _read_ahead(reader: RunReader, columns: list[Column], pieces: list[tuple[int
             piece = next(todo, None)
             if piece is None:
                 return
-            pending.append(pool.submit(reader.read, columns, piece[0], piece[1], step))
+            pending.append(pool.submit(read, columns, piece[0], piece[1], step))
 
     try:
         first = next(todo, None)
@@ -73,7 +89,7 @@ def _read_ahead(reader: RunReader, columns: list[Column], pieces: list[tuple[int
         # The first batch is read right here: a hand-off to the pool and back costs more than
         # reading a small first batch, and nothing is on the wire yet to overlap with. Reading
         # ahead starts once it has left, so it does not compete with the first send for CPU.
-        yield reader.read(columns, first[0], first[1], step)
+        yield read(columns, first[0], first[1], step)
         top_up(max(prefetch, 1))
         while pending:
             batch = pending.popleft().result()
