@@ -98,9 +98,19 @@ def _cat(chunks: list[Chunk]) -> Chunk:
                 else [x for c in chunks for x in c[k]]) for k in chunks[0]}
 
 
-def _stack(events: list[Chunk]) -> Chunk:
-    return {k: (torch.stack([e[k] for e in events]) if isinstance(events[0][k], torch.Tensor)
-                else [e[k] for e in events]) for k in events[0]}
+def _stack(events: list[Chunk], ragged: set[str]) -> Chunk:
+    """Events as one batch: fixed-size columns stacked, the others (`ragged`: variable-length
+    lists, strings) as lists, whatever sizes this batch's events happen to have."""
+    return {k: ([e[k] for e in events] if k in ragged or not isinstance(events[0][k], torch.Tensor)
+                else torch.stack([e[k] for e in events])) for k in events[0]}
+
+
+def _ragged(schema: pa.Schema) -> set[str]:
+    """The columns that come as lists of per-event values (see `column_to_torch`)."""
+    return {f.name for f in schema
+            if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+            or pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
 
 
 def _events_of(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -228,6 +238,7 @@ class FlightDataset(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed + self.epoch}:{shard}")
         with Client(self.location, self.token, **self.connect_options) as client:
             chunks = self._chunks(client, shard, shards)
+            ragged = _ragged(self.plan(client).schema)
             if self.shuffle_buffer > 0:
                 items = _shuffled(_events_of(chunks), self.shuffle_buffer, rng)
                 if self.batch_size is None:
@@ -237,10 +248,10 @@ class FlightDataset(torch.utils.data.IterableDataset):
                 for item in items:
                     group.append(item)
                     if len(group) == self.batch_size:
-                        yield _stack(group)
+                        yield _stack(group, ragged)
                         group = []
                 if group and not self.drop_last:
-                    yield _stack(group)
+                    yield _stack(group, ragged)
             elif self.batch_size is None:
                 yield from _events_of(chunks)
             else:

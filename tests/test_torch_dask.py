@@ -6,6 +6,7 @@ import collections
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.utils.data
 from distributed import Client as DaskClient
@@ -103,6 +104,21 @@ def test_shuffle_is_a_reproducible_permutation(location) -> None:
     ids = [(int(r), int(t)) for b in batches for r, t in zip(b["run"], b["timestamp"],
                                                              strict=True)]
     assert sorted(ids) == sorted(plain)
+
+
+def test_ragged_columns_batch_as_lists(client, location) -> None:
+    columns = ["run", "timestamp", "peaks/var_x"]
+    expected = client.read(LCLS2_EXP, RUNS, columns).to_pylist()
+    by_id = {(r["run"], r["timestamp"]): r["peaks/var_x"] for r in expected}
+    for shuffle in (0, 32):
+        batches = list(FlightDataset(location, LCLS2_EXP, RUNS, columns, rank=0, world_size=1,
+                                     shuffle_buffer=shuffle, batch_size=16))
+        peaks = [p for b in batches for p in b["peaks/var_x"]]
+        ids = [(int(r), int(t)) for b in batches for r, t in zip(b["run"], b["timestamp"],
+                                                                 strict=True)]
+        assert isinstance(batches[0]["peaks/var_x"], list) and len(peaks) == len(by_id)
+        for key, values in zip(ids, peaks, strict=True):
+            assert values.tolist() == pytest.approx(by_id[key])
 
 
 def test_tensors_are_views_of_arrow_buffers(client, location, recwarn) -> None:
