@@ -59,12 +59,15 @@ def build(run: Run, requested: list[Column], filter_text: str | None,
         if untouched:
             raise InvalidArgument(f"processing applies to {', '.join(sorted(untouched))}, which "
                                   "the request's columns leave out; add it to `columns`")
-    read = [c for c in run.columns.values() if c.name in needed]
+    # The requested columns first, in the request's order (the order they are sent in), then
+    # what only the filter or the steps need.
+    asked = {c.name for c in requested}
+    read = requested + [c for c in run.columns.values() if c.name in needed - asked]
     pipeline = build_pipeline(list(steps), run.schema(read)) if steps else None
     after = pipeline.schema if pipeline is not None else run.schema(read)
     # Sent: the requested columns as the steps left them (a step may consume one, as `peaks`
     # does a frame) and the columns the steps made; not what was read only for the filter.
-    asked, was_read = {c.name for c in requested}, {c.name for c in read}
+    was_read = {c.name for c in read}
     sent = [f for f in after if f.name in asked or f.name not in was_read]
     schema = pa.schema(sent, metadata=everything.metadata)
     return Shaping(read, schema, predicate, pipeline)

@@ -30,7 +30,8 @@ def test_filter_keeps_the_events_where_it_holds(client: Client, run7: dict) -> N
     condition = f"gmd/energy > {cut} and evr/code_40 in (0, 1)"
     info = client.plan(LCLS2_EXP, RUN, ["gmd/energy", "pnccd/image"], filter=condition)
     assert info.total_records == -1  # unknown until the filter has run
-    table = client.read(LCLS2_EXP, RUN, ["gmd/energy", "pnccd/image"], filter=condition)
+    table = client.read(LCLS2_EXP, RUN, ["pnccd/image", "gmd/energy"], filter=condition)
+    assert table.column_names == ["pnccd/image", "gmd/energy"]  # the request's order
     keep = (energy > cut) & np.isin(run7["evr/code_40"], [0, 1])
     np.testing.assert_array_equal(table.column("gmd/energy").to_numpy(), energy[keep])
     frames = table.column("pnccd/image").combine_chunks().to_numpy_ndarray()
@@ -113,9 +114,11 @@ def test_peaks_then_hits_sends_only_the_hits(client: Client, data_root: Path) ->
     frame = "entry_1/data_1/data"
     steps = [{"step": "peaks", "column": frame, "snr": 5.0, "min_pixels": 2},
              {"step": "hits", "column": f"{frame}/n_peaks", "min": 10}]
-    info = client.plan(CXI_EXP, 12, [frame, "time"], processing=steps)
-    table = client.read(CXI_EXP, 12, [frame, "time"], processing=steps)
-    assert table.schema.names == info.schema.names  # the frame is consumed, peak lists sent
+    info = client.plan(CXI_EXP, 12, ["time", frame], processing=steps)
+    table = client.read(CXI_EXP, 12, ["time", frame], processing=steps)
+    assert table.schema.names == info.schema.names == [  # the frame consumed, in its place
+        "time", f"{frame}/peaks/x", f"{frame}/peaks/y", f"{frame}/peaks/intensity",
+        f"{frame}/n_peaks"]
     assert f"{frame}/peaks/x" in table.schema.names and frame not in table.schema.names
     counts = table.column(f"{frame}/n_peaks").to_numpy()
     assert 0 < len(counts) < 40 and (counts >= 10).all()
