@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import latency, memory, sql, throughput
+from bench import latency, memory, processing, sql, throughput
 from bench.common import (
     Result,
     environment,
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     latency.NAME: latency.run,
     memory.NAME: memory.run,
     sql.NAME: sql.run,
+    processing.NAME: processing.run,
 }
 
 

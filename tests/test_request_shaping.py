@@ -142,3 +142,15 @@ def test_tof_integrate_windows(client: Client, data_root: Path) -> None:
     early = table.column("tof/waveforms/early").combine_chunks().flatten().to_numpy()
     np.testing.assert_allclose(early.reshape(len(traces), -1),
                                corrected[..., 200:400].sum(axis=-1), rtol=1e-4, atol=1e-3)
+
+
+def test_threshold_then_pad(client: Client, run7: dict) -> None:
+    steps = [{"step": "threshold", "column": "pnccd/image", "below": 200, "value": 0},
+             {"step": "pad", "column": "pnccd/image", "height": 144, "width": 120}]
+    table = client.read(LCLS2_EXP, RUN, ["pnccd/image"], events=(0, 10), processing=steps)
+    frames = run7["pnccd/image"][:10].copy()
+    frames[frames < 200] = 0
+    expected = np.zeros((10, 1, 144, 120), frames.dtype)
+    expected[:, :, 8:136, :] = frames[:, :, :, 4:124]  # padded rows, centre-cropped columns
+    got = table.column("pnccd/image").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_array_equal(got, expected)
