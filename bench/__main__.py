@@ -1,4 +1,5 @@
-"""`python -m bench`: throughput, latency, memory and SQL of the server against their targets.
+"""`python -m bench`: throughput, latency, memory, SQL and processing of the server against
+their targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
