@@ -212,14 +212,14 @@ class LclstreamServer(flight.FlightServerBase):
             raise InvalidArgument(f"ticket range [{t.start}:{t.stop}] is beyond run {t.run}'s "
                                   f"{run.num_events} events; plan again with GetFlightInfo")
         shaped = shaping.build(run, columns, t.filter, t.processing)
-        if shaped is None:
+        if shaped is None:  # the common case: batches go out exactly as read
             batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
                                      self.read_pool, context.is_cancelled)
             return flight.GeneratorStream(run.schema(columns), _guard_stream(batches, call))
         batches = stream_batches(run, shaped.read, t.start, t.stop, t.step, self.sizing,
                                  self.read_pool, context.is_cancelled, shaped.apply)
-        sent = (b for b in batches if b.num_rows)
-        return flight.GeneratorStream(shaped.schema, _guard_stream(sent, call))
+        kept = (b for b in batches if b.num_rows)  # a filter can empty a batch
+        return flight.GeneratorStream(shaped.schema, _guard_stream(kept, call))
 
     # -- actions -----------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flight_server.sql.tables import EVENT_COLUMN, RunSource
+from schemas.metadata import RUN_COLUMN
 
-RUN_COLUMN = "run"
 INTEGER_KINDS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
                  "UINTEGER", "UBIGINT"}
 COMPARISONS: dict[str, Callable[[object, object], object]] = {

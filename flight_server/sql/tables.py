@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 from flight_server.sources import Run
 from flight_server.sources.columns import Column, Kind, arrow_value_type
 from flight_server.streaming import BatchSizing, stream_batches
+from schemas.metadata import RUN_COLUMN
 
 EVENT_COLUMN = "event"  # the event's index within its run
 SELECTION_BLOCK = 1 << 20  # events whose selection is worked out at once (bounds its memory)
@@ -111,12 +112,12 @@ class _Scan:
             return
         needed = referenced_fields(self.predicate, source.schema)
         stored_needed = [n for n in needed if n != EVENT_COLUMN]
+        wanted = list(dict.fromkeys([*self.columns, *needed]))
         for block in range(0, run.num_events, SELECTION_BLOCK):
             stop = min(block + SELECTION_BLOCK, run.num_events)
             if source.context.is_cancelled():
                 return
             selected = self._select(block, stop, stored_needed)
-            wanted = list(dict.fromkeys([*self.columns, *needed]))
             for first, last in spans(selected, MAX_GAP):
                 for batch in self._read(first, last + 1, wanted):
                     kept = pa.Table.from_batches([batch]).filter(self.predicate)
@@ -216,6 +217,6 @@ def runs_table(runs: list[Run]) -> pa.Table:
         "start_time": pa.array([r.start_ns for r in runs], pa.timestamp("ns", tz="UTC")),
         "end_time": pa.array([r.end_ns for r in runs], pa.timestamp("ns", tz="UTC")),
         "layout": pa.array([r.layout.name for r in runs], pa.string()),
-        "columns": pa.array([[c for c in r.columns if c != "run"] for r in runs],
+        "columns": pa.array([[c for c in r.columns if c != RUN_COLUMN] for r in runs],
                             pa.list_(pa.string())),
     }, schema=RUNS_SCHEMA)
