@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients import convert, credentials, sql
+from clients import convert, credentials, live, sql
 from schemas import Request
 from schemas import metadata as md
 from schemas.request import EventSlice
@@ -268,6 +268,39 @@ class Client:
             if handle is not None:
                 with _clean_errors():
                     sql.close_statement(self._flight, handle)
+
+    # -- live streams ----------------------------------------------------------------------
+
+    def producer(self, experiment: str, stream: str, **options: Any) -> live.Producer:
+        """A producer for live stream `stream` of `experiment` (needs the `write` grant):
+        `send(batch)`, `flush()`, `close()`, `end_run()`. Options: `producer_id` (stable across
+        restarts of the producing program, to make its resends idempotent), `retention_bytes`,
+        `retention_seconds`, `max_unacked_bytes`."""
+        return live.Producer(self._flight, experiment, stream, **options)
+
+    def subscribe(self, experiment: str, stream: str, from_: str | int | Any = "earliest",
+                  group: str | None = None, columns: Sequence[str] | None = None,
+                  filter: str | None = None, processing: Sequence[dict] | None = None,
+                  **options: Any) -> live.Subscription:
+        """Iterate over a live stream: stored batches from `from_` ("earliest", "latest", an
+        offset or a time), then new ones as they arrive. With `group`, each batch goes to one
+        member of the group; call `commit()` on the subscription when its work is done."""
+        return live.Subscription(self._flight, experiment, stream, from_=from_, group=group,
+                                 columns=columns, filter=filter, processing=processing,
+                                 **options)
+
+    def streams(self, experiment: str = "*") -> list[dict[str, Any]]:
+        """Live streams you may read: events, rate, bytes on disk, consumer group lag."""
+        with _clean_errors():
+            return live.action(self._flight, "streams", {"experiment": experiment})
+
+    def end_run(self, experiment: str, stream: str, run: int | None = None) -> dict[str, Any]:
+        """End a live stream (no producer connected): it becomes a run of its experiment."""
+        body: dict[str, Any] = {"experiment": experiment, "stream": stream}
+        if run is not None:
+            body["run"] = run
+        with _clean_errors():
+            return live.action(self._flight, "end_run", body)
 
     def polars(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                events: Events = None, **kwargs: Any):

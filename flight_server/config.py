@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from flight_server.live.stream import LiveSettings
+
 ENV_PREFIX = "LCLSTREAM_"
 
 
@@ -41,6 +43,13 @@ class Settings:
     sql_timeout: int = 300  # seconds of engine time per query (waiting for the client is free)
     sql_memory_limit: str = "2GB"  # per query
     sql_threads: int = 2  # DuckDB threads per query
+    # -- live streams (see README "Live streams") --
+    live_fsync: str = "interval"  # "interval": sync every live_fsync_interval; "batch": each batch
+    live_fsync_interval: float = 0.05  # seconds; producers are acked once their batch is synced
+    live_segment_bytes: int = 64 * 1024 * 1024  # log file size; retention drops whole segments
+    live_ring_bytes: int = 256 * 1024 * 1024  # recent batches kept in memory per stream
+    live_retention_bytes: int = 16 * 1024**3  # per stream, unless its producer sets its own
+    live_retention_seconds: float = 24 * 3600.0
 
     @property
     def tls(self) -> bool:
@@ -52,6 +61,13 @@ class Settings:
 
     def state_path(self) -> Path:
         return self.state_dir if self.state_dir is not None else self.data / ".lclstream"
+
+    def live(self) -> LiveSettings:
+        if self.live_fsync not in ("interval", "batch"):
+            raise ValueError(f"live_fsync must be 'interval' or 'batch', got {self.live_fsync!r}")
+        return LiveSettings(self.live_fsync, self.live_fsync_interval, self.live_segment_bytes,
+                            self.live_ring_bytes, self.live_retention_bytes,
+                            self.live_retention_seconds)
 
     def users_path(self) -> Path:
         return self.users_file if self.users_file is not None else self.state_path() / "users.json"
@@ -78,6 +94,8 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         if kind == "int":
             return int(value)
+        if kind == "float":
+            return float(value)
         if kind == "bool":
             return _bool(value)
         if kind.startswith("tuple"):

@@ -24,6 +24,8 @@ from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_ce
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
+from flight_server.live.service import ACTIONS as LIVE_ACTIONS
+from flight_server.live.service import LiveService, subscription_of
 from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
 from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService
@@ -76,11 +78,11 @@ def _sql_command(payload: bytes) -> Message | None:
         raise InvalidArgument(f"malformed Flight SQL command: {exc}") from None
 
 
-def _guard_stream(batches: Iterator[pa.RecordBatch],
-                  call: CallRecord) -> Iterator[pa.RecordBatch]:
+def _guard_stream(batches: Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]],
+                  call: CallRecord) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
     try:
-        for batch in batches:
-            call.bytes_sent += batch.nbytes
+        for batch in batches:  # a live stream's come with their delivery metadata
+            call.bytes_sent += (batch[0] if isinstance(batch, tuple) else batch).nbytes
             yield batch
     except Exception as exc:
         if _expected(exc):
@@ -107,9 +109,12 @@ class LclstreamServer(flight.FlightServerBase):
         limits = Limits(settings.sql_timeout, settings.sql_memory_limit, settings.sql_threads)
         self.sql = SqlService(self.catalog, self.security.seal, self.sizing, self.read_pool,
                               limits, _version())
+        self.live = LiveService(settings.data, settings.live(), self.catalog,
+                                self.security.seal)
 
     def shutdown(self) -> None:
         super().shutdown()
+        self.live.close()
         self.sql.close()
         self.read_pool.shutdown(wait=True, cancel_futures=True)
         self.catalog.close()
@@ -173,6 +178,8 @@ class LclstreamServer(flight.FlightServerBase):
                     infos.append(self._flight_info(plan, descriptor))
                 except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone
                     log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
+        infos += self.live.flight_infos(call.identity,
+                                        lambda e: fnmatch.fnmatchcase(e, pattern))
         return iter(infos)
 
     @staticmethod
@@ -186,6 +193,8 @@ class LclstreamServer(flight.FlightServerBase):
                         descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         if (command := self._sql(descriptor)) is not None:
             return self.sql.flight_info(self._call(context).identity, command, descriptor)
+        if (sub := subscription_of(descriptor)) is not None:
+            return self.live.flight_info(self._call(context), sub, descriptor)
         return self._flight_info(self._plan(context, descriptor), descriptor)
 
     @rpc
@@ -193,6 +202,8 @@ class LclstreamServer(flight.FlightServerBase):
                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         if (command := self._sql(descriptor)) is not None:
             return flight.SchemaResult(self.sql.schema(self._call(context).identity, command))
+        if (sub := subscription_of(descriptor)) is not None:
+            return flight.SchemaResult(self.live.schema(self._call(context), sub))
         return flight.SchemaResult(self._plan(context, descriptor).schema)
 
     # -- data --------------------------------------------------------------------------------
@@ -204,6 +215,9 @@ class LclstreamServer(flight.FlightServerBase):
         if (command := _sql_command(ticket.ticket)) is not None:
             schema, batches = self.sql.do_get(call.identity, command, context.is_cancelled)
             return flight.GeneratorStream(schema, _guard_stream(batches, call))
+        if (sub := self.live.ticket(ticket.ticket)) is not None:
+            schema, deliveries = self.live.do_get(call, sub, context.is_cancelled)
+            return flight.GeneratorStream(schema, _guard_stream(deliveries, call))
         t = self.security.seal.open(ticket.ticket)
         self._may_read(call, t.experiment, t.run)
         run = self.catalog.run(t.experiment, t.run, lambda e: call.identity.may(e, "read"))
@@ -224,7 +238,7 @@ class LclstreamServer(flight.FlightServerBase):
     # -- actions -----------------------------------------------------------------------------
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return list(ACTIONS.items()) + list(SQL_ACTIONS.items())
+        return [*ACTIONS.items(), *LIVE_ACTIONS.items(), *SQL_ACTIONS.items()]
 
     @rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
@@ -233,8 +247,12 @@ class LclstreamServer(flight.FlightServerBase):
         call = self._call(context)
         if (command := self._sql(descriptor)) is not None:
             return self.sql.do_put(call.identity, command, reader, writer)
+        if (sub := subscription_of(descriptor)) is not None and \
+                descriptor.descriptor_type == flight.DescriptorType.PATH:
+            return self.live.do_put(call, sub, reader, writer)
         raise pa.ArrowNotImplementedError(
-            "DoPut takes Flight SQL prepared-statement parameters only")
+            "DoPut takes a live stream's path [experiment, 'live', stream], or Flight SQL "
+            "prepared-statement parameters")
 
     @rpc
     def do_action(self, context: flight.ServerCallContext,
@@ -242,6 +260,8 @@ class LclstreamServer(flight.FlightServerBase):
         call = self._call(context)
         if action.type in SQL_ACTIONS:
             return self.sql.do_action(call.identity, action)
+        if action.type in LIVE_ACTIONS:
+            return self.live.do_action(call.identity, call, action)
         if action.type in UNSUPPORTED_ACTIONS:
             raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")
         if action.type == "experiments":
@@ -255,7 +275,7 @@ class LclstreamServer(flight.FlightServerBase):
                     "expires": who.expires, "certificate": call.certificate or None}
             return iter([json.dumps(body).encode()])
         raise InvalidArgument(f"unknown action '{action.type}'; actions: "
-                              f"{', '.join([*ACTIONS, *SQL_ACTIONS])}")
+                              f"{', '.join([*ACTIONS, *LIVE_ACTIONS, *SQL_ACTIONS])}")
 
 
 def _version() -> str:

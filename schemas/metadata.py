@@ -24,3 +24,7 @@ DERIVED = b"lclstream.derived"  # how a derived column is computed
 # Derived columns every run offers besides its datasets.
 RUN_COLUMN = "run"
 TIME_COLUMN = "time"
+
+# Live streams (see schemas/live.py).
+LIVE = b"lclstream.live"  # "true" on the schema of a stream still being acquired
+STREAM = b"lclstream.stream"  # the stream's name

@@ -100,7 +100,7 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     return cls(schema)
 
 
-def _load(raw: bytes | str, what: str, schema_file: str) -> dict[str, Any]:
+def load_document(raw: bytes | str, what: str, schema_file: str) -> dict[str, Any]:
     if isinstance(raw, str):
         raw = raw.encode()
     if len(raw) > MAX_DOCUMENT_BYTES:
@@ -120,7 +120,7 @@ def _load(raw: bytes | str, what: str, schema_file: str) -> dict[str, Any]:
 
 def parse_request(raw: bytes | str) -> Request:
     """Parse and validate a v1 command descriptor."""
-    doc = _load(raw, "request", "request.schema.json")
+    doc = load_document(raw, "request", "request.schema.json")
     events = doc.get("events") or {}
     start = events.get("start") or 0
     stop = events.get("stop")
@@ -141,7 +141,7 @@ def parse_request(raw: bytes | str) -> Request:
 
 def parse_ticket(raw: bytes) -> Ticket:
     """Parse and validate a v1 ticket. The caller still re-checks that the run exists."""
-    doc = _load(raw, "ticket", "ticket.schema.json")
+    doc = load_document(raw, "ticket", "ticket.schema.json")
     if doc["stop"] < doc["start"]:
         raise RequestError(f"ticket event range is reversed: {doc['start']} > {doc['stop']}")
     return Ticket(

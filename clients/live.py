@@ -1,0 +1,322 @@
+"""Live streams from Python: `Producer` pushes batches, `Subscription` iterates over them.
+
+    >>> with client.producer("tmox42619", "daq") as p:      # needs the `write` grant
+    ...     p.send(batch)
+    >>> for batch in client.subscribe("tmox42619", "daq", from_="earliest"):
+    ...     ...
+
+Both survive a server restart: the producer resends what was not acknowledged (the server
+drops what it already stored, by sequence number), and a subscription reconnects and resumes
+at the offset after the last batch it delivered (a group member, after its group's commits).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from schemas.live import LIVE_SEGMENT, Ack, Delivery, ProducerMeta
+from schemas.live import Subscription as Request
+
+log = logging.getLogger(__name__)
+
+# What a lost connection looks like while the server restarts; anything else is an answer.
+TRANSIENT = (flight.FlightUnavailableError, ConnectionError)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT):
+        return True
+    # A server killed mid-stream can reset the HTTP/2 stream, which gRPC reports as INTERNAL.
+    return isinstance(exc, flight.FlightInternalError) and "RST_STREAM" in str(exc)
+
+
+class Producer:
+    """Sends batches to a live stream; each is acknowledged once durable on the server.
+
+    `send` returns as soon as the batch is on its way; at most `max_unacked_bytes` are held
+    for resending until acknowledged. `flush` waits for every acknowledgement, `close` ends the
+    connection (the stream stays live for the next producer), `end_run` closes and turns the
+    stream into a run of its experiment."""
+
+    def __init__(self, flight_client: flight.FlightClient, experiment: str, stream: str, *,
+                 producer_id: str | None = None, retention_bytes: int | None = None,
+                 retention_seconds: float | None = None,
+                 max_unacked_bytes: int = 256 << 20, reconnect_for: float = 60.0) -> None:
+        self._flight = flight_client
+        self.experiment, self.stream = experiment, stream
+        self.producer_id = producer_id or uuid.uuid4().hex
+        self._retention = {k: v for k, v in (("bytes", retention_bytes),
+                                             ("seconds", retention_seconds)) if v is not None}
+        self.max_unacked_bytes = max_unacked_bytes
+        self.reconnect_for = reconnect_for
+        self._seq = 0
+        self._unacked: OrderedDict[int, pa.RecordBatch] = OrderedDict()
+        self._unacked_bytes = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._writer: flight.FlightStreamWriter | None = None
+        self._acks: threading.Thread | None = None
+        self._schema: pa.Schema | None = None
+        self.last_ack: Ack | None = None
+        self.duplicates = 0  # resends the server recognised and did not store again
+
+    @property
+    def descriptor(self) -> flight.FlightDescriptor:
+        return flight.FlightDescriptor.for_path(self.experiment, LIVE_SEGMENT, self.stream)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, batch: pa.RecordBatch | pa.Table) -> int:
+        """Queue one batch (a Table is sent batch by batch); returns its sequence number."""
+        if isinstance(batch, pa.Table):
+            seq = self._seq
+            for b in batch.to_batches():
+                seq = self.send(b)
+            return seq
+        self._raise_error()
+        if self._writer is None or not batch.schema.equals(self._schema):
+            # A new schema means a new DoPut: the server decides whether the stream takes it.
+            self._close_connection()
+            self._open(batch.schema)
+        with self._cond:
+            while self._unacked_bytes > self.max_unacked_bytes and self._error is None:
+                self._cond.wait(0.5)
+            self._raise_error()
+            self._seq += 1
+            seq = self._seq
+            self._unacked[seq] = batch
+            self._unacked_bytes += batch.nbytes
+        self._write(seq, batch)
+        return seq
+
+    def _meta(self, seq: int) -> pa.Buffer:
+        retention = self._retention if seq == 1 or not self._sent_retention else None
+        self._sent_retention = True
+        return pa.py_buffer(ProducerMeta(self.producer_id, seq, retention or None).encode())
+
+    def _write(self, seq: int, batch: pa.RecordBatch) -> None:
+        try:
+            self._writer.write_with_metadata(batch, self._meta(seq))
+        except Exception as exc:
+            if not _transient(exc):
+                self._fail(exc)
+                self._raise_error()
+            self._reconnect()
+
+    def _open(self, schema: pa.Schema) -> None:
+        self._schema = schema
+        self._sent_retention = False
+        writer, reader = self._flight.do_put(self.descriptor, schema)
+        self._writer = writer
+        self._acks = threading.Thread(target=self._read_acks, args=(reader,), daemon=True,
+                                      name="lclstream-producer-acks")
+        self._acks.start()
+
+    def _read_acks(self, reader: flight.FlightMetadataReader) -> None:
+        try:
+            while (buf := reader.read()) is not None:
+                ack = Ack.decode(buf.to_pybytes())
+                with self._cond:
+                    batch = self._unacked.pop(ack.seq, None)
+                    if batch is not None:
+                        self._unacked_bytes -= batch.nbytes
+                    self.duplicates += ack.duplicate
+                    if not ack.duplicate:
+                        self.last_ack = ack
+                    self._cond.notify_all()
+        except Exception as exc:
+            if not _transient(exc):
+                self._fail(exc)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _reconnect(self) -> None:
+        """Open a new DoPut and resend everything not acknowledged, in order."""
+        deadline = time.monotonic() + self.reconnect_for
+        delay = 0.1
+        while True:
+            self._close_connection(quiet=True)
+            try:
+                self._open(self._schema)
+                with self._cond:
+                    pending = list(self._unacked.items())
+                for seq, batch in pending:
+                    self._writer.write_with_metadata(batch, self._meta(seq))
+                log.info("producer %s: reconnected, resent %d batches", self.producer_id,
+                         len(pending))
+                return
+            except Exception as exc:
+                if not _transient(exc) or time.monotonic() > deadline:
+                    self._fail(exc)
+                    self._raise_error()
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def _close_connection(self, quiet: bool = False) -> None:
+        """Finish the DoPut: the server syncs and sends the remaining acks before it returns."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.done_writing()
+            if self._acks is not None:
+                self._acks.join()
+            writer.close()
+        except Exception as exc:
+            if not quiet and not _transient(exc):
+                self._fail(exc)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every batch sent so far is acknowledged (durable on the server)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._unacked and self._error is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(self._unacked)} batches not acknowledged after "
+                                       f"{timeout} s")
+                if self._acks is not None and not self._acks.is_alive():
+                    break  # the connection dropped: resend below
+                self._cond.wait(0.2)
+        self._raise_error()
+        if self._unacked:
+            self._reconnect()
+            self.flush(timeout)
+
+    def close(self) -> None:
+        """Send what is queued, wait for every acknowledgement, end the connection."""
+        if self._writer is not None:
+            self.flush()
+            self._close_connection()
+        self._raise_error()
+
+    def end_run(self, run: int | None = None, config: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """Close, then end the stream: it becomes run `run` (default: the next free number) of
+        the experiment, readable like any archived run. Returns {"run", "events", ...}."""
+        self.close()
+        body: dict[str, Any] = {"experiment": self.experiment, "stream": self.stream}
+        if run is not None:
+            body["run"] = run
+        if config is not None:
+            body["config"] = config
+        return action(self._flight, "end_run", body)
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._close_connection(quiet=True)
+
+
+def action(flight_client: flight.FlightClient, name: str, body: dict[str, Any]) -> Any:
+    import json
+
+    results = list(flight_client.do_action(flight.Action(name, json.dumps(body).encode())))
+    return json.loads(results[0].body.to_pybytes()) if results else None
+
+
+class Subscription:
+    """Iterate over a live stream's batches: the stored ones from `from_`, then new ones as
+    they arrive, until the stream ends (it became a run) or you stop.
+
+    `offset`/`next` are the stream offsets of the last batch delivered; after a server
+    restart the iteration resumes at `next` by itself. In a group, call `commit()` once a
+    batch's work is done: a member that restarts gets back what it did not commit."""
+
+    def __init__(self, flight_client: flight.FlightClient, experiment: str, stream: str, *,
+                 from_: str | int | dt.datetime = "earliest", group: str | None = None,
+                 member: str | None = None, columns: Sequence[str] | None = None,
+                 filter: str | None = None, processing: Sequence[dict] | None = None,
+                 reconnect_for: float = 60.0, skip_empty: bool = True) -> None:
+        self._flight = flight_client
+        if isinstance(from_, dt.datetime):
+            from_ = (from_ if from_.tzinfo else from_.replace(tzinfo=dt.UTC)).isoformat()
+        self.request = Request(experiment, stream, from_, group,
+                               member or (uuid.uuid4().hex if group else None),
+                               None if columns is None else tuple(columns), filter,
+                               None if processing is None else tuple(processing))
+        self.reconnect_for = reconnect_for
+        self.skip_empty = skip_empty
+        self.offset: int | None = None
+        self.next: int | None = None
+        self.schema: pa.Schema | None = None
+        self._reader: flight.FlightStreamReader | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        deadline, delay = None, 0.1
+        while not self._closed:
+            request = self.request
+            if self.next is not None and request.group is None:
+                request = Request(**{**request.__dict__, "start": self.next})
+            try:
+                self._reader = self._flight.do_get(flight.Ticket(request.encode()))
+                self.schema = self._reader.schema
+                for chunk in self._reader:
+                    deadline, delay = None, 0.1  # connected and delivering
+                    delivery = Delivery.decode(chunk.app_metadata.to_pybytes())
+                    self.offset, self.next = delivery.offset, delivery.next
+                    if chunk.data.num_rows or not self.skip_empty:
+                        yield chunk.data
+                return  # the stream ended
+            except Exception as exc:
+                if self._closed:
+                    return
+                if not _transient(exc):
+                    raise
+                deadline = deadline or time.monotonic() + self.reconnect_for
+                if time.monotonic() > deadline:
+                    raise
+                log.info("subscription to %s/%s lost (%s); resuming at %s", request.experiment,
+                         request.stream, type(exc).__name__, self.next)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def commit(self, offset: int | None = None) -> dict[str, Any]:
+        """Tell the group everything received up to `offset` (default: all so far) is done."""
+        if self.request.group is None:
+            raise ValueError("commit is for group subscriptions (subscribe with group=...)")
+        upto = self.next if offset is None else offset
+        if upto is None:
+            return {"committed_events": 0}
+        return action(self._flight, "commit", {
+            "experiment": self.request.experiment, "stream": self.request.stream,
+            "group": self.request.group, "member": self.request.member, "offset": upto})
+
+    def close(self) -> None:
+        """Stop: the server frees the subscription; in a group, what was not committed goes to
+        the other members."""
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

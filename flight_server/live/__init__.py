@@ -1,0 +1,1 @@
+"""Live streams: producers DoPut during acquisition, consumers subscribe; durable segment log."""

@@ -1,0 +1,97 @@
+"""Every live stream under the data root, found on disk at start and recovered from its log.
+
+A stream lives in DATA/<experiment>/live/<stream>/: `segments/` (the log), `groups/` (consumer
+group commits), `stream.json` (retention, and the run it became) and, once ended, the run file
+the catalog serves like any other. One flusher thread syncs every stream's log each
+`fsync_interval` (when the policy is "interval") and applies retention.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from flight_server.catalog import EXPERIMENT_NAME
+from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
+from flight_server.live.stream import LiveSettings, Stream
+from schemas.live import LIVE_SEGMENT
+
+log = logging.getLogger(__name__)
+
+RETENTION_EVERY_S = 1.0
+
+
+def check_stream_name(name: str) -> None:
+    if not EXPERIMENT_NAME.match(name) or ".." in name:
+        raise InvalidArgument(f"invalid stream name {name!r}: use letters, digits, '_', '-' and "
+                              "'.', starting with a letter or digit")
+
+
+class LiveStreams:
+    def __init__(self, root: Path, settings: LiveSettings) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._streams: dict[tuple[str, str], Stream] = {}
+        for directory in sorted(self.root.glob(f"*/{LIVE_SEGMENT}/*/")):
+            experiment, name = directory.parent.parent.name, directory.name
+            if EXPERIMENT_NAME.match(experiment) and EXPERIMENT_NAME.match(name):
+                stream = Stream(experiment, name, directory, settings)
+                self._streams[(experiment, name)] = stream
+                log.info("live stream %s/%s: %d events recovered", experiment, name,
+                         stream.log.end)
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="live-flusher",
+                                         daemon=True)
+        self._flusher.start()
+
+    def directory(self, experiment: str, name: str) -> Path:
+        return self.root / experiment / LIVE_SEGMENT / name
+
+    def get(self, experiment: str, name: str) -> Stream:
+        with self._lock:
+            stream = self._streams.get((experiment, name))
+            if stream is None:
+                names = [n for (e, n) in self._streams if e == experiment]
+                raise NotFound(f"experiment '{experiment}' has no live stream '{name}'."
+                               f"{close_matches(name, names)} Streams: {listing(names)}")
+            return stream
+
+    def open(self, experiment: str, name: str) -> Stream:
+        """The stream, created if it does not exist yet (a producer's first DoPut)."""
+        check_stream_name(name)
+        with self._lock:
+            stream = self._streams.get((experiment, name))
+            if stream is None:
+                stream = Stream(experiment, name, self.directory(experiment, name),
+                                self.settings)
+                self._streams[(experiment, name)] = stream
+            return stream
+
+    def streams(self) -> list[Stream]:
+        with self._lock:
+            return list(self._streams.values())
+
+    def _flush_loop(self) -> None:
+        last_retention = 0.0
+        while not self._stop.wait(self.settings.fsync_interval):
+            for stream in self.streams():
+                try:
+                    if self.settings.fsync == "interval":
+                        stream.sync()
+                    if time.monotonic() - last_retention >= RETENTION_EVERY_S:
+                        stream.apply_retention()
+                except Exception:  # one stream's disk trouble must not stop the others' syncs
+                    log.exception("live stream %s/%s: sync failed", stream.experiment,
+                                  stream.name)
+            if time.monotonic() - last_retention >= RETENTION_EVERY_S:
+                last_retention = time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._flusher.join()
+        for stream in self.streams():
+            stream.sync()
+            stream.close()

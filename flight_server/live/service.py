@@ -1,0 +1,334 @@
+"""The Flight surface of live streams: DoPut to produce, DoGet to subscribe, the actions
+`commit`, `end_run` and `streams`, and live entries in ListFlights.
+
+Producers need the `write` grant on the experiment, consumers `read`. Tickets are the
+subscription itself, sealed; the plain JSON subscription is accepted as a ticket too, because
+a subscription plans nothing that a client could tamper with and DoGet checks rights anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server import shaping
+from flight_server.auth import CallRecord, Identity, authorize
+from flight_server.catalog import Catalog, check_experiment_name
+from flight_server.errors import InvalidArgument, NotFound
+from flight_server.live import runfile
+from flight_server.live.registry import LiveStreams
+from flight_server.live.stream import AckSession, LiveSettings, Stream
+from flight_server.sources.columns import Column, Kind
+from flight_server.tickets import TicketSeal
+from schemas import RequestError
+from schemas import metadata as md
+from schemas.live import (
+    LIVE_SEGMENT,
+    Delivery,
+    ProducerMeta,
+    Subscription,
+    is_subscription,
+    parse_subscription,
+)
+
+log = logging.getLogger(__name__)
+
+ACTIONS = {
+    "commit": "JSON {experiment, stream, group, member, offset}: a group member has processed "
+              "everything it received up to offset",
+    "end_run": "JSON {experiment, stream[, run][, config]}: end a live stream; it becomes a run "
+               "of its experiment (needs write)",
+    "streams": "JSON list of live streams: events, rate, bytes on disk, consumer group lag",
+}
+
+
+def _request_error(exc: RequestError) -> InvalidArgument:
+    return InvalidArgument(str(exc))
+
+
+def subscription_of(descriptor: flight.FlightDescriptor) -> Subscription | None:
+    """The subscription a descriptor names: a path [experiment, "live", stream] or a JSON
+    command with a `stream`; None for anything else."""
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        parts = [p.decode("utf-8", "replace") if isinstance(p, bytes) else p
+                 for p in descriptor.path or []]
+        if len(parts) == 3 and parts[1] == LIVE_SEGMENT:
+            return Subscription(parts[0], parts[2])
+        return None
+    if descriptor.descriptor_type == flight.DescriptorType.CMD and is_subscription(
+            descriptor.command):
+        try:
+            return parse_subscription(descriptor.command)
+        except RequestError as exc:
+            raise _request_error(exc) from None
+    return None
+
+
+class StreamColumns:
+    """A stream's schema seen as a run's columns, so that filters and processing steps are
+    built by the same `shaping.build` as for archived runs."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self._schema = schema
+        self.columns = {f.name: Column(f.name, Kind.SCALAR, f) for f in schema}
+
+    def schema(self, columns: list[Column] | None = None) -> pa.Schema:
+        fields = self._schema if columns is None else [c.field for c in columns]
+        return pa.schema(fields, metadata=self._schema.metadata)
+
+    def resolve(self, names: tuple[str, ...] | None) -> list[Column]:
+        if names is None:
+            return list(self.columns.values())
+        missing = [n for n in names if n not in self.columns]
+        if missing:
+            raise NotFound(f"the stream has no column {', '.join(map(repr, missing))}. "
+                           f"Columns: {', '.join(self.columns)}")
+        return [self.columns[n] for n in names]
+
+
+class LiveService:
+    def __init__(self, data: Path, settings: LiveSettings, catalog: Catalog,
+                 seal: TicketSeal) -> None:
+        self.streams = LiveStreams(data, settings)
+        self.catalog = catalog
+        self.seal = seal
+        self._end_lock = threading.Lock()  # two streams ending at once must not pick one number
+
+    def close(self) -> None:
+        self.streams.close()
+
+    # -- producing ---------------------------------------------------------------------------
+
+    def do_put(self, call: CallRecord, sub: Subscription,
+               reader: flight.MetadataRecordBatchReader,
+               writer: flight.FlightMetadataWriter) -> None:
+        check_experiment_name(sub.experiment)
+        call.experiment = sub.experiment
+        authorize(call.identity, sub.experiment, "write")
+        runfile.check_schema(reader.schema)
+        stream = self.streams.open(sub.experiment, sub.stream)
+        session = AckSession(writer)
+        stream.attach(reader.schema, session)
+        try:
+            while True:
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    return
+                try:
+                    raw = chunk.app_metadata
+                    meta = ProducerMeta.decode(raw.to_pybytes() if raw is not None else None)
+                except RequestError as exc:
+                    raise _request_error(exc) from None
+                if meta.retention:
+                    stream.set_retention(meta.retention)
+                if chunk.data is not None:
+                    stream.append(chunk.data, meta.producer, meta.seq, session)
+        finally:
+            stream.detach(session)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    def _readable(self, call: CallRecord, sub: Subscription) -> Stream:
+        check_experiment_name(sub.experiment)
+        call.experiment = sub.experiment
+        authorize(call.identity, sub.experiment, "read")
+        stream = self.streams.get(sub.experiment, sub.stream)
+        if stream.schema is None:
+            raise NotFound(f"stream '{sub.stream}' has no events yet")
+        return stream
+
+    def _shaped(self, stream: Stream, sub: Subscription
+                ) -> tuple[pa.Schema, Callable[[pa.RecordBatch], pa.RecordBatch] | None]:
+        columns = StreamColumns(stream.schema)
+        requested = columns.resolve(sub.columns)
+        shaped = shaping.build(columns, requested, sub.filter, sub.processing)
+        meta = {**(stream.schema.metadata or {}), md.EXPERIMENT: stream.experiment.encode(),
+                md.STREAM: stream.name.encode(),
+                md.LIVE: b"false" if stream.ended else b"true"}
+        if shaped is None:
+            names = [c.name for c in requested]
+            project = None if sub.columns is None else (lambda b: b.select(names))
+            return columns.schema(requested).with_metadata(meta), project
+        read = [c.name for c in shaped.read]
+        return shaped.schema.with_metadata(meta), lambda b: shaped.apply(b.select(read))
+
+    def flight_info(self, call: CallRecord, sub: Subscription,
+                    descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        stream = self._readable(call, sub)
+        schema, _ = self._shaped(stream, sub)
+        ticket = self.seal.sign(sub.encode())
+        events = -1 if sub.filter else stream.log.end - stream.log.start
+        return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])],
+                                 events, stream.log.nbytes, ordered=True)
+
+    def schema(self, call: CallRecord, sub: Subscription) -> pa.Schema:
+        return self._shaped(self._readable(call, sub), sub)[0]
+
+    def ticket(self, raw: bytes) -> Subscription | None:
+        """The subscription in a DoGet ticket, or None when it is not a live ticket."""
+        if raw[:1] == b"{" and is_subscription(raw):
+            body = raw
+        else:
+            body, sep, _ = raw.rpartition(b".")
+            if not sep or not is_subscription(body):
+                return None
+            body = self.seal.verify(raw)
+        try:
+            return parse_subscription(body)
+        except RequestError as exc:
+            raise _request_error(exc) from None
+
+    def do_get(self, call: CallRecord, sub: Subscription, is_cancelled: Callable[[], bool]
+               ) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, bytes]]]:
+        stream = self._readable(call, sub)
+        schema, transform = self._shaped(stream, sub)
+        if sub.group is not None:
+            batches = stream.member(stream.group(sub.group, sub), sub.member, is_cancelled)
+        else:
+            batches = stream.tail(stream.resolve(sub), is_cancelled)
+        return schema, _deliveries(batches, transform)
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def do_action(self, identity: Identity, call: CallRecord,
+                  action: flight.Action) -> Iterator[bytes]:
+        body = _json_body(action)
+        if action.type == "streams":
+            pattern = body.get("experiment", "*")
+            import fnmatch
+
+            found = [s.describe() for s in self.streams.streams()
+                     if fnmatch.fnmatchcase(s.experiment, pattern)
+                     and identity.may(s.experiment, "read")]
+            return iter([json.dumps(found).encode()])
+        experiment, name = _named(body, "experiment"), _named(body, "stream")
+        check_experiment_name(experiment)
+        call.experiment = experiment
+        if action.type == "commit":
+            authorize(identity, experiment, "read")
+            return iter([json.dumps(self._commit(experiment, name, body)).encode()])
+        authorize(identity, experiment, "write")
+        return iter([json.dumps(self._end_run(experiment, name, body)).encode()])
+
+    def _commit(self, experiment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        stream = self.streams.get(experiment, name)
+        group_name, member = _named(body, "group"), _named(body, "member")
+        offset = body.get("offset")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise InvalidArgument("commit needs 'offset': the `next` offset of the last batch "
+                                  "processed (an integer >= 0)")
+        with stream.cond:
+            group = stream.groups.get(group_name)
+            if group is None:
+                raise NotFound(f"stream '{name}' has no consumer group '{group_name}'")
+            events = group.commit(member, offset)
+            return {"group": group_name, "committed_events": events,
+                    "watermark": group.watermark()}
+
+    def _end_run(self, experiment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        stream = self.streams.get(experiment, name)
+        number = body.get("run")
+        if number is not None and (not isinstance(number, int) or number < 0):
+            raise InvalidArgument(f"'run' must be an integer >= 0, got {number!r}")
+        config = body.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise InvalidArgument("'config' must be a JSON object of per-run settings")
+        with stream.cond:
+            if stream.ended:
+                return {"experiment": experiment, "stream": name, **stream.ended}
+            if stream.connected_producers:
+                raise InvalidArgument(
+                    f"stream '{name}' still has {stream.connected_producers} producer(s) "
+                    "connected; close them first, then end the run")
+            if stream.schema is None:
+                raise InvalidArgument(f"stream '{name}' has no events to make a run of")
+            stream.state["ending"] = True
+        try:
+            stream.sync()
+            with self._end_lock:
+                number = self._run_number(experiment, number)
+                path = stream.directory / f"{experiment}_Run{number:04d}.h5"
+                with stream.cond:
+                    entries = list(stream.log.entries)
+                events = runfile.write_run(
+                    path, stream.schema, ((stream.batch_at(e), e.time_ns) for e in entries),
+                    config)
+                ended = {"run": number, "events": events,
+                         "first_offset": entries[0].offset if entries else 0}
+                with stream.cond:
+                    stream.state["ended"] = ended
+                    stream._save_state()
+                    stream.cond.notify_all()  # tailing consumers finish
+                self.catalog.scan_experiment(experiment)
+        finally:
+            with stream.cond:
+                stream.state.pop("ending", None)
+        log.info("live stream %s/%s ended as run %d (%d events)", experiment, name, number,
+                 events)
+        return {"experiment": experiment, "stream": name, **ended}
+
+    def _run_number(self, experiment: str, wanted: int | None) -> int:
+        taken = set(self.catalog.scan_experiment(experiment))
+        taken |= {s.ended["run"] for s in self.streams.streams()
+                  if s.experiment == experiment and s.ended}
+        if wanted is None:
+            return max(taken, default=0) + 1
+        if wanted in taken:
+            raise InvalidArgument(f"experiment '{experiment}' already has run {wanted}; omit "
+                                  f"'run' to take the next free number ({max(taken) + 1})")
+        return wanted
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def flight_infos(self, identity: Identity, matches: Callable[[str], bool]
+                     ) -> list[flight.FlightInfo]:
+        infos = []
+        for stream in self.streams.streams():
+            if stream.ended or stream.schema is None or not matches(stream.experiment):
+                continue
+            if not identity.may(stream.experiment, "read"):
+                continue
+            sub = Subscription(stream.experiment, stream.name)
+            descriptor = flight.FlightDescriptor.for_path(stream.experiment, LIVE_SEGMENT,
+                                                          stream.name)
+            schema, _ = self._shaped(stream, sub)
+            endpoint = flight.FlightEndpoint(self.seal.sign(sub.encode()), [])
+            infos.append(flight.FlightInfo(schema, descriptor, [endpoint],
+                                           stream.log.end - stream.log.start,
+                                           stream.log.nbytes, ordered=True))
+        return infos
+
+
+def _deliveries(batches: Iterator[tuple[pa.RecordBatch, tuple[int, int]]],
+                transform: Callable[[pa.RecordBatch], pa.RecordBatch] | None
+                ) -> Iterator[tuple[pa.RecordBatch, bytes]]:
+    for batch, (start, stop) in batches:
+        if transform is not None:
+            batch = transform(batch)
+        yield batch, Delivery(start, stop).encode()
+
+
+def _json_body(action: flight.Action) -> dict[str, Any]:
+    raw = action.body.to_pybytes() if action.body is not None else b""
+    try:
+        body = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"action '{action.type}' takes a JSON object: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"action '{action.type}' takes a JSON object")
+    return body
+
+
+def _named(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"'{key}' is required (a non-empty string)")
+    return value
