@@ -108,10 +108,17 @@ class Producer:
         try:
             self._writer.write_with_metadata(batch, self._meta(seq))
         except Exception as exc:
-            if not _transient(exc):
-                self._fail(exc)
-                self._raise_error()
+            self._check_answer(exc)
             self._reconnect()
+
+    def _check_answer(self, exc: BaseException) -> None:
+        """After a failed write: raise the server's answer if it refused the call (it reaches
+        the ack reader, not the writer), or `exc` if it is not a lost connection."""
+        if self._acks is not None:
+            self._acks.join(timeout=5)
+        if self._error is None and not _transient(exc):
+            self._fail(exc)
+        self._raise_error()
 
     def _open(self, schema: pa.Schema) -> None:
         self._schema = schema
@@ -166,7 +173,8 @@ class Producer:
                          len(pending))
                 return
             except Exception as exc:
-                if not _transient(exc) or time.monotonic() > deadline:
+                self._check_answer(exc)
+                if time.monotonic() > deadline:
                     self._fail(exc)
                     self._raise_error()
                 time.sleep(delay)

@@ -44,6 +44,7 @@ class Group:
         self.cursor = max([base] + [stop for _, stop in self.committed])
         self.redeliver: deque[Span] = deque(self._gaps(self.cursor))
         self.outstanding: dict[str, list[Span]] = {}
+        self.connected: set[str] = set()
 
     @classmethod
     def load(cls, name: str, path: Path) -> Group | None:
@@ -69,7 +70,9 @@ class Group:
     # -- delivery ----------------------------------------------------------------------------
 
     def join(self, member: str) -> None:
-        self.outstanding.setdefault(member, [])
+        """A member connects; what it was given before and did not commit comes again."""
+        self.leave(member)
+        self.connected.add(member)
 
     def take(self, member: str, batch_end: Callable[[int], int | None]) -> Span | None:
         """The next span for `member`: one given back by a member that left, else the next
@@ -103,12 +106,18 @@ class Group:
 
     def leave(self, member: str) -> None:
         """A member disconnected: what it did not commit goes to the next member that asks."""
+        self.connected.discard(member)
         for span in sorted(self.outstanding.pop(member, []), reverse=True):
             self.redeliver.appendleft(span)
 
+    def finish(self, member: str) -> None:
+        """The stream ended and the member has had everything: it may still be working on (and
+        then commit) its last batches, so they stay its own."""
+        self.connected.discard(member)
+
     @property
     def members(self) -> int:
-        return len(self.outstanding)
+        return len(self.connected)
 
     def watermark(self) -> int:
         """The first offset not committed: everything before it has been processed."""

@@ -346,17 +346,19 @@ class Stream:
                is_cancelled: Callable[[], bool]) -> Iterator[tuple[pa.RecordBatch, Span]]:
         """Batches for one member of a group: each batch to exactly one member."""
         with self.cond:
-            if member in group.outstanding:
+            if member in group.connected:
                 raise InvalidArgument(f"member '{member}' of group '{group.name}' is already "
                                       "connected; each member needs its own name")
             group.join(member)
             self.consumers += 1
+        finished = False
         try:
             while True:
                 with self.cond:
                     span = group.take(member, self._batch_end)
                     while span is None:
                         if self.ended and group.finished(self.log.end):
+                            finished = True
                             return
                         if not self._wait(is_cancelled):
                             return
@@ -370,7 +372,10 @@ class Stream:
                     return
         finally:
             with self.cond:
-                group.leave(member)
+                if finished:
+                    group.finish(member)
+                else:
+                    group.leave(member)
                 self.consumers -= 1
                 self.cond.notify_all()  # what it gave back may be another member's next batch
 
