@@ -69,6 +69,7 @@ class Producer:
         self._schema: pa.Schema | None = None
         self.last_ack: Ack | None = None
         self.duplicates = 0  # resends the server recognised and did not store again
+        self.reconnects = 0
 
     @property
     def descriptor(self) -> flight.FlightDescriptor:
@@ -171,6 +172,7 @@ class Producer:
                     self._writer.write_with_metadata(batch, self._meta(seq))
                 log.info("producer %s: reconnected, resent %d batches", self.producer_id,
                          len(pending))
+                self.reconnects += 1
                 return
             except Exception as exc:
                 self._check_answer(exc)
@@ -312,9 +314,17 @@ class Subscription:
         upto = self.next if offset is None else offset
         if upto is None:
             return {"committed_events": 0}
-        return action(self._flight, "commit", {
-            "experiment": self.request.experiment, "stream": self.request.stream,
-            "group": self.request.group, "member": self.request.member, "offset": upto})
+        body = {"experiment": self.request.experiment, "stream": self.request.stream,
+                "group": self.request.group, "member": self.request.member, "offset": upto}
+        deadline, delay = time.monotonic() + self.reconnect_for, 0.1
+        while True:  # a server restarting: commit once it is back (what it has not seen
+            try:     # committed it delivers again; at-least-once)
+                return action(self._flight, "commit", body)
+            except Exception as exc:
+                if not _transient(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
         """Stop: the server frees the subscription; in a group, what was not committed goes to

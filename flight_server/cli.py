@@ -1,4 +1,4 @@
-"""`lclstream serve | demo | generate | ls | get`."""
+"""`lclstream serve | demo | generate | ls | get | sql | produce | streams`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def _events(text: str | None) -> slice | None:
 
 
 def _serve(settings: config.Settings, banner: str | None = None,
-           on_start: Callable[[LclstreamServer, str], dict[str, str]] | None = None) -> int:
+           on_start: Callable[[LclstreamServer, str], dict[str, str]] | None = None,
+           on_stop: Callable[[], None] | None = None) -> int:
     from flight_server.server import LclstreamServer
 
     logging.basicConfig(level=settings.log_level,
@@ -54,6 +55,9 @@ def _serve(settings: config.Settings, banner: str | None = None,
         server.serve()  # returns, or raises KeyboardInterrupt, once SIGINT/SIGTERM shut it down
     except KeyboardInterrupt:
         pass
+    finally:
+        if on_stop is not None:
+            on_stop()
     print("server stopped", flush=True)
     return 0
 
@@ -199,6 +203,80 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_line(summary: dict) -> str:
+    seconds = max(summary["seconds"], 1e-9)
+    return (f"{summary['experiment']}/{summary['stream']}: {summary['events']} events sent, "
+            f"{summary['rate']:.1f} events/s, {summary['bytes'] / seconds / 1e6:.1f} MB/s")
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    import pyarrow.flight as flight
+
+    from clients import connect
+    from flight_server.simulator import produce
+
+    def report(summary: dict) -> None:
+        if not args.quiet:
+            print(_progress_line(summary), flush=True)
+
+    what = "forever (Ctrl-C stops)" if args.events is None else f"{args.events} events"
+    print(f"producing simulated events to {args.experiment}/{args.stream} at {args.server}: "
+          f"{args.rate:g} events/s, {what}", flush=True)
+    with connect(args.server, **_client_options(args)) as client:
+        try:
+            summary = produce(client, args.experiment, args.stream, rate=args.rate,
+                              events=args.events, batch_events=args.batch_events,
+                              end_run=args.end_run, progress=report,
+                              retention_bytes=args.retention_bytes, seed=args.seed)
+        except flight.FlightUnauthorizedError as exc:
+            print(f"error: not allowed to produce to {args.experiment}/{args.stream}: "
+                  f"{_brief(exc)}. Producing needs the `write` grant on the experiment (a token "
+                  f"from `lclstream token create --write {args.experiment}`)", file=sys.stderr)
+            return 1
+    print(f"sent {summary['events']} events in {summary['seconds']:.1f} s "
+          f"({summary['rate']:.1f} events/s)"
+          + (f"; stream ended as run {summary['run']} of {args.experiment}"
+             if summary["run"] is not None else ""), flush=True)
+    return 130 if summary["stopped"] and args.events is not None and \
+        summary["events"] < args.events else 0
+
+
+def streams_frame(rows: list[dict]):
+    """The `streams` action's answer as a table: a row per stream, its groups' lag in text."""
+    import polars as pl
+
+    def groups(row: dict) -> str:
+        return "; ".join(f"{g['group']}: lag {g['lag']} ({g['members']} member"
+                         f"{'' if g['members'] == 1 else 's'})" for g in row.get("groups", []))
+
+    schema = {"experiment": pl.String, "stream": pl.String, "live": pl.Boolean,
+              "run": pl.Int64, "events": pl.Int64, "events/s": pl.Float64, "MB/s": pl.Float64,
+              "bytes_on_disk": pl.Int64, "producers": pl.Int64, "consumers": pl.Int64,
+              "groups": pl.String}
+    return pl.DataFrame([{
+        "experiment": r["experiment"], "stream": r["stream"], "live": r["live"],
+        "run": r.get("run"), "events": r["events"], "events/s": r["events_per_s"],
+        "MB/s": round(r["bytes_per_s"] / 1e6, 2), "bytes_on_disk": r["bytes_on_disk"],
+        "producers": r["producers"], "consumers": r["consumers"], "groups": groups(r),
+    } for r in rows], schema=schema).sort("experiment", "stream")
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from clients import connect
+
+    with connect(args.server, **_client_options(args)) as client:
+        rows = client.streams(args.experiment or "*")
+    if not rows:
+        print(f"no live streams{'' if args.experiment is None else ' in ' + args.experiment}")
+        return 0
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True,
+                   fmt_str_lengths=80, tbl_width_chars=200):
+        print(streams_frame(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lclstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -265,6 +343,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
     _client_arguments(q)
     q.set_defaults(func=cmd_sql)
+
+    pr = sub.add_parser("produce", help="send simulated demo events to a live stream "
+                        "(needs the write grant)")
+    pr.add_argument("experiment")
+    pr.add_argument("stream", help="the live stream's name; created by its first batch")
+    pr.add_argument("--rate", type=float, default=120.0, help="events per second (default 120)")
+    pr.add_argument("--events", type=int, help="stop after N events (default: until Ctrl-C)")
+    pr.add_argument("--batch-events", type=int, default=1,
+                    help="events per batch sent (default 1)")
+    pr.add_argument("--end-run", action="store_true",
+                    help="at the end (or on Ctrl-C), end the stream: it becomes the "
+                    "experiment's next run")
+    pr.add_argument("--retention-bytes", type=_size, default=_size("1GiB"),
+                    help="keep at most this much of the stream on disk (default 1GiB)")
+    pr.add_argument("--seed", type=int, help="seed of the simulated values (default: random)")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    pr.add_argument("--server", default=DEFAULT_SERVER)
+    _client_arguments(pr)
+    pr.set_defaults(func=cmd_produce)
+
+    st = sub.add_parser("streams", help="list live streams: rate, size, consumer groups' lag")
+    st.add_argument("experiment", nargs="?", help="an experiment name or glob (default: all)")
+    st.add_argument("--server", default=DEFAULT_SERVER)
+    _client_arguments(st)
+    st.set_defaults(func=cmd_streams)
 
     cli_security.register(sub)
     return p

@@ -213,6 +213,7 @@ def produce(
     *,
     stop: threading.Event | None = None,
     simulator: Simulator | None = None,
+    seed: int | None = None,
     retention_bytes: int | None = None,
     retention_seconds: float | None = None,
     producer_id: str | None = None,
@@ -225,7 +226,8 @@ def produce(
     start), so sleeping and sending cost no drift. Runs until `events` are sent, or forever
     when it is None, until `stop` is set or Ctrl-C; then waits until the server has stored
     everything and, with `end_run`, ends the stream as a run of the experiment (with the demo
-    runs' configuration). `progress`, if given, is called with the running summary every
+    runs' configuration). `simulator` (default: a new one, with `seed`) makes the events.
+    `progress`, if given, is called with the running summary every
     `progress_every` seconds. Returns the summary: events, batches, bytes, seconds, rate, and
     the run the stream became."""
     if not rate > 0:
@@ -234,7 +236,7 @@ def produce(
         raise ValueError(f"batch_events must be >= 1, got {batch_events}")
     if events is not None and events < 0:
         raise ValueError(f"events must be >= 0, got {events}")
-    sim = simulator or Simulator(rate=rate)
+    sim = simulator or Simulator(seed, rate=rate)
     stop = stop or threading.Event()
     summary: dict[str, Any] = {"experiment": experiment, "stream": stream, "events": 0,
                                "batches": 0, "bytes": 0, "seconds": 0.0, "rate": 0.0,
