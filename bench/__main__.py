@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import latency, memory, processing, sql, throughput
+from bench import latency, live, memory, processing, sql, throughput
 from bench.common import (
     Result,
     environment,
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     memory.NAME: memory.run,
     sql.NAME: sql.run,
     processing.NAME: processing.run,
+    live.NAME: live.run,
 }
 
 

@@ -211,6 +211,14 @@ class Producer:
                 self._cond.wait(0.2)
         self._raise_error()
         if self._unacked:
+            # The call ended with batches unacknowledged: its status says whether the server
+            # refused them (raised here) or the connection was lost (resent).
+            writer, self._writer = self._writer, None
+            try:
+                if writer is not None:
+                    writer.close()
+            except Exception as exc:
+                self._check_answer(exc)
             self._reconnect()
             self.flush(timeout)
 

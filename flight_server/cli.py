@@ -51,13 +51,52 @@ def _serve(settings: config.Settings, banner: str | None = None,
     extra = on_start(server, location) if on_start else {}
     print(banner.format(location=location, **extra) if banner
           else f"serving {settings.data} at {location}", flush=True)
+    if on_stop is not None:
+        return _serve_until_signal(server, on_stop)
     try:
         server.serve()  # returns, or raises KeyboardInterrupt, once SIGINT/SIGTERM shut it down
     except KeyboardInterrupt:
         pass
+    print("server stopped", flush=True)
+    return 0
+
+
+SHUTDOWN_PATIENCE_S = 5.0
+
+
+def _serve_until_signal(server: LclstreamServer, on_stop: Callable[[], None]) -> int:
+    """Serve until SIGINT/SIGTERM, then `on_stop` (the demo's producer) before the shutdown.
+
+    The server's own signal handling (`serve()`) shuts down at once and waits for every open
+    call to finish, which a producer inside this process, still sending, never does; so the
+    signal is caught here instead. A live subscriber still connected also keeps the shutdown
+    waiting: after SHUTDOWN_PATIENCE_S a second Ctrl-C exits without it (nothing is lost: the
+    producer has stopped and everything it sent is on disk)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
     finally:
-        if on_stop is not None:
-            on_stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    print("stopping ...", flush=True)
+    on_stop()
+    closer = threading.Thread(target=server.shutdown, name="shutdown", daemon=True)
+    closer.start()
+    try:
+        closer.join(SHUTDOWN_PATIENCE_S)
+        if closer.is_alive():
+            print("waiting for live-stream subscribers to disconnect; Ctrl-C again to stop "
+                  "now", flush=True)
+            closer.join()
+    except KeyboardInterrupt:
+        print("server stopped (subscribers cut off)", flush=True)
+        os._exit(0)  # the shutdown thread waits for them in gRPC, where it cannot be stopped
     print("server stopped", flush=True)
     return 0
 
@@ -75,8 +114,15 @@ From Python (in this repository's .venv):
     df = c.polars("tmox42619", 1, columns=["gmd/energy", "tof/waveforms"])
     c.sql('SELECT run, count(*), avg("gmd/energy") FROM tmox42619.events GROUP BY run')
 
+Live stream: a simulated acquisition sends {{rate}} events/s to {{experiment}}/{{stream}}
+(keeping the last {{retention}} on disk). Subscribe from Python:
+
+    for batch in c.subscribe("{{experiment}}", "{{stream}}", from_="latest"):
+        print(batch.num_rows, batch.column("gmd/energy"))
+
 SQL tools (ADBC, JDBC, Polars, Pandas): Flight SQL at {{location}}; see README "SQL and BI tools"
-Walkthroughs: notebooks/01_quickstart.ipynb, 02_sql.ipynb   Command line: .venv/bin/lclstream ls
+Walkthroughs: notebooks/01_quickstart.ipynb, 02_sql.ipynb, 03_live.ipynb (a live monitor)
+Command line: .venv/bin/lclstream ls | streams (live streams: rate, size, consumer lag)
 Stop with Ctrl-C.
 """
 
@@ -123,6 +169,76 @@ def _demo_credentials(server: LclstreamServer, location: str) -> dict[str, str]:
                            f"{location}`): user {DEMO_USER}, password {password_file.read_text()}"}
 
 
+DEMO_EXPERIMENT, DEMO_STREAM = "tmox42619", "live"
+DEMO_LIVE_RATE = 120.0
+DEMO_LIVE_RETENTION = 512 << 20  # about two minutes at 120 Hz: the demo never fills the disk
+
+
+class DemoAcquisition:
+    """The demo's live stream: a thread in the server's process sends simulated events to it,
+    with a token of its own that may write the demo experiment (the printed token only reads).
+    `stop` ends the sending before the server shuts down, since the server waits for open
+    calls, this producer's included, to finish."""
+
+    def __init__(self, experiment: str = DEMO_EXPERIMENT, stream: str = DEMO_STREAM,
+                 rate: float = DEMO_LIVE_RATE, retention_bytes: int = DEMO_LIVE_RETENTION
+                 ) -> None:
+        import threading
+
+        self.experiment, self.stream, self.rate = experiment, stream, rate
+        self.retention_bytes = retention_bytes
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _free_stream(self, server: LclstreamServer) -> str:
+        """The demo stream, or a new name if someone ended it as a run: an ended stream takes
+        no more events."""
+        ended = {s.name for s in server.live.streams.streams()
+                 if s.experiment == self.experiment and s.ended}
+        name, n = self.stream, 1
+        while name in ended:
+            n += 1
+            name = f"{self.stream}-{n}"
+        return name
+
+    def start(self, server: LclstreamServer, location: str) -> dict[str, str]:
+        import threading
+
+        from flight_server.grants import Grants
+
+        self.stream = self._free_stream(server)
+        token = None
+        if server.security.minter is not None:
+            token = server.security.minter.mint(f"{DEMO_USER}-acquisition",
+                                                Grants.build(write=[self.experiment]),
+                                                DEMO_TOKEN_TTL)
+        options = {"tls_root_certs": server.settings.tls_cert} \
+            if location.startswith("grpc+tls") else {}
+        self._thread = threading.Thread(target=self._run, args=(location, token, options),
+                                        name="demo-acquisition", daemon=True)
+        self._thread.start()
+        return {"experiment": self.experiment, "stream": self.stream, "rate": f"{self.rate:g}",
+                "retention": f"{self.retention_bytes / 2**20:.0f} MiB"}
+
+    def _run(self, location: str, token: str | None, options: dict) -> None:
+        from clients import connect
+        from flight_server.simulator import produce
+
+        try:
+            with connect(location, token, **options) as client:
+                produce(client, self.experiment, self.stream, rate=self.rate, stop=self._stop,
+                        retention_bytes=self.retention_bytes)
+        except Exception:
+            if not self._stop.is_set():
+                logging.getLogger(__name__).exception(
+                    "the demo's live stream %s/%s stopped", self.experiment, self.stream)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flight_server.generator import generate_demo
 
@@ -130,7 +246,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                          "host": args.host})
     print(f"preparing demo data in {settings.data} ...", flush=True)
     generate_demo(settings.data)
-    return _serve(settings, DEMO_BANNER.format(data=settings.data), _demo_credentials)
+    acquisition = DemoAcquisition()
+
+    def start(server: LclstreamServer, location: str) -> dict[str, str]:
+        return {**_demo_credentials(server, location), **acquisition.start(server, location)}
+
+    return _serve(settings, DEMO_BANNER.format(data=settings.data), start, acquisition.stop)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -252,6 +252,7 @@ def test_producer_needs_the_write_grant(server: LclstreamServer) -> None:
 @pytest.mark.parametrize(("column", "message"), [
     (pa.array([True] * 10), "bool"),
     (pa.array(["a"] * 10), "string"),
+    (pa.array([1, None] * 5, pa.uint16()), "has nulls"),
 ])
 def test_columns_a_run_cannot_hold_are_refused(client: Client, column: pa.Array,
                                                message: str) -> None:

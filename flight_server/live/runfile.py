@@ -219,6 +219,18 @@ def _dtype(t: pa.DataType) -> np.dtype:
     return np.dtype(t.to_pandas_dtype())
 
 
+def check_nulls(batch: pa.RecordBatch) -> None:
+    """Refuse a batch with nulls its run file could not mark as missing, when it arrives rather
+    than when the stream ends."""
+    for field, column in zip(batch.schema, batch.columns, strict=True):
+        if column.null_count and pa.types.is_integer(field.type) and \
+                np.iinfo(_dtype(field.type)).min > LCLS2.int_sentinel:
+            raise InvalidArgument(
+                f"column '{field.name}' ({field.type}) has nulls, but an LCLS2 run file marks a "
+                f"missing value only as NaN (floats) or {LCLS2.int_sentinel} (int32, int64); "
+                "cast the column to one of those types or send no nulls")
+
+
 def _missing(col: _Column) -> float | int:
     """The LCLS2 sentinel `run.py` serves back as null, where the column's type can hold one."""
     if col.dtype.kind == "f":

@@ -130,6 +130,7 @@ class LiveService:
                 if meta.retention:
                     stream.set_retention(meta.retention)
                 if chunk.data is not None:
+                    runfile.check_nulls(chunk.data)
                     stream.append(chunk.data, meta.producer, meta.seq, session)
         finally:
             stream.detach(session)
