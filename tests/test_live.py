@@ -300,22 +300,48 @@ def test_bad_subscriptions(client: Client, server: LclstreamServer) -> None:
 
 def test_stalled_consumer_does_not_hold_back_the_producer(client: Client,
                                                           server: LclstreamServer) -> None:
-    produce(client, "stall", 1)
+    def wide(first: int) -> pa.RecordBatch:
+        return events(first, width=4096)  # 160 KiB
+
+    with client.producer(EXP, "stall") as producer:
+        producer.send(wide(0))
     stalled = client.subscribe(EXP, "stall")
     it = iter(stalled)
     next(it)  # connected, then it stops reading
-    # 400 batches of ~3 KiB is many times the 64 KiB ring and gRPC's window: a producer held
-    # back by the consumer would block here.
-    produce(client, "stall", 400, first=10)
+    # 300 batches, 48 MiB: many times the 64 KiB ring and the connection's flow-control window.
+    # A producer held back by the consumer would block here.
+    with client.producer(EXP, "stall") as producer:
+        for i in range(1, 301):
+            producer.send(wide(10 * i))
     described = client.streams(EXP)[0]
-    assert described["events"] == 4010 and described["consumers"] == 1
+    assert described["events"] == 3010 and described["consumers"] == 1
     rest = []
     for batch in it:  # the stalled consumer catches up from the segments on disk
         rest.append(batch)
-        if sum(b.num_rows for b in rest) >= 4000:
+        if sum(b.num_rows for b in rest) >= 3000:
             break
     stalled.close()
-    assert indices(rest) == list(range(10, 4010))
+    assert indices(rest) == list(range(10, 3010))
+    assert pa.Table.from_batches(rest).equals(
+        pa.Table.from_batches([wide(10 * i) for i in range(1, 301)]))
+
+
+def test_log_reads_back_every_batch_and_recovers_the_same_index(tmp_path: Path) -> None:
+    from flight_server.live.log import SegmentLog
+
+    log = SegmentLog(tmp_path, segment_bytes=8 * 1024)
+    log.create(events(0).schema)
+    for i in range(20):
+        log.publish(log.append(events(10 * i), "p", i))
+    log.take_unsynced().run()
+    assert len(log.segments) > 3
+    assert [indices([log.read(e)]) for e in log.entries] == \
+        [list(range(10 * i, 10 * i + 10)) for i in range(20)]
+    log.close()
+    again = SegmentLog(tmp_path, segment_bytes=8 * 1024)
+    assert [(e.offset, e.position, e.length, e.producer, e.seq) for e in again.entries] == \
+        [(e.offset, e.position, e.length, e.producer, e.seq) for e in log.entries]
+    assert [s.size for s in again.segments] == [s.path.stat().st_size for s in log.segments]
 
 
 def test_consumer_that_disconnects_is_freed(client: Client) -> None:

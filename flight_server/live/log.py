@@ -36,6 +36,25 @@ class Segment:
     events: int = 0
 
 
+@dataclass
+class SyncWork:
+    sealing: list[pa.NativeFile]
+    active: int | None  # a duplicate descriptor of the active segment
+    directory: Path | None
+
+    def run(self) -> None:
+        for sink in self.sealing:
+            os.fsync(sink.fileno())
+            sink.close()  # no end-of-stream marker: segments are indexed by message
+        if self.active is not None:
+            try:
+                os.fsync(self.active)
+            finally:
+                os.close(self.active)
+        if self.directory is not None:
+            _sync_directory(self.directory)
+
+
 @dataclass(eq=False)
 class Entry:
     """One appended batch: where it is on disk, and the batch itself while it is in the ring."""
@@ -66,8 +85,12 @@ class SegmentLog:
         self._active: Segment | None = None
         self._sink: pa.NativeFile | None = None
         self._writer: ipc.RecordBatchStreamWriter | None = None
-        self.written = 0  # bytes appended and not yet synced
+        self._schema_pending = False
+        self._sealing: list[pa.NativeFile] = []  # full segments not yet synced and closed
+        self._unsynced = False
+        self._new_name = False
         self._recover()
+        self._next = self.end  # where the next append goes (`end` is what consumers see)
 
     @property
     def start(self) -> int:
@@ -148,62 +171,69 @@ class SegmentLog:
         return segment
 
     # -- appending ---------------------------------------------------------------------------
+    # Appends and syncs are serialised by the caller (the stream's write lock); `publish` and
+    # everything consumers read run under the stream's consumer lock.
 
     def create(self, schema: pa.Schema) -> None:
         self.schema = schema
 
     def append(self, batch: pa.RecordBatch, producer: str | None, seq: int | None) -> Entry:
-        """Write one batch at the end of the log (not yet synced)."""
+        """Write one batch after the last: not yet synced, and not visible until `publish`."""
         if self._writer is None or self._active.size >= self.segment_bytes:
             self._roll()
         now = time.time_ns()
-        meta = {"offset": str(self.end), "time": str(now)}
+        meta = {"offset": str(self._next), "time": str(now)}
         if producer is not None:
             meta |= {"producer": producer, "seq": str(seq)}
         position = self._sink.tell()
         self._writer.write_batch(batch, custom_metadata=meta)
-        length = self._sink.tell() - position
+        written = self._sink.tell()
+        if self._schema_pending:  # the writer puts the schema down before a segment's first batch
+            position += self.schema.serialize().size
+            self._schema_pending = False
         segment = self._active
-        entry = Entry(self.end, batch.num_rows, segment, position, length, now, producer, seq)
-        segment.size += length
+        entry = Entry(self._next, batch.num_rows, segment, position, written - position, now,
+                      producer, seq)
+        segment.size = written
         segment.events += batch.num_rows
         segment.last_time_ns = now
-        self.entries.append(entry)
-        self.end = entry.end
-        self.written += length
+        self._next = entry.end
+        self._unsynced = True
         return entry
 
+    def publish(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        self.end = entry.end
+
     def _roll(self) -> None:
-        """Start a new segment; the old one is synced and closed first (it is complete)."""
+        """Start a new segment. The old one is complete: the next `sync` syncs and closes it,
+        so that a roll costs an append no disk wait."""
         if self.schema is None:
             raise InvalidArgument("the stream has no schema yet")
-        self._close_active()
-        path = self.directory / f"{self.end:020d}{SUFFIX}"
+        if self._sink is not None:
+            self._sealing.append(self._sink)
+        path = self.directory / f"{self._next:020d}{SUFFIX}"
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = ipc.new_stream(self._sink, self.schema)
-        self._active = Segment(self.end, path, size=self._sink.tell())
+        self._schema_pending = True
+        self._active = Segment(self._next, path)
         self.segments.append(self._active)
-        _sync_directory(self.directory)  # the new file's name must survive a power cut too
+        self._new_name = True  # the directory entry must survive a power cut too
 
-    def _close_active(self) -> None:
-        if self._writer is not None:
-            self._sink.flush()
-            os.fsync(self._sink.fileno())
-            self._writer = None  # no end-of-stream marker: a segment is extended only by new
-            self._sink.close()  # segments, and readers index messages, not whole files
-            self._sink = None
-            self.written = 0
-
-    def sync_handle(self) -> int | None:
-        """A duplicate descriptor of the active segment, for fsync outside the stream's lock
-        (a roll may close the segment meanwhile); None when nothing is unsynced."""
-        if self._sink is None or not self.written:
-            return None
-        self.written = 0
-        return os.dup(self._sink.fileno())
+    def take_unsynced(self) -> SyncWork:
+        """What a sync must make durable; the fsyncs themselves run without any lock."""
+        work = SyncWork(self._sealing, None, self.directory if self._new_name else None)
+        if self._unsynced and self._sink is not None:
+            work.active = os.dup(self._sink.fileno())  # a later roll may close the original
+        self._sealing, self._unsynced, self._new_name = [], False, False
+        return work
 
     def close(self) -> None:
-        self._close_active()
+        self.take_unsynced().run()
+        if self._sink is not None:
+            os.fsync(self._sink.fileno())
+            self._sink.close()
+            self._sink = self._writer = None
 
     # -- reading and retention ---------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 A stream lives in DATA/<experiment>/live/<stream>/: `segments/` (the log), `groups/` (consumer
 group commits), `stream.json` (retention, and the run it became) and, once ended, the run file
-the catalog serves like any other. One flusher thread syncs every stream's log each
-`fsync_interval` (when the policy is "interval") and applies retention.
+the catalog serves like any other. One flusher thread syncs every stream's log: each
+`fsync_interval` (policy "interval"), or as soon as a batch arrives, everything that arrived
+meanwhile in one go (policy "batch": a group commit); it also applies retention.
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ class LiveStreams:
         self.settings = settings
         self._lock = threading.Lock()
         self._streams: dict[tuple[str, str], Stream] = {}
+        self._wake = threading.Event()  # "batch" policy: an append asks for a sync at once
+        self._stop = False
         for directory in sorted(self.root.glob(f"*/{LIVE_SEGMENT}/*/")):
             experiment, name = directory.parent.parent.name, directory.name
             if EXPERIMENT_NAME.match(experiment) and EXPERIMENT_NAME.match(name):
-                stream = Stream(experiment, name, directory, settings)
+                stream = Stream(experiment, name, directory, settings, self._wake.set)
                 self._streams[(experiment, name)] = stream
                 log.info("live stream %s/%s: %d events recovered", experiment, name,
                          stream.log.end)
-        self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="live-flusher",
                                          daemon=True)
         self._flusher.start()
@@ -66,7 +68,7 @@ class LiveStreams:
             stream = self._streams.get((experiment, name))
             if stream is None:
                 stream = Stream(experiment, name, self.directory(experiment, name),
-                                self.settings)
+                                self.settings, self._wake.set)
                 self._streams[(experiment, name)] = stream
             return stream
 
@@ -76,11 +78,14 @@ class LiveStreams:
 
     def _flush_loop(self) -> None:
         last_retention = 0.0
-        while not self._stop.wait(self.settings.fsync_interval):
+        interval = self.settings.fsync_interval if self.settings.fsync == "interval" else \
+            RETENTION_EVERY_S
+        while not self._stop:
+            self._wake.wait(interval)
+            self._wake.clear()
             for stream in self.streams():
                 try:
-                    if self.settings.fsync == "interval":
-                        stream.sync()
+                    stream.sync()  # nothing to do for a stream with nothing new
                     if time.monotonic() - last_retention >= RETENTION_EVERY_S:
                         stream.apply_retention()
                 except Exception:  # one stream's disk trouble must not stop the others' syncs
@@ -90,7 +95,8 @@ class LiveStreams:
                 last_retention = time.monotonic()
 
     def close(self) -> None:
-        self._stop.set()
+        self._stop = True
+        self._wake.set()
         self._flusher.join()
         for stream in self.streams():
             stream.sync()

@@ -78,10 +78,16 @@ class AckSession:
 
 
 class Stream:
-    def __init__(self, experiment: str, name: str, directory: Path,
-                 settings: LiveSettings) -> None:
+    def __init__(self, experiment: str, name: str, directory: Path, settings: LiveSettings,
+                 wake_flusher: Callable[[], None] = lambda: None) -> None:
         self.experiment, self.name, self.directory = experiment, name, directory
         self.settings = settings
+        self._wake_flusher = wake_flusher
+        # Three locks, always taken in this order: `_sync_lock` (one sync at a time, so a sync
+        # never reports durable what another is still syncing), `_write_lock` (appends: the
+        # disk write happens here, without holding up consumers), `cond` (what consumers see).
+        self._sync_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self.cond = threading.Condition()
         self.log = SegmentLog(directory / "segments", settings.segment_bytes)
         self.state = self._load_state()
@@ -169,7 +175,7 @@ class Stream:
 
     def append(self, batch: pa.RecordBatch, producer: str | None, seq: int | None,
                session: AckSession) -> None:
-        with self.cond:
+        with self._write_lock:
             if self.ended or self.state.get("ending"):
                 raise InvalidArgument(f"stream '{self.name}' has ended; the batch was not stored")
             seen = self.producers.get(producer) if producer is not None else None
@@ -182,20 +188,25 @@ class Stream:
             entry = self.log.append(batch, producer, seq)
             entry.batch = batch
             self._remember(entry)
-            self.ring.append(entry)
-            self.ring_bytes += batch.nbytes
-            while self.ring_bytes > self.settings.ring_bytes and len(self.ring) > 1:
-                old = self.ring.popleft()
-                self.ring_bytes -= old.batch.nbytes
-                old.batch = None
-            self._arrivals.append((time.monotonic(), entry.events, entry.length))
-            session.owe(entry.end, Ack(seq, entry.offset, entry.events))
-            self.cond.notify_all()
             rolled = len(self.log.segments) > segments
+            with self.cond:
+                self.log.publish(entry)
+                self.ring.append(entry)
+                self.ring_bytes += batch.nbytes
+                while self.ring_bytes > self.settings.ring_bytes and len(self.ring) > 1:
+                    old = self.ring.popleft()
+                    self.ring_bytes -= old.batch.nbytes
+                    old.batch = None
+                now = time.monotonic()
+                self._arrivals.append((now, entry.events, entry.length))
+                while self._arrivals[0][0] < now - RATE_WINDOW_S:
+                    self._arrivals.popleft()
+                session.owe(entry.end, Ack(seq, entry.offset, entry.events))
+                self.cond.notify_all()
         if rolled:
             self.apply_retention()
         if self.settings.fsync == "batch":
-            self.sync()
+            self._wake_flusher()  # group commit: the flusher syncs while this reads on
 
     def _remember(self, entry: Entry) -> None:
         if entry.producer is None:
@@ -206,17 +217,14 @@ class Stream:
             seen.popitem(last=False)
 
     def sync(self) -> None:
-        """Make everything appended so far durable, then write the acks it settles."""
-        with self.cond:
-            fd, target = self.log.sync_handle(), self.log.end
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with self.cond:
-            self.durable = max(self.durable, target)
-            sessions, durable = list(self.sessions), self.durable
+        """Make everything appended so far durable, then write the acks that settles."""
+        with self._sync_lock:
+            with self._write_lock:
+                work, target = self.log.take_unsynced(), self.log.end
+            work.run()
+            with self.cond:
+                self.durable = max(self.durable, target)
+                sessions, durable = list(self.sessions), self.durable
         for session in sessions:
             session.settle(durable)
 
@@ -406,7 +414,7 @@ class Stream:
             }
 
     def close(self) -> None:
-        with self.cond:
+        with self._sync_lock, self._write_lock, self.cond:
             self.log.close()
             self.cond.notify_all()
 
