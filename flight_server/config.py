@@ -45,7 +45,7 @@ class Settings:
     sql_threads: int = 2  # DuckDB threads per query
     # -- live streams (see README "Live streams") --
     live_fsync: str = "interval"  # "interval": sync every live_fsync_interval; "batch": each batch
-    live_fsync_interval: float = 0.05  # seconds; producers are acked once their batch is synced
+    live_fsync_interval: float = 0.01  # seconds; short keeps the disk writing steadily
     live_segment_bytes: int = 64 * 1024 * 1024  # log file size; retention drops whole segments
     live_ring_bytes: int = 256 * 1024 * 1024  # recent batches kept in memory per stream
     live_retention_bytes: int = 16 * 1024**3  # per stream, unless its producer sets its own

@@ -372,6 +372,22 @@ def test_retention_drops_old_segments_and_says_so(client: Client) -> None:
     assert indices(got) == list(range(described["first_offset"], 2000))
 
 
+def test_retention_by_age(client: Client) -> None:
+    with client.producer(EXP, "aged", retention_seconds=0.3) as producer:
+        for i in range(40):
+            producer.send(events(10 * i))
+    time.sleep(0.4)
+    with client.producer(EXP, "aged") as producer:  # a fresh segment, younger than the limit
+        for i in range(40, 60):
+            producer.send(events(10 * i))
+    deadline = time.monotonic() + 10
+    while client.streams(EXP)[0]["first_offset"] < 400 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    described = client.streams(EXP)[0]
+    assert 400 <= described["first_offset"] < 600
+    assert described["retention"]["seconds"] == 0.3
+
+
 # -- consumer groups --------------------------------------------------------------------------
 
 

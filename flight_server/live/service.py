@@ -8,6 +8,7 @@ a subscription plans nothing that a client could tamper with and DoGet checks ri
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import threading
@@ -204,8 +205,6 @@ class LiveService:
         body = _json_body(action)
         if action.type == "streams":
             pattern = body.get("experiment", "*")
-            import fnmatch
-
             found = [s.describe() for s in self.streams.streams()
                      if fnmatch.fnmatchcase(s.experiment, pattern)
                      and identity.may(s.experiment, "read")]

@@ -29,7 +29,7 @@ from schemas.live import EARLIEST, LATEST, Ack, Subscription
 
 log = logging.getLogger(__name__)
 
-RECENT_SEQS = 65536  # per producer: seq -> offset, to answer a resend with the original offset
+RECENT_SEQS = 4096  # per producer: seq -> offset, to answer a resend with the original offset
 RATE_WINDOW_S = 10.0
 
 
@@ -40,7 +40,7 @@ class Dropped(NotFound):
 @dataclass(frozen=True)
 class LiveSettings:
     fsync: str = "interval"  # "batch": sync before each ack; "interval": every fsync_interval
-    fsync_interval: float = 0.05
+    fsync_interval: float = 0.01
     segment_bytes: int = 64 << 20
     ring_bytes: int = 256 << 20
     retention_bytes: int = 16 << 30
@@ -354,6 +354,11 @@ class Stream:
                is_cancelled: Callable[[], bool]) -> Iterator[tuple[pa.RecordBatch, Span]]:
         """Batches for one member of a group: each batch to exactly one member."""
         with self.cond:
+            # A member reconnecting after a network fault may find its old call not yet gone:
+            # that call notices its client left within `wait_poll`, and leaves.
+            deadline = time.monotonic() + 4 * self.settings.wait_poll
+            while member in group.connected and time.monotonic() < deadline:
+                self.cond.wait(self.settings.wait_poll / 4)
             if member in group.connected:
                 raise InvalidArgument(f"member '{member}' of group '{group.name}' is already "
                                       "connected; each member needs its own name")
