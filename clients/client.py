@@ -146,8 +146,8 @@ class Client:
         with _clean_errors():
             for info in self._flight.list_flights(experiment.encode()):
                 meta = info.schema.metadata or {}
-                if meta.get(md.EXPERIMENT, b"").decode() != experiment:
-                    continue
+                if meta.get(md.EXPERIMENT, b"").decode() != experiment or md.LIVE in meta:
+                    continue  # live streams are listed by `streams()`
                 rows.append({
                     "run": int(meta[md.RUN]),
                     "events": int(meta[md.EVENTS]),

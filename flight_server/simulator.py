@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,10 @@ from flight_server.generator import lcls2
 from flight_server.generator import physics as ph
 from flight_server.sources.columns import field_metadata, time_column
 from schemas import metadata as md
+
+if TYPE_CHECKING:
+    from clients import Client
+    from clients.live import Producer
 
 DEFAULT_RATE_HZ = 120.0
 SEGMENT_EVENTS = 7200
@@ -202,7 +206,7 @@ class Simulator:
 
 
 def produce(
-    client: Any,
+    client: Client,
     experiment: str,
     stream: str,
     rate: float = DEFAULT_RATE_HZ,
@@ -222,14 +226,15 @@ def produce(
     """Send simulated events to live stream `stream` of `experiment` at `rate` events/s.
 
     `client` is a `clients.Client` with the `write` grant. Batches of `batch_events` leave on
-    an absolute schedule (batch k when its last event is due, k * batch_events / rate after the
-    start), so sleeping and sending cost no drift. Runs until `events` are sent, or forever
-    when it is None, until `stop` is set or Ctrl-C; then waits until the server has stored
-    everything and, with `end_run`, ends the stream as a run of the experiment (with the demo
-    runs' configuration). `simulator` (default: a new one, with `seed`) makes the events.
-    `progress`, if given, is called with the running summary every
-    `progress_every` seconds. Returns the summary: events, batches, bytes, seconds, rate, and
-    the run the stream became."""
+    an absolute schedule, each when its last event is due (event i at i / rate after the
+    start), so the time spent making, sending and sleeping adds no drift. Runs until `events`
+    are sent, or forever when it is None, until `stop` is set or Ctrl-C; then waits until the
+    server has stored everything and, with `end_run`, ends the stream as a run of the
+    experiment (with the demo runs' configuration). `simulator` (default: a new one, with
+    `seed`) makes the events. `progress`, if given, is called with the running summary every
+    `progress_every` seconds while sending. Returns the summary: events, batches, bytes,
+    seconds and rate of sending, whether it was stopped, the next stream offset, and the run
+    the stream became."""
     if not rate > 0:
         raise ValueError(f"rate must be > 0 events/s, got {rate}")
     if batch_events < 1:
@@ -260,6 +265,7 @@ def produce(
             summary["stopped"] = stop.is_set()
         except KeyboardInterrupt:
             summary["stopped"] = True
+        update()  # the rate of sending, not counting the wait for the last acks below
         if end_run:
             ended = producer.end_run(config=run_config(sim.tof_samples))
             summary["run"], summary["run_events"] = ended["run"], ended["events"]
@@ -267,13 +273,10 @@ def produce(
             producer.close()
         if producer.last_ack is not None:
             summary["next_offset"] = producer.last_ack.offset + producer.last_ack.events
-    update()
-    if progress is not None:
-        progress(summary)
     return summary
 
 
-def _send_paced(producer: Any, sim: Simulator, rate: float, events: int | None,
+def _send_paced(producer: Producer, sim: Simulator, rate: float, events: int | None,
                 batch_events: int, stop: threading.Event, summary: dict[str, Any],
                 report: Callable[[], None], report_every: float) -> None:
     """The sending loop of `produce`: sleep until each batch is due, stamp it, send it."""

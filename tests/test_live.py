@@ -155,6 +155,7 @@ def test_list_flights_shows_live_streams_with_a_growing_count(client: Client,
     assert [[p.decode() for p in f.descriptor.path] for f in live] == [[EXP, "live", "listed"]]
     assert live[0].schema.metadata[b"lclstream.live"] == b"true"
     assert live[0].total_records == 20
+    assert client.runs(EXP).is_empty(), "a live stream is not a run yet"
     produce(client, "listed", 1, first=20)
     info = flights.get_flight_info(flight.FlightDescriptor.for_path(EXP, "live", "listed"))
     assert info.total_records == 30
@@ -164,6 +165,7 @@ def test_list_flights_shows_live_streams_with_a_growing_count(client: Client,
     reader.cancel()
     client.end_run(EXP, "listed")
     assert not [f for f in flights.list_flights() if len(f.descriptor.path) == 3]
+    assert client.runs(EXP)["run"].to_list() == [1]
 
 
 # -- the run a stream becomes -----------------------------------------------------------------
