@@ -382,3 +382,16 @@ def machine_load(seconds: float = 1.0) -> str:
     if busy > 10:
         line += "  WARNING: other processes are busy; figures will be noisy"
     return line
+
+
+def child_answer(pipe, process, name: str, timeout: float):
+    """The next ("ok", value) a client process sends back; its error, or its death, raised."""
+    try:
+        if not pipe.poll(timeout):
+            raise RuntimeError(f"no answer in {timeout:.0f} s")
+        status, value = pipe.recv()
+    except EOFError:
+        status, value = "error", f"exited with status {process.exitcode}"
+    if status != "ok":
+        raise RuntimeError(f"client process {name}: {value}")
+    return value

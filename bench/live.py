@@ -64,6 +64,7 @@ from bench.common import (
     Result,
     ServerProcess,
     bench_token,
+    child_answer,
     cpu_seconds,
     fmt_bytes,
     gbps,
@@ -352,15 +353,7 @@ class Worker:
         self.pipe.send((task, kwargs))
 
     def result(self) -> Any:
-        try:
-            if not self.pipe.poll(CHILD_TIMEOUT):
-                raise RuntimeError(f"no answer in {CHILD_TIMEOUT:.0f} s")
-            status, value = self.pipe.recv()
-        except EOFError:
-            status, value = "error", f"exited with status {self.process.exitcode}"
-        if status != "ok":
-            raise RuntimeError(f"client process {self.process.name}: {value}")
-        return value
+        return child_answer(self.pipe, self.process, self.process.name, CHILD_TIMEOUT)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -43,6 +43,7 @@ from bench.common import (
     Result,
     ServerProcess,
     bench_run,
+    child_answer,
     cpu_seconds,
     fmt_bytes,
     gbps,
@@ -370,15 +371,7 @@ class ClientProcess:
         return self._answer()
 
     def _answer(self):
-        try:
-            if not self.pipe.poll(CHILD_TIMEOUT):
-                raise RuntimeError(f"no answer in {CHILD_TIMEOUT:.0f} s")
-            status, value = self.pipe.recv()
-        except EOFError:
-            status, value = "error", f"exited with status {self.process.exitcode}"
-        if status != "ok":
-            raise RuntimeError(f"client process {self.kind}: {value}")
-        return value
+        return child_answer(self.pipe, self.process, self.kind, CHILD_TIMEOUT)
 
     def close(self) -> None:
         try:

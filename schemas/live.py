@@ -91,7 +91,8 @@ def parse_subscription(raw: bytes | str) -> Subscription:
     return sub
 
 
-def _decode(raw: bytes | None, what: str) -> dict[str, Any]:
+def decode_object(raw: bytes | None, what: str) -> dict[str, Any]:
+    """A JSON object (empty input: {}); anything else is a RequestError naming `what`."""
     try:
         doc = json.loads(raw or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,7 +118,7 @@ class ProducerMeta:
 
     @classmethod
     def decode(cls, raw: bytes | None) -> ProducerMeta:
-        doc = _decode(raw, "producer metadata")
+        doc = decode_object(raw, "producer metadata")
         unknown = set(doc) - {"producer", "seq", "retention"}
         if unknown:
             raise RequestError(f"unknown producer metadata {sorted(unknown)}; known: producer, "
@@ -152,7 +153,7 @@ class Ack:
 
     @classmethod
     def decode(cls, raw: bytes) -> Ack:
-        doc = _decode(raw, "ack")
+        doc = decode_object(raw, "ack")
         return cls(doc.get("seq"), doc["offset"], doc["events"], doc.get("duplicate", False))
 
 
@@ -169,5 +170,5 @@ class Delivery:
 
     @classmethod
     def decode(cls, raw: bytes | None) -> Delivery:
-        doc = _decode(raw, "delivery metadata")
+        doc = decode_object(raw, "delivery metadata")
         return cls(doc["offset"], doc["next"])

@@ -52,7 +52,7 @@ class SyncWork:
             finally:
                 os.close(self.active)
         if self.directory is not None:
-            _sync_directory(self.directory)
+            fsync_path(self.directory)
 
 
 @dataclass(eq=False)
@@ -270,8 +270,9 @@ def _entry(meta: pa.KeyValueMetadata | None, events: int, segment: Segment, posi
         return None
 
 
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so that the names in it survive a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -35,6 +35,7 @@ from schemas.live import (
     Delivery,
     ProducerMeta,
     Subscription,
+    decode_object,
     is_subscription,
     parse_subscription,
 )
@@ -319,12 +320,9 @@ def _deliveries(batches: Iterator[tuple[pa.RecordBatch, tuple[int, int]]],
 def _json_body(action: flight.Action) -> dict[str, Any]:
     raw = action.body.to_pybytes() if action.body is not None else b""
     try:
-        body = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"action '{action.type}' takes a JSON object: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument(f"action '{action.type}' takes a JSON object")
-    return body
+        return decode_object(raw, f"the body of action '{action.type}'")
+    except RequestError as exc:
+        raise _request_error(exc) from None
 
 
 def _named(body: dict[str, Any], key: str) -> str:

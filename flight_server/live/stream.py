@@ -24,7 +24,7 @@ import pyarrow.flight as flight
 
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live.groups import Group, Span
-from flight_server.live.log import Entry, SegmentLog
+from flight_server.live.log import Entry, SegmentLog, fsync_path
 from schemas.live import EARLIEST, LATEST, Ack, Subscription
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Stream:
         self.state = self._load_state()
         self.durable = self.log.end  # recovered segments are synced below
         for segment in self.log.segments:
-            _fsync_file(segment.path)  # after a crash, what the page cache kept becomes durable
+            fsync_path(segment.path)  # after a crash, what the page cache kept becomes durable
         self.ring: deque[Entry] = deque()
         self.ring_bytes = 0
         self.producers: dict[str, OrderedDict[int, Entry]] = {}
@@ -433,10 +433,3 @@ def schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
     parts += [f"'{n}' is missing" for n in have if n not in new]
     return "; ".join(parts) or "the column order differs"
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
