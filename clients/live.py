@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from schemas.live import LIVE_SEGMENT, Ack, Delivery, ProducerMeta
+from schemas.live import LIVE_SEGMENT, Ack, Delivery, ProducerMeta, is_going_away
 from schemas.live import Subscription as Request
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Producer:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._writer: flight.FlightStreamWriter | None = None
+        self._writer_lock = threading.Lock()  # the ack reader may finish the call
         self._acks: threading.Thread | None = None
         self._schema: pa.Schema | None = None
         self.last_ack: Ack | None = None
@@ -107,9 +108,11 @@ class Producer:
 
     def _write(self, seq: int, batch: pa.RecordBatch) -> None:
         try:
-            self._writer.write_with_metadata(batch, self._meta(seq))
+            with self._writer_lock:
+                self._writer.write_with_metadata(batch, self._meta(seq))
         except Exception as exc:
-            self._check_answer(exc)
+            if not self._released:
+                self._check_answer(exc)
             self._reconnect()
 
     def _check_answer(self, exc: BaseException) -> None:
@@ -123,6 +126,7 @@ class Producer:
 
     def _open(self, schema: pa.Schema) -> None:
         self._schema = schema
+        self._released = False
         self._sent_retention = False
         writer, reader = self._flight.do_put(self.descriptor, schema)
         self._writer = writer
@@ -133,6 +137,9 @@ class Producer:
     def _read_acks(self, reader: flight.FlightMetadataReader) -> None:
         try:
             while (buf := reader.read()) is not None:
+                if is_going_away(buf.to_pybytes()):
+                    self._let_go()
+                    continue
                 ack = Ack.decode(buf.to_pybytes())
                 with self._cond:
                     batch = self._unacked.pop(ack.seq, None)
@@ -147,6 +154,17 @@ class Producer:
                 self._fail(exc)
             with self._cond:
                 self._cond.notify_all()
+
+    def _let_go(self) -> None:
+        """The server is stopping: finish the call now, so it need not wait for our next batch;
+        the next `send` or `flush` reconnects and resends what was not acknowledged."""
+        with self._writer_lock:
+            if self._writer is not None:
+                self._released = True
+                try:
+                    self._writer.done_writing()
+                except Exception as exc:  # the connection went first: same outcome
+                    log.debug("producer %s: finishing the call: %s", self.producer_id, exc)
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -169,7 +187,8 @@ class Producer:
                 with self._cond:
                     pending = list(self._unacked.items())
                 for seq, batch in pending:
-                    self._writer.write_with_metadata(batch, self._meta(seq))
+                    with self._writer_lock:
+                        self._writer.write_with_metadata(batch, self._meta(seq))
                 log.info("producer %s: reconnected, resent %d batches", self.producer_id,
                          len(pending))
                 self.reconnects += 1
@@ -186,7 +205,8 @@ class Producer:
 
     def _close_connection(self, quiet: bool = False) -> None:
         """Finish the DoPut: the server syncs and sends the remaining acks before it returns."""
-        writer, self._writer = self._writer, None
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
         if writer is None:
             return
         try:
@@ -213,7 +233,8 @@ class Producer:
         if self._unacked:
             # The call ended with batches unacknowledged: its status says whether the server
             # refused them (raised here) or the connection was lost (resent).
-            writer, self._writer = self._writer, None
+            with self._writer_lock:
+                writer, self._writer = self._writer, None
             try:
                 if writer is not None:
                     writer.close()

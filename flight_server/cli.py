@@ -57,27 +57,21 @@ def _serve(settings: config.Settings, banner: str | None = None,
     extra = on_start(server, location) if on_start else {}
     print(banner.format(location=location, **extra) if banner
           else f"serving {settings.data} at {location}", flush=True)
-    if on_stop is not None:
-        return _serve_until_signal(server, on_stop)
-    try:
-        server.serve()  # returns, or raises KeyboardInterrupt, once SIGINT/SIGTERM shut it down
-    except KeyboardInterrupt:
-        pass
-    print("server stopped", flush=True)
-    return 0
+    return _serve_until_signal(server, on_stop or (lambda: None))
 
 
 SHUTDOWN_PATIENCE_S = 5.0
 
 
 def _serve_until_signal(server: LclstreamServer, on_stop: Callable[[], None]) -> int:
-    """Serve until SIGINT/SIGTERM, then `on_stop` (the demo's producer) before the shutdown.
+    """Serve until SIGINT/SIGTERM, then `on_stop` (the demo's producer), then shut down.
 
-    The server's own signal handling (`serve()`) shuts down at once and waits for every open
-    call to finish, which a producer inside this process, still sending, never does; so the
-    signal is caught here instead. A live subscriber still connected also keeps the shutdown
-    waiting: after SHUTDOWN_PATIENCE_S a second Ctrl-C exits without it (nothing is lost: the
-    producer has stopped and everything it sent is on disk)."""
+    The signal is caught here rather than by pyarrow's `serve()`, which would shut down at once
+    and wait for every open call: live-stream calls are first told to end (`shutdown` does
+    that, after syncing every stream). A producer that is connected but idle can still keep
+    gRPC waiting: after SHUTDOWN_PATIENCE_S a second Ctrl-C exits without it (nothing is lost:
+    everything acknowledged or not is on disk, and the producer resends what was not
+    acknowledged)."""
     import signal
     import threading
 
@@ -97,11 +91,11 @@ def _serve_until_signal(server: LclstreamServer, on_stop: Callable[[], None]) ->
     try:
         closer.join(SHUTDOWN_PATIENCE_S)
         if closer.is_alive():
-            print("waiting for live-stream subscribers to disconnect; Ctrl-C again to stop "
+            print("waiting for live-stream producers to disconnect; Ctrl-C again to stop "
                   "now", flush=True)
             closer.join()
     except KeyboardInterrupt:
-        print("server stopped (subscribers cut off)", flush=True)
+        print("server stopped (producers cut off)", flush=True)
         os._exit(0)  # the shutdown thread waits for them in gRPC, where it cannot be stopped
     print("server stopped", flush=True)
     return 0
@@ -197,12 +191,15 @@ class DemoAcquisition:
         self._thread: threading.Thread | None = None
 
     def _free_stream(self, server: LclstreamServer) -> str:
-        """The demo stream, or a new name if someone ended it as a run: an ended stream takes
-        no more events."""
-        ended = {s.name for s in server.live.streams.streams()
-                 if s.experiment == self.experiment and s.ended}
+        """The demo stream, or a new name if someone ended it as a run (an ended stream takes
+        no more events) or an older version of the simulator left other columns in it."""
+        from flight_server.simulator import event_schema
+
+        taken = {s.name for s in server.live.streams.streams()
+                 if s.experiment == self.experiment and (s.ended or (
+                     s.schema is not None and not s.schema.equals(event_schema())))}
         name, n = self.stream, 1
-        while name in ended:
+        while name in taken:
             n += 1
             name = f"{self.stream}-{n}"
         return name
@@ -357,8 +354,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
                               retention_bytes=args.retention_bytes, seed=args.seed)
         except flight.FlightUnauthorizedError as exc:
             print(f"error: not allowed to produce to {args.experiment}/{args.stream}: "
-                  f"{_brief(exc)}. Producing needs the `write` grant on the experiment (a token "
-                  f"from `lclstream token create --write {args.experiment}`)", file=sys.stderr)
+                  f"{_brief(exc)}. Producing needs the `write` grant on the experiment (on the "
+                  f"server: `lclstream token create --sub NAME --write {args.experiment}`, then "
+                  "--token or $LCLSTREAM_TOKEN)", file=sys.stderr)
             return 1
     print(f"sent {summary['events']} events in {summary['seconds']:.1f} s "
           f"({summary['rate']:.1f} events/s)"

@@ -113,6 +113,7 @@ class LclstreamServer(flight.FlightServerBase):
                                 self.security.seal)
 
     def shutdown(self) -> None:
+        self.live.stop()  # live calls end (clients resume elsewhere), else gRPC waits for them
         super().shutdown()
         self.live.close()
         self.sql.close()

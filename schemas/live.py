@@ -157,6 +157,14 @@ class Ack:
         return cls(doc.get("seq"), doc["offset"], doc["events"], doc.get("duplicate", False))
 
 
+GOING_AWAY = b'{"going_away":true}'  # sent instead of an ack: the server is stopping; finish
+# the DoPut (what was not acknowledged is resent after reconnecting)
+
+
+def is_going_away(raw: bytes) -> bool:
+    return raw == GOING_AWAY
+
+
 @dataclass(frozen=True)
 class Delivery:
     """A consumer's batch covers stream offsets [offset, next); after a filter it may hold

@@ -156,3 +156,36 @@ def test_torn_tail_is_cut_and_the_stream_goes_on(tmp_path: Path) -> None:
             assert indices(got) == list(range(60))
     finally:
         srv.shutdown()
+
+
+def test_ctrl_c_ends_live_calls_and_clients_resume(server: Server) -> None:
+    """A stopping server does not wait for its subscribers (they would never leave): it ends
+    their calls, and they resume once it is back; a producer mid-stream resends."""
+    location = server.start()
+    client = connect(location)
+    with client.producer(EXP, "restart") as producer:
+        producer.send(events(0))
+    got: list[pa.RecordBatch] = []
+    problems: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(client.subscribe(EXP, "restart"))
+        except BaseException as exc:
+            problems.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    producer = client.producer(EXP, "restart")
+    producer.send(events(10))
+    producer.flush()
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(timeout=30) == 0, "the server must stop with a subscriber connected"
+    server.start()
+    producer.send(events(20))
+    producer.close()
+    client.end_run(EXP, "restart")
+    follower.join(timeout=60)
+    assert not problems, problems
+    assert indices(got) == list(range(30))
+    client.close()

@@ -16,6 +16,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    # The demo's data without `lclstream demo`'s acquisition: 03_live.ipynb, which may write
+    # with the session's token, runs a short acquisition of its own and ends it as a run.
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root, n_runs=2, events_per_run=600)
     srv = start_server(root)

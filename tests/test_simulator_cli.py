@@ -239,3 +239,7 @@ def test_demo_acquisition_streams_with_a_write_only_token_and_stops(
     assert not acquisition._thread.is_alive()
     stream = next(s for s in live.streams(LCLS2_EXP) if s["stream"] == "demo-live")
     assert stream["producers"] == 0 and stream["live"]
+    # The next demo goes on in the same stream, unless it has become a run.
+    assert DemoAcquisition(stream="demo-live")._free_stream(live_server) == "demo-live"
+    live.end_run(LCLS2_EXP, "demo-live")
+    assert DemoAcquisition(stream="demo-live")._free_stream(live_server) == "demo-live-2"

@@ -94,6 +94,11 @@ class LiveStreams:
             if time.monotonic() - last_retention >= RETENTION_EVERY_S:
                 last_retention = time.monotonic()
 
+    def stop(self) -> None:
+        for stream in self.streams():
+            stream.sync()  # acks first: what was acknowledged need not be resent
+            stream.stop()
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()

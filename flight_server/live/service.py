@@ -103,6 +103,10 @@ class LiveService:
         self.seal = seal
         self._end_lock = threading.Lock()  # two streams ending at once must not pick one number
 
+    def stop(self) -> None:
+        """The server is stopping: sync every stream, and end every live call."""
+        self.streams.stop()
+
     def close(self) -> None:
         self.streams.close()
 
@@ -124,6 +128,7 @@ class LiveService:
                     chunk = reader.read_chunk()
                 except StopIteration:
                     return
+                stream.check_running()  # unstored, so unacknowledged: the producer resends
                 try:
                     raw = chunk.app_metadata
                     meta = ProducerMeta.decode(raw.to_pybytes() if raw is not None else None)

@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live.groups import Group, Span
 from flight_server.live.log import Entry, SegmentLog, fsync_path
-from schemas.live import EARLIEST, LATEST, Ack, Subscription
+from schemas.live import EARLIEST, GOING_AWAY, LATEST, Ack, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ class AckSession:
         with self._lock:
             self._closed = True
 
+    def going_away(self) -> None:
+        """Ask the producer to finish its call: an idle producer otherwise keeps the server's
+        shutdown waiting, blocked as it is in reading the producer's next batch."""
+        with self._lock:
+            if not self._closed:
+                self._writer.write(pa.py_buffer(GOING_AWAY))
+
     @property
     def owed(self) -> int:
         return len(self._owed)
@@ -107,6 +114,7 @@ class Stream:
                 self.groups[group.name] = group
         self.connected_producers = 0
         self.consumers = 0
+        self.stopping = False
         self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, events, bytes)
 
     # -- state -------------------------------------------------------------------------------
@@ -301,11 +309,26 @@ class Stream:
             raise Dropped(self._dropped_message(offset))
         return self.log.entries[self._index(offset)].end
 
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            sessions = list(self.sessions)
+        for session in sessions:
+            session.going_away()
+
+    def check_running(self) -> None:
+        if self.stopping:
+            raise flight.FlightUnavailableError(
+                "the server is shutting down; clients reconnect and resume when it is back")
+
     def _wait(self, is_cancelled: Callable[[], bool]) -> bool:
         """Wait for an append (lock held); False once the client has gone."""
+        self.check_running()
         if is_cancelled():
             return False
         self.cond.wait(self.settings.wait_poll)
+        self.check_running()
         return not is_cancelled()
 
     def tail(self, offset: int, is_cancelled: Callable[[], bool]) -> Iterator[
@@ -333,6 +356,7 @@ class Stream:
                     offset = entry.end
                     if is_cancelled():
                         return
+                    self.check_running()
         finally:
             with self.cond:
                 self.consumers -= 1
@@ -383,6 +407,7 @@ class Stream:
                 yield batch, span
                 if is_cancelled():
                     return
+                self.check_running()
         finally:
             with self.cond:
                 if finished:
