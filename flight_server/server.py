@@ -262,7 +262,7 @@ class LclstreamServer(flight.FlightServerBase):
         if action.type in SQL_ACTIONS:
             return self.sql.do_action(call.identity, action)
         if action.type in LIVE_ACTIONS:
-            return self.live.do_action(call.identity, call, action)
+            return self.live.do_action(call, action)
         if action.type in UNSUPPORTED_ACTIONS:
             raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")
         if action.type == "experiments":

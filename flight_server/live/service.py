@@ -206,9 +206,8 @@ class LiveService:
 
     # -- actions -----------------------------------------------------------------------------
 
-    def do_action(self, identity: Identity, call: CallRecord,
-                  action: flight.Action) -> Iterator[bytes]:
-        body = _json_body(action)
+    def do_action(self, call: CallRecord, action: flight.Action) -> Iterator[bytes]:
+        identity, body = call.identity, _json_body(action)
         if action.type == "streams":
             pattern = body.get("experiment", "*")
             found = [s.describe() for s in self.streams.streams()
