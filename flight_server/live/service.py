@@ -246,16 +246,10 @@ class LiveService:
         config = body.get("config")
         if config is not None and not isinstance(config, dict):
             raise InvalidArgument("'config' must be a JSON object of per-run settings")
-        with stream.cond:
-            if stream.ended:
-                return {"experiment": experiment, "stream": name, **stream.ended}
-            if stream.connected_producers:
-                raise InvalidArgument(
-                    f"stream '{name}' still has {stream.connected_producers} producer(s) "
-                    "connected; close them first, then end the run")
-            if stream.schema is None:
-                raise InvalidArgument(f"stream '{name}' has no events to make a run of")
-            stream.state["ending"] = True
+        done = stream.begin_ending()
+        if done is not None:
+            return {"experiment": experiment, "stream": name, **done}
+        ended = None
         try:
             stream.sync()
             with self._end_lock:
@@ -268,14 +262,11 @@ class LiveService:
                     config)
                 ended = {"run": number, "events": events,
                          "first_offset": entries[0].offset if entries else 0}
-                with stream.cond:
-                    stream.state["ended"] = ended
-                    stream._save_state()
-                    stream.cond.notify_all()  # tailing consumers finish
+                stream.finish_ending(ended)
                 self.catalog.scan_experiment(experiment)
         finally:
-            with stream.cond:
-                stream.state.pop("ending", None)
+            if ended is None:
+                stream.finish_ending(None)
         log.info("live stream %s/%s ended as run %d (%d events)", experiment, name, number,
                  events)
         return {"experiment": experiment, "stream": name, **ended}

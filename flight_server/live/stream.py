@@ -115,6 +115,7 @@ class Stream:
         self.connected_producers = 0
         self.consumers = 0
         self.stopping = False
+        self.ending = False  # an end_run is writing the run file: no producer may attach
         self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, events, bytes)
 
     # -- state -------------------------------------------------------------------------------
@@ -151,6 +152,33 @@ class Stream:
             self.state["retention"] = {**self.state.get("retention", {}), **retention}
             self._save_state()
 
+    # -- ending -----------------------------------------------------------------------------
+
+    def begin_ending(self) -> dict | None:
+        """Stop taking producers before the run file is written; the stream's `ended` record
+        instead if it has ended already (a retried end_run)."""
+        with self.cond:
+            if self.ended:
+                return self.ended
+            if self.connected_producers:
+                raise InvalidArgument(
+                    f"stream '{self.name}' still has {self.connected_producers} producer(s) "
+                    "connected; close them first, then end the run")
+            if self.schema is None:
+                raise InvalidArgument(f"stream '{self.name}' has no events to make a run of")
+            self.ending = True
+            return None
+
+    def finish_ending(self, ended: dict | None) -> None:
+        """Record the run the stream became (tailing consumers then finish), or, with None, give
+        up ending it."""
+        with self.cond:
+            if ended is not None:
+                self.state["ended"] = ended
+                self._save_state()
+                self.cond.notify_all()
+            self.ending = False
+
     # -- producing ---------------------------------------------------------------------------
 
     def attach(self, schema: pa.Schema, session: AckSession) -> None:
@@ -160,7 +188,7 @@ class Stream:
                 raise InvalidArgument(
                     f"stream '{self.name}' of '{self.experiment}' ended as run "
                     f"{self.ended['run']}; a new acquisition needs a new stream name")
-            if self.state.get("ending"):
+            if self.ending:
                 raise InvalidArgument(f"stream '{self.name}' is ending; no new producers")
             if self.log.schema is None:
                 self.log.create(schema)
@@ -184,7 +212,7 @@ class Stream:
     def append(self, batch: pa.RecordBatch, producer: str | None, seq: int | None,
                session: AckSession) -> None:
         with self._write_lock:
-            if self.ended or self.state.get("ending"):
+            if self.ended or self.ending:
                 raise InvalidArgument(f"stream '{self.name}' has ended; the batch was not stored")
             seen = self.producers.get(producer) if producer is not None else None
             if seen and seq <= next(reversed(seen)):
