@@ -41,8 +41,17 @@ def outcome(exception: BaseException | None) -> str:
     return "error"
 
 
+MAX_FIELD_CHARS = 256  # a name sent by a client is quoted this far: an audit line stays a line
+
+
 def _message(exception: BaseException) -> str:
     return str(exception).split(". Detail:", 1)[0][:500]
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return f"{value[:MAX_FIELD_CHARS]}... ({len(value)} characters)"
+    return value
 
 
 class AuditLog:
@@ -63,7 +72,8 @@ class AuditLog:
             self._handler = None
 
     def write(self, **fields: Any) -> None:
-        fields = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **fields}
+        fields = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                  **{k: _bounded(v) for k, v in fields.items()}}
         log.info(json.dumps(fields, separators=(",", ":")))
 
     def call(self, record: Any, exception: BaseException | None) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
 from flight_server.sources import Run, describe
+from schemas.json_input import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def check_experiment_name(name: str) -> None:
     """Refuse names that could only be path tricks, with a message saying what is valid."""
     if not EXPERIMENT_NAME.match(name) or ".." in name:
         raise InvalidArgument(
-            f"invalid experiment name {name!r}: use letters, digits, '_', '-' and '.' "
+            f"invalid experiment name {excerpt(name)}: use letters, digits, '_', '-' and '.' "
             "(no '/', '..', NUL or absolute paths)"
         )
 

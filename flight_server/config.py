@@ -23,6 +23,7 @@ class Settings:
     partition_bytes: int = 256 * 1024 * 1024  # one FlightEndpoint per this many bytes of a run
     prefetch: int = 2  # batches read ahead per stream
     read_threads: int = 8  # HDF5 reads in flight across all streams
+    request_memory: int = 512 * 1024 * 1024  # one stream's batches in flight (read + processed)
     log_level: str = "INFO"
     # -- security (see README "Security") --
     auth: bool = True  # False only with --no-auth, and then only on loopback
@@ -43,6 +44,7 @@ class Settings:
     sql_timeout: int = 300  # seconds of engine time per query (waiting for the client is free)
     sql_memory_limit: str = "2GB"  # per query
     sql_threads: int = 2  # DuckDB threads per query
+    sql_spill_limit: str = "1GB"  # disk a query may spill to beyond its memory, per query
     # -- live streams (see README "Live streams") --
     live_fsync: str = "interval"  # "interval": sync every live_fsync_interval; "batch": each batch
     live_fsync_interval: float = 0.01  # seconds; short keeps the disk writing steadily

@@ -20,7 +20,10 @@ from flight_server.sources import Run
 from flight_server.sources.columns import Column
 from schemas import Request, RequestError, Ticket, parse_request, parse_ticket
 from schemas import metadata as md
+from schemas.json_input import excerpt
 from schemas.request import EventSlice
+
+MAX_RUN_DIGITS = 10  # run numbers are at most 2**31 - 1, as in the request schema
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,11 @@ def request_from_descriptor(descriptor: flight.FlightDescriptor) -> Request:
             texts = [p.decode() if isinstance(p, bytes) else p for p in parts]
         except UnicodeDecodeError:
             raise InvalidArgument("path descriptor is not UTF-8") from None
-        if len(texts) != 2 or not texts[1].isdigit() or not texts[1].isascii():
+        if (len(texts) != 2 or not texts[1].isdigit() or not texts[1].isascii()
+                or len(texts[1]) > MAX_RUN_DIGITS):
             raise InvalidArgument(
-                f"path descriptor must be [experiment, run] with run a decimal number, "
-                f"e.g. ['tmox42619', '7']; got {texts!r}"
+                f"path descriptor must be [experiment, run] with run a decimal number of at most "
+                f"{MAX_RUN_DIGITS} digits, e.g. ['tmox42619', '7']; got {excerpt(texts)}"
             )
         return Request(experiment=texts[0], runs=(int(texts[1]),))
     if descriptor.descriptor_type == flight.DescriptorType.CMD:
@@ -112,11 +116,12 @@ def resolve_columns(runs: list[Run], names: tuple[str, ...] | None) -> list[Colu
 
 
 def plan(request: Request, catalog: Catalog, partition_bytes: int,
-         visible: Visible = everyone) -> Plan:
+         visible: Visible = everyone, event_budget: int | None = None) -> Plan:
     runs = [catalog.run(request.experiment, number, visible) for number in request.runs]
     columns = resolve_columns(runs, request.columns)
     names = tuple(c.name for c in columns)
-    shaped = [shaping.build(run, columns, request.filter, request.processing) for run in runs]
+    shaped = [shaping.build(run, columns, request.filter, request.processing, event_budget)
+              for run in runs]
     per_event = ranges.event_bytes(columns)
     align = ranges.chunk_alignment(columns)
     sent_per_event = per_event if shaped[0] is None else shaping.event_bytes(shaped[0], columns)

@@ -53,6 +53,22 @@ def _expected(exc: BaseException) -> bool:
     return isinstance(exc, pa.ArrowException | flight.FlightError)
 
 
+MAX_MESSAGE_CHARS = 2000  # gRPC drops a status whose message passes its ~16 KiB header limit,
+# and the client would see RESOURCE_EXHAUSTED "Stream removed" instead of the real error
+
+
+def _bounded(exc: BaseException) -> BaseException:
+    """The error itself, or one of the same class whose message is cut to MAX_MESSAGE_CHARS."""
+    text = str(exc)
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return exc
+    short = f"{text[:MAX_MESSAGE_CHARS]}... (message cut: {len(text)} characters)"
+    try:
+        return type(exc)(short)
+    except Exception:  # an exception class with another signature
+        return flight.FlightServerError(short)
+
+
 def rpc(method: F) -> F:
     """Let typed errors through with their status; turn anything else into INTERNAL, logged."""
 
@@ -62,7 +78,7 @@ def rpc(method: F) -> F:
             return method(*args, **kwargs)
         except Exception as exc:
             if _expected(exc):
-                raise  # the audit line of the call records it, with its message
+                raise _bounded(exc) from None  # the call's audit line records it
             raise _internal(exc) from None
 
     return wrapper  # type: ignore[return-value]
@@ -86,8 +102,8 @@ def _guard_stream(batches: Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes
             yield batch
     except Exception as exc:
         if _expected(exc):
-            log.info("do_get failed mid-stream: %s", exc)
-            raise
+            log.info("do_get failed mid-stream: %s", str(exc)[:MAX_MESSAGE_CHARS])
+            raise _bounded(exc) from None
         raise _internal(exc) from None
 
 
@@ -97,24 +113,37 @@ class LclstreamServer(flight.FlightServerBase):
         # sees; with tracebacklimit 0 only "Type: message" is appended. Our own logging passes an
         # explicit limit and keeps full tracebacks.
         sys.tracebacklimit = 0
-        self.security = security.build(settings)
-        super().__init__(settings.location(),
-                         middleware={MIDDLEWARE_KEY: self.security.middleware},
-                         **{**self.security.server_options, **kwargs})
+        # Every service is ready before the port is bound (pyarrow listens from the base
+        # class's __init__ on): until then a client gets UNAVAILABLE, as for a server not yet
+        # started, and resumes; never an answer from a half-built server. Recovering large
+        # live streams can take a while.
         self.settings = settings
+        self.security = security.build(settings)
         self.catalog = catalog or Catalog(settings.data)
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
-                                  settings.prefetch)
+                                  settings.prefetch, settings.request_memory)
         self.read_pool = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="read")
-        limits = Limits(settings.sql_timeout, settings.sql_memory_limit, settings.sql_threads)
+        limits = Limits(settings.sql_timeout, settings.sql_memory_limit, settings.sql_threads,
+                        spill_limit=settings.sql_spill_limit,
+                        spill_root=settings.state_path() / "sql-spill")
         self.sql = SqlService(self.catalog, self.security.seal, self.sizing, self.read_pool,
                               limits, _version())
         self.live = LiveService(settings.data, settings.live(), self.catalog,
-                                self.security.seal)
+                                self.security.seal, self.sizing)
+        try:
+            super().__init__(settings.location(),
+                             middleware={MIDDLEWARE_KEY: self.security.middleware},
+                             **{**self.security.server_options, **kwargs})
+        except BaseException:  # the port is taken, say: release what was built
+            self._close_services()
+            raise
 
     def shutdown(self) -> None:
         self.live.stop()  # live calls end (clients resume elsewhere), else gRPC waits for them
         super().shutdown()
+        self._close_services()
+
+    def _close_services(self) -> None:
         self.live.close()
         self.sql.close()
         self.read_pool.shutdown(wait=True, cancel_futures=True)
@@ -153,7 +182,7 @@ class LclstreamServer(flight.FlightServerBase):
         self._may_read(call, request.experiment,
                        request.runs[0] if len(request.runs) == 1 else None)
         return requests.plan(request, self.catalog, self.settings.partition_bytes,
-                             lambda e: call.identity.may(e, "read"))
+                             lambda e: call.identity.may(e, "read"), self.sizing.event_budget)
 
     @rpc
     def list_flights(self, context: flight.ServerCallContext,
@@ -226,13 +255,14 @@ class LclstreamServer(flight.FlightServerBase):
         if t.stop > run.num_events:
             raise InvalidArgument(f"ticket range [{t.start}:{t.stop}] is beyond run {t.run}'s "
                                   f"{run.num_events} events; plan again with GetFlightInfo")
-        shaped = shaping.build(run, columns, t.filter, t.processing)
+        shaped = shaping.build(run, columns, t.filter, t.processing, self.sizing.event_budget)
         if shaped is None:  # the common case: batches go out exactly as read
             batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
                                      self.read_pool, context.is_cancelled)
             return flight.GeneratorStream(run.schema(columns), _guard_stream(batches, call))
         batches = stream_batches(run, shaped.read, t.start, t.stop, t.step, self.sizing,
-                                 self.read_pool, context.is_cancelled, shaped.apply)
+                                 self.read_pool, context.is_cancelled, shaped.apply,
+                                 shaped.work_per_event)
         kept = (b for b in batches if b.num_rows)  # a filter can empty a batch
         return flight.GeneratorStream(shaped.schema, _guard_stream(kept, call))
 

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flight_server import filters
+from flight_server import filters, ranges
 from flight_server.errors import InvalidArgument
 from flight_server.processing import Pipeline, build_pipeline
 from flight_server.sources import Run
@@ -29,6 +29,7 @@ class Shaping:
     schema: pa.Schema  # what is sent: the requested columns after the steps
     predicate: pc.Expression | None
     pipeline: Pipeline | None
+    work_per_event: float  # bytes read and made per event: what a batch of n events holds
 
     def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if self.predicate is not None:
@@ -39,8 +40,11 @@ class Shaping:
 
 
 def build(run: Run, requested: list[Column], filter_text: str | None,
-          steps: tuple[dict[str, Any], ...] | None) -> Shaping | None:
-    """The shaping of `requested` columns of `run`, or None when the request asks for none."""
+          steps: tuple[dict[str, Any], ...] | None, event_budget: int | None = None
+          ) -> Shaping | None:
+    """The shaping of `requested` columns of `run`, or None when the request asks for none.
+    A request whose processing needs more than `event_budget` bytes for one event (a pad to
+    8192 x 8192 asked for in 200 bytes) is refused before anything is read or allocated."""
     if filter_text is None and not steps:
         return None
     everything = run.schema()
@@ -70,7 +74,31 @@ def build(run: Run, requested: list[Column], filter_text: str | None,
     was_read = {c.name for c in read}
     sent = [f for f in after if f.name in asked or f.name not in was_read]
     schema = pa.schema(sent, metadata=everything.metadata)
-    return Shaping(read, schema, predicate, pipeline)
+    work = ranges.event_bytes(read) + (made_bytes(pipeline) if pipeline is not None else 0.0)
+    if event_budget is not None and work > event_budget:
+        raise InvalidArgument(
+            f"this request needs {_mib(work)} per event to read and process (the steps make "
+            f"{_mib(work - ranges.event_bytes(read))}), more than the server allows for one "
+            f"event ({_mib(event_budget)}, from its request_memory setting); crop, bin or pad "
+            "to a smaller size, or cast to a narrower type")
+    return Shaping(read, schema, predicate, pipeline, work)
+
+
+def made_bytes(pipeline: Pipeline) -> float:
+    """Bytes per event the steps allocate: every field a step adds or changes, at its fixed
+    size (RAGGED_GUESS for a list, whose size is not known before it is made)."""
+    total, current = 0.0, pipeline.input_schema
+    for step in pipeline.steps:
+        after = step.output_schema(current)
+        before = {f.name: f for f in current}
+        total += sum(_fixed_bytes(f.type) or RAGGED_GUESS for f in after
+                     if f.name not in before or not before[f.name].equals(f))
+        current = after
+    return total
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def event_bytes(shaping: Shaping, requested: list[Column]) -> float:

@@ -33,12 +33,23 @@ class BatchSizing:
     batch_bytes: int = 4 * 1024 * 1024
     first_batch_bytes: int = 1024 * 1024
     prefetch: int = 2
+    request_memory: int = 512 * 1024 * 1024  # one stream's batches in flight, at most
+
+    @property
+    def event_budget(self) -> int:
+        """The most bytes one event may take to read and process: a stream holds up to
+        prefetch + 2 batches (reading, queued, sending), each of at least one event."""
+        return self.request_memory // (self.prefetch + 2)
 
 
 def batch_ranges(columns: list[Column], start: int, stop: int, step: int,
-                 sizing: BatchSizing) -> list[tuple[int, int]]:
+                 sizing: BatchSizing, work_per_event: float = 0.0) -> list[tuple[int, int]]:
+    """Event ranges of about `batch_bytes` each, counting per event what is read or, when
+    processing makes more than it reads (pad, cast to a wider type), `work_per_event`."""
     align = ranges.chunk_alignment(columns)
-    per_event = ranges.event_bytes(columns)
+    per_event = max(ranges.event_bytes(columns), work_per_event)
+    if work_per_event and align * per_event > sizing.event_budget:
+        align = 1  # whole chunks would make batches past the budget: cut them instead
     spans = ranges.ramp(sizing.first_batch_bytes, sizing.batch_bytes, per_event, step, align)
     return list(ranges.split(start, stop, step, spans))
 
@@ -46,12 +57,13 @@ def batch_ranges(columns: list[Column], start: int, stop: int, step: int,
 def stream_batches(run: Run, columns: list[Column], start: int, stop: int, step: int,
                    sizing: BatchSizing, pool: Executor,
                    is_cancelled: Callable[[], bool] = lambda: False,
-                   transform: Transform | None = None) -> Iterator[pa.RecordBatch]:
+                   transform: Transform | None = None,
+                   work_per_event: float = 0.0) -> Iterator[pa.RecordBatch]:
     """The batches of range(start, stop, step). The file is opened now, so a run that cannot be
     read fails the DoGet call itself rather than a stream already promised to the client.
     `transform` (a request's filter and processing) runs on the pool with the read, so batches
     are processed on several cores and while earlier ones are on the wire."""
-    pieces = batch_ranges(columns, start, stop, step, sizing)
+    pieces = batch_ranges(columns, start, stop, step, sizing, work_per_event)
     reader = RunReader(run)
     read = reader.read if transform is None else _then(reader.read, transform)
     batches = _read_ahead(reader, read, columns, pieces, step, sizing.prefetch, pool,

@@ -16,7 +16,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from schemas.request import RequestError, load_document
+from schemas.json_input import RequestError, excerpt, loads, loads_object
+from schemas.request import load_document
 
 LIVE_SEGMENT = "live"  # the middle element of a stream's path descriptor
 EARLIEST, LATEST = "earliest", "latest"
@@ -60,7 +61,7 @@ def parse_time_ns(text: str) -> int:
         stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise RequestError(f"'from' must be 'earliest', 'latest', an offset or an ISO 8601 "
-                           f"time such as 2026-11-24T09:30:00Z; got {text!r}") from None
+                           f"time such as 2026-11-24T09:30:00Z; got {excerpt(text)}") from None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=dt.UTC)  # facility clocks are UTC
     return int(stamp.timestamp()) * 1_000_000_000 + stamp.microsecond * 1000
@@ -69,9 +70,9 @@ def parse_time_ns(text: str) -> int:
 def is_subscription(raw: bytes) -> bool:
     """Whether a JSON command or ticket is a live subscription (it names a stream)."""
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        doc = loads(raw, "command")
+    except RequestError:
+        return False  # not one of ours: the request parser says what is wrong with it
     return isinstance(doc, dict) and "stream" in doc
 
 
@@ -93,13 +94,29 @@ def parse_subscription(raw: bytes | str) -> Subscription:
 
 def decode_object(raw: bytes | None, what: str) -> dict[str, Any]:
     """A JSON object (empty input: {}); anything else is a RequestError naming `what`."""
-    try:
-        doc = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"{what} must be a JSON object")
-    return doc
+    return loads_object(raw, what, empty_is_object=True)
+
+
+MAX_RETENTION_BYTES = 2**60
+MAX_RETENTION_SECONDS = 100 * 365.25 * 86400  # a century: longer is a mistake, not a policy
+MAX_SEQ = 2**63 - 1
+
+
+def check_retention(retention: object) -> dict[str, float]:
+    """A retention {"bytes": N, "seconds": S}: positive, finite and in range, or RequestError.
+    Checked where it arrives and again where it is loaded from disk, since a stream's state
+    written by an older server may hold what is refused today."""
+    limits = {"bytes": MAX_RETENTION_BYTES, "seconds": MAX_RETENTION_SECONDS}
+    if not isinstance(retention, dict) or set(retention) - set(limits) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= limits[k]
+            for k, v in retention.items()):
+        raise RequestError(
+            "'retention' must be {\"bytes\": N, \"seconds\": S}: N a whole number of bytes "
+            f"from 1 to {MAX_RETENTION_BYTES}, S seconds above 0 and at most "
+            f"{MAX_RETENTION_SECONDS:.0f} (either may be left out)")
+    if "bytes" in retention and not isinstance(retention["bytes"], int):
+        raise RequestError("'retention' bytes must be a whole number")
+    return retention
 
 
 @dataclass(frozen=True)
@@ -128,14 +145,11 @@ class ProducerMeta:
             raise RequestError("producer metadata needs both 'producer' and 'seq', or neither")
         if producer is not None and not (isinstance(producer, str) and 0 < len(producer) <= 128):
             raise RequestError("'producer' must be a string of 1 to 128 characters")
-        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
-            raise RequestError(f"'seq' must be an integer >= 0, got {seq!r}")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)
+                                or not 0 <= seq <= MAX_SEQ):
+            raise RequestError(f"'seq' must be an integer from 0 to {MAX_SEQ}, got {excerpt(seq)}")
         if retention is not None:
-            if not isinstance(retention, dict) or set(retention) - {"bytes", "seconds"} or any(
-                    not isinstance(v, int | float) or isinstance(v, bool) or v <= 0
-                    for v in retention.values()):
-                raise RequestError("'retention' must be {\"bytes\": N, \"seconds\": S} with "
-                                   "positive numbers")
+            retention = check_retention(retention)
         return cls(producer, seq, retention)
 
 

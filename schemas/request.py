@@ -15,12 +15,9 @@ from typing import Any
 
 import jsonschema
 
+from schemas.json_input import RequestError, excerpt, loads_object
+
 VERSION = 1
-MAX_DOCUMENT_BYTES = 64 * 1024  # a request or ticket larger than this is refused unparsed
-
-
-class RequestError(ValueError):
-    """A request or ticket that is malformed or asks for something impossible."""
 
 
 @dataclass(frozen=True)
@@ -97,25 +94,28 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     schema = json.loads(resources.files("schemas").joinpath(name).read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    # JSON Schema counts 7.0 (and 1e308) as an integer; our integers are counts and indexes,
+    # and a float in their place is a mistake to refuse, not a value to round.
+    strict = cls.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(cls, type_checker=strict)(schema)
 
 
 def load_document(raw: bytes | str, what: str, schema_file: str) -> dict[str, Any]:
-    if isinstance(raw, str):
-        raw = raw.encode()
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise RequestError(f"{what} is {len(raw)} bytes; at most {MAX_DOCUMENT_BYTES} are accepted")
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"{what} must be a JSON object, got {type(doc).__name__}")
+    doc = loads_object(raw, what)
     error = jsonschema.exceptions.best_match(_validator(schema_file).iter_errors(doc))
     if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise RequestError(f"invalid {what} at {where}: {error.message}")
+        where = "/".join(str(p)[:60] for p in error.absolute_path) or "(top level)"
+        raise RequestError(f"invalid {what} at {where}: {_explain(error)}")
     return doc
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    """The validator's message; where it would quote a long value in full, an excerpt."""
+    if len(error.message) <= 200:
+        return error.message
+    rule = error.schema.get(error.validator) if isinstance(error.schema, dict) else None
+    return f"{excerpt(error.instance)} does not satisfy {error.validator} {excerpt(rule, 60)}"
 
 
 def parse_request(raw: bytes | str) -> Request:

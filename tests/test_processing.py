@@ -496,9 +496,9 @@ BAD = [
     ({"step": "cast", "column": IMAGE, "to": "double"}, "cast: 'to' must be one of"),
     # pad
     ({"step": "pad", "column": IMAGE, "height": -4, "width": 8},
-     "pad: 'height' must be a positive integer; got -4"),
+     "pad: 'height' must be a positive integer up to 32768; got -4"),
     ({"step": "pad", "column": IMAGE, "height": 8, "width": 0},
-     "pad: 'width' must be a positive integer; got 0"),
+     "pad: 'width' must be a positive integer up to 32768; got 0"),
     ({"step": "pad", "column": IMAGE, "height": 8, "width": 8, "value": 70000},
      "pad: 'value' must be an integer from 0 to 65535 (the column is uint16); got 70000"),
 ]

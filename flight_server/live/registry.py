@@ -10,13 +10,17 @@ meanwhile in one go (policy "batch": a group commit); it also applies retention.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from flight_server.catalog import EXPERIMENT_NAME
 from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
-from flight_server.live.stream import LiveSettings, Stream
+from flight_server.live.stream import AckSession, LiveSettings, Stream
+from schemas.json_input import excerpt
 from schemas.live import LIVE_SEGMENT
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,7 @@ RETENTION_EVERY_S = 1.0
 
 def check_stream_name(name: str) -> None:
     if not EXPERIMENT_NAME.match(name) or ".." in name:
-        raise InvalidArgument(f"invalid stream name {name!r}: use letters, digits, '_', '-' and "
+        raise InvalidArgument(f"invalid stream name {excerpt(name)}: use letters, digits, '_', '-' and "
                               "'.', starting with a letter or digit")
 
 
@@ -61,8 +65,11 @@ class LiveStreams:
                                f"{close_matches(name, names)} Streams: {listing(names)}")
             return stream
 
-    def open(self, experiment: str, name: str) -> Stream:
-        """The stream, created if it does not exist yet (a producer's first DoPut)."""
+    def attach(self, experiment: str, name: str, schema: pa.Schema,
+               session: AckSession) -> Stream:
+        """A producer joins the stream, which is created if it does not exist yet (a producer's
+        first DoPut). Under the registry's lock, so that `discard_unused` never removes a
+        stream a producer is joining."""
         check_stream_name(name)
         with self._lock:
             stream = self._streams.get((experiment, name))
@@ -70,7 +77,19 @@ class LiveStreams:
                 stream = Stream(experiment, name, self.directory(experiment, name),
                                 self.settings, self._wake.set)
                 self._streams[(experiment, name)] = stream
+            stream.attach(schema, session)
             return stream
+
+    def discard_unused(self, stream: Stream) -> None:
+        """Forget a stream that never stored anything (its producer was refused), so that a
+        refused DoPut leaves nothing behind: not in listings, not on disk."""
+        with self._lock:
+            if not stream.unused() or self._streams.get(stream.key) is not stream:
+                return
+            del self._streams[stream.key]
+        stream.close()
+        if not any(p.is_file() for p in stream.directory.rglob("*")):
+            shutil.rmtree(stream.directory, ignore_errors=True)
 
     def streams(self) -> list[Stream]:
         with self._lock:

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ import pyarrow.flight as flight
 from flight_server import shaping
 from flight_server.auth import CallRecord, Identity, authorize
 from flight_server.catalog import Catalog, check_experiment_name
+from flight_server.client_data import validated
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live import runfile
 from flight_server.live.registry import LiveStreams
 from flight_server.live.stream import AckSession, LiveSettings, Stream
 from flight_server.sources.columns import Column, Kind
+from flight_server.streaming import BatchSizing
 from flight_server.tickets import TicketSeal
 from schemas import RequestError
 from schemas import metadata as md
@@ -97,10 +100,11 @@ class StreamColumns:
 
 class LiveService:
     def __init__(self, data: Path, settings: LiveSettings, catalog: Catalog,
-                 seal: TicketSeal) -> None:
+                 seal: TicketSeal, sizing: BatchSizing | None = None) -> None:
         self.streams = LiveStreams(data, settings)
         self.catalog = catalog
         self.seal = seal
+        self.sizing = sizing or BatchSizing()
         self._end_lock = threading.Lock()  # two streams ending at once must not pick one number
 
     def stop(self) -> None:
@@ -119,9 +123,8 @@ class LiveService:
         call.experiment = sub.experiment
         authorize(call.identity, sub.experiment, "write")
         runfile.check_schema(reader.schema)
-        stream = self.streams.open(sub.experiment, sub.stream)
         session = AckSession(writer)
-        stream.attach(reader.schema, session)
+        stream = self.streams.attach(sub.experiment, sub.stream, reader.schema, session)
         try:
             while True:
                 try:
@@ -137,10 +140,12 @@ class LiveService:
                 if meta.retention:
                     stream.set_retention(meta.retention)
                 if chunk.data is not None:
-                    runfile.check_nulls(chunk.data)
-                    stream.append(chunk.data, meta.producer, meta.seq, session)
+                    batch = validated(chunk.data, "the batch")
+                    runfile.check_nulls(batch)
+                    stream.append(batch, meta.producer, meta.seq, session)
         finally:
             stream.detach(session)
+            self.streams.discard_unused(stream)
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -153,20 +158,24 @@ class LiveService:
             raise NotFound(f"stream '{sub.stream}' has no events yet")
         return stream
 
-    def _shaped(self, stream: Stream, sub: Subscription
-                ) -> tuple[pa.Schema, Callable[[pa.RecordBatch], pa.RecordBatch] | None]:
+    def _shaped(self, stream: Stream, sub: Subscription) -> tuple[pa.Schema, Transform | None]:
         columns = StreamColumns(stream.schema)
         requested = columns.resolve(sub.columns)
-        shaped = shaping.build(columns, requested, sub.filter, sub.processing)
+        shaped = shaping.build(columns, requested, sub.filter, sub.processing,
+                               self.sizing.event_budget)
         meta = {**(stream.schema.metadata or {}), md.EXPERIMENT: stream.experiment.encode(),
                 md.STREAM: stream.name.encode(),
                 md.LIVE: b"false" if stream.ended else b"true"}
         if shaped is None:
             names = [c.name for c in requested]
-            project = None if sub.columns is None else (lambda b: b.select(names))
+            project = None if sub.columns is None else Transform(lambda b: b.select(names))
             return columns.schema(requested).with_metadata(meta), project
         read = [c.name for c in shaped.read]
-        return shaped.schema.with_metadata(meta), lambda b: shaped.apply(b.select(read))
+        # A producer's batch is as large as it chose: processed in pieces of about batch_bytes
+        # of work, so that a step that makes more than it reads stays within the budget.
+        rows = max(1, int(self.sizing.batch_bytes // max(shaped.work_per_event, 1.0)))
+        return (shaped.schema.with_metadata(meta),
+                Transform(lambda b: shaped.apply(b.select(read)), rows))
 
     def flight_info(self, call: CallRecord, sub: Subscription,
                     descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
@@ -303,13 +312,25 @@ class LiveService:
         return infos
 
 
+@dataclass(frozen=True)
+class Transform:
+    """What a subscription does to each stored batch, `rows` events at a time at most."""
+
+    apply: Callable[[pa.RecordBatch], pa.RecordBatch]
+    rows: int | None = None
+
+
 def _deliveries(batches: Iterator[tuple[pa.RecordBatch, tuple[int, int]]],
-                transform: Callable[[pa.RecordBatch], pa.RecordBatch] | None
-                ) -> Iterator[tuple[pa.RecordBatch, bytes]]:
+                transform: Transform | None) -> Iterator[tuple[pa.RecordBatch, bytes]]:
     for batch, (start, stop) in batches:
-        if transform is not None:
-            batch = transform(batch)
-        yield batch, Delivery(start, stop).encode()
+        if transform is None:
+            yield batch, Delivery(start, stop).encode()
+            continue
+        rows = transform.rows or batch.num_rows or 1
+        for at in range(0, max(batch.num_rows, 1), rows):
+            piece = batch.slice(at, rows)
+            yield transform.apply(piece), Delivery(start + at,
+                                                   min(start + at + rows, stop)).encode()
 
 
 def _json_body(action: flight.Action) -> dict[str, Any]:

@@ -25,7 +25,8 @@ import pyarrow.flight as flight
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live.groups import Group, Span
 from flight_server.live.log import Entry, SegmentLog, fsync_path
-from schemas.live import EARLIEST, GOING_AWAY, LATEST, Ack, Subscription
+from schemas.json_input import RequestError
+from schemas.live import EARLIEST, GOING_AWAY, LATEST, Ack, Subscription, check_retention
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,17 @@ class Stream:
 
     def _load_state(self) -> dict:
         try:
-            return json.loads((self.directory / "stream.json").read_text())
+            state = json.loads((self.directory / "stream.json").read_text())
         except FileNotFoundError:
             return {}
+        if "retention" in state:
+            try:
+                check_retention(state["retention"])
+            except RequestError as exc:  # saved by an older server that took any number
+                log.warning("stream %s/%s: ignoring its saved retention (%s); the server's "
+                            "defaults apply", self.experiment, self.name, exc)
+                del state["retention"]
+        return state
 
     def _save_state(self) -> None:
         path = self.directory / "stream.json"
@@ -135,6 +144,16 @@ class Stream:
     @property
     def schema(self) -> pa.Schema | None:
         return self.log.schema
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.experiment, self.name
+
+    def unused(self) -> bool:
+        """Nothing stored, nobody connected, no state: as if it had never been created."""
+        with self.cond:
+            return not (self.log.segments or self.connected_producers or self.consumers
+                        or self.groups or self.state)
 
     @property
     def ended(self) -> dict | None:

@@ -34,12 +34,14 @@ class StepError(InvalidArgument):
     ArrowInvalid so that it reaches a Flight client as INVALID_ARGUMENT with its message."""
 
 
-def shown(value: object) -> str:
-    """A parameter value as the client wrote it (JSON), for error messages."""
+def shown(value: object, limit: int = 120) -> str:
+    """A parameter value as the client wrote it (JSON), for error messages: cut to about
+    `limit` characters, since a value can be as long as the request."""
     try:
-        return json.dumps(value)
+        text = json.dumps(value)
     except (TypeError, ValueError):
-        return repr(value)
+        text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def quoted(names: Iterable[str]) -> str:
@@ -99,9 +101,10 @@ class Params:
             raise self.error(name, f"must be a string; got {shown(value)}")
         return value
 
-    def integer(self, name: str, what: str = "a positive integer", minimum: int = 1) -> int:
+    def integer(self, name: str, what: str = "a positive integer", minimum: int = 1,
+                maximum: int = 2**63 - 1) -> int:
         value = self.values[name]
-        if not is_int(value) or value < minimum:
+        if not is_int(value) or not minimum <= value <= maximum:
             raise self.error(name, f"must be {what}; got {shown(value)}")
         return int(value)
 
@@ -109,6 +112,8 @@ class Params:
         value = self.values[name]
         if not is_number(value) or math.isnan(value):
             raise self.error(name, f"must be a number; got {shown(value)}")
+        if not math.isfinite(value):
+            raise self.error(name, f"must be a finite number; got {shown(value)}")
         return int(value) if is_int(value) else float(value)
 
     def interval(self, name: str, size: int, what: str) -> tuple[int, int]:

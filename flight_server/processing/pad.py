@@ -26,6 +26,10 @@ from flight_server.processing.base import (
 )
 
 
+MAX_SIDE = 32768
+MAX_VALUES = 2**31 - 1
+
+
 def centre(size: int, target: int) -> tuple[slice, slice]:
     """(source, destination) slices of one axis padded or cropped to `target`, centred."""
     if target >= size:
@@ -60,9 +64,14 @@ class Pad(Step):
             raise p.error("column", f"{shown(field.name)} has per-event shape "
                           f"{list(layout.shape)}; pad takes frames: tensors of shape [H, W] or "
                           "[C, H, W]")
-        height, width = p.integer("height"), p.integer("width")
+        side = f"a positive integer up to {MAX_SIDE}"
+        height = p.integer("height", side, maximum=MAX_SIDE)
+        width = p.integer("width", side, maximum=MAX_SIDE)
         value = fill_scalar(p, "value", layout)
         channels = 1 if layout.ndim == 2 else layout.shape[0]
+        if channels * height * width > MAX_VALUES:  # Arrow's fixed-size lists count in int32
+            raise p.error("height", f"and 'width' make {channels * height * width} values per "
+                          f"event; at most {MAX_VALUES} fit one event")
         out_layout = layout.with_(shape=(channels, height, width))
         note = (f"pad to [{channels},{height},{width}] centred (from {list(layout.shape)}; "
                 f"fill {shown(p.raw('value'))})")

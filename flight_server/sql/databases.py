@@ -11,15 +11,19 @@ accepts a single SELECT only, so nothing is ever written.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 
 from flight_server.errors import InvalidArgument
 from flight_server.sql.errors import translate
 from flight_server.sql.tables import RunSource
+from schemas.json_input import excerpt
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,11 @@ class Limits:
     memory_limit: str = "2GB"
     threads: int = 2
     result_batch_rows: int = 65536  # rows per result batch when the rows are small
+    spill_limit: str = "1GB"  # what one query may spill to disk beyond memory_limit
+    spill_root: Path | None = None  # where each database's private spill directory is made
 
 
-def _locked_config(limits: Limits) -> dict[str, object]:
+def _locked_config(limits: Limits, spill_dir: Path | None) -> dict[str, object]:
     return {
         "enable_external_access": False,  # no files, no ATTACH, no COPY, no INSTALL
         "autoinstall_known_extensions": False,
@@ -39,6 +45,10 @@ def _locked_config(limits: Limits) -> dict[str, object]:
         "allow_unsigned_extensions": False,
         "memory_limit": limits.memory_limit,
         "threads": limits.threads,
+        # DuckDB lets a query read its temp directory even without external access (it must
+        # spill there), so each database has its own, lent to one query at a time.
+        "temp_directory": str(spill_dir) if spill_dir is not None else "",
+        "max_temp_directory_size": limits.spill_limit if spill_dir is not None else "0B",
         "lock_configuration": True,  # last: SET can no longer undo any of the above
     }
 
@@ -51,6 +61,16 @@ class _Database:
     db: duckdb.DuckDBPyConnection
     con: duckdb.DuckDBPyConnection
     attached: dict[str, tuple[object, list[RunSource]]]  # experiment -> (files, sources)
+    spill_dir: Path
+
+    def spilled(self) -> bool:
+        """Whether a query left spill files (DuckDB removes them when it frees the blocks)."""
+        return any(self.spill_dir.iterdir())
+
+    def close(self) -> None:
+        self.con.close()
+        self.db.close()
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
 class DatabasePool:
@@ -66,7 +86,8 @@ class DatabasePool:
         self.keep = keep
         self._idle: list[_Database] = []
         self._lock = threading.Lock()
-        self._parser = duckdb.connect(":memory:", config=_locked_config(Limits()))
+        self._parser = duckdb.connect(":memory:", config=_locked_config(Limits(), None))
+        self.spill_root = Path(limits.spill_root or tempfile.gettempdir())
         self._parsed: OrderedDict[str, Parsed] = OrderedDict()
 
     @property
@@ -98,23 +119,30 @@ class DatabasePool:
                 best = max(self._idle, key=lambda d: len(wanted & d.attached.keys()))
                 self._idle.remove(best)
                 return best
-        db = duckdb.connect(":memory:", config=_locked_config(self.limits))
-        return _Database(db, db.cursor(), {})
+        self.spill_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spill_dir = Path(tempfile.mkdtemp(prefix="query-", dir=self.spill_root))  # 0700
+        try:
+            db = duckdb.connect(":memory:", config=_locked_config(self.limits, spill_dir))
+        except BaseException:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+            raise
+        return _Database(db, db.cursor(), {}, spill_dir)
 
     def give_back(self, database: _Database, healthy: bool) -> None:
+        # A database whose spill directory is not empty is never lent again: the next query,
+        # perhaps another user's, could otherwise read what this one spilled.
+        reuse = healthy and not database.spilled()
         with self._lock:
-            if healthy and len(self._idle) < self.keep:
+            if reuse and len(self._idle) < self.keep:
                 self._idle.append(database)
                 return
-        database.con.close()
-        database.db.close()
+        database.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for database in idle:
-            database.con.close()
-            database.db.close()
+            database.close()
         self._parser.close()
 
 
@@ -140,24 +168,67 @@ def _parse(con: duckdb.DuckDBPyConnection, query: str) -> Parsed:
         kind = statements[0].type.name
         raise InvalidArgument(f"only SELECT queries are served (this is a {kind} "
                               "statement); experiment data is read-only")
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    except RecursionError:
+        raise InvalidArgument("the query is nested too deeply; simplify it") from None
     if tree.get("error"):
         raise InvalidArgument(f"{tree.get('error_type', 'parser')} error: "
                               f"{tree.get('error_message')}")
+    return Parsed(frozenset(_checked_tables(tree)), len(statements[0].named_parameters), tree)
+
+
+# Table functions a query may call: those that make rows from their arguments, and those that
+# describe the query's own database (its experiments' views and columns). Every other one reads
+# files or describes the server: duckdb_settings() shows its directories, glob() lists its
+# spill files, query() runs SQL this parser never saw.
+INTROSPECTION = frozenset({"duckdb_tables", "duckdb_views", "duckdb_columns", "duckdb_schemas",
+                           "duckdb_types", "duckdb_functions", "duckdb_keywords",
+                           "duckdb_constraints", "pragma_table_info"})
+TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"}) | INTROSPECTION
+# Functions and tables that describe the host or the engine rather than the data.
+HIDDEN_PREFIXES = ("duckdb_", "pragma_", "sqlite_", "pg_")
+HIDDEN_FUNCTIONS = frozenset({"current_setting", "getvariable", "getenv"})
+
+
+def _checked_tables(tree: dict) -> set[str]:
+    """The schema names of the tables a query names, once it is known to call no function
+    that reaches beyond its own experiments' data."""
     found: set[str] = set()
-    _walk_tables(tree, found)
-    return Parsed(frozenset(found), len(statements[0].named_parameters), tree)
-
-
-def _walk_tables(node: object, found: set[str]) -> None:
-    if isinstance(node, dict):
-        if node.get("type") == "BASE_TABLE" and node.get("schema_name"):
-            found.add(node["schema_name"])
-        for value in node.values():
-            _walk_tables(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _walk_tables(value, found)
+    todo: list[object] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "BASE_TABLE":
+            name = str(node.get("table_name", ""))
+            qualified = bool(node.get("schema_name"))
+            if qualified:
+                found.add(node["schema_name"])
+            hidden = name.lower().startswith(HIDDEN_PREFIXES) and name.lower() not in INTROSPECTION
+            if hidden or (not qualified and ("/" in name or "." in name)):  # a file's name
+                raise InvalidArgument(f"the table {excerpt(name, 60)} is not available: queries "
+                                      "read <experiment>.events and <experiment>.runs, not the "
+                                      "server's files or settings")
+        elif kind == "TABLE_FUNCTION":
+            name = str((node.get("function") or {}).get("function_name", "")).lower()
+            if name not in TABLE_FUNCTIONS:
+                raise InvalidArgument(
+                    f"the table function {excerpt(name, 60)} is not available: queries read "
+                    "<experiment>.events and <experiment>.runs, not the server's files or "
+                    f"settings (table functions: {', '.join(sorted(TABLE_FUNCTIONS))})")
+        elif node.get("class") == "FUNCTION":
+            name = str(node.get("function_name", "")).lower()
+            if name in HIDDEN_FUNCTIONS or (name.startswith(HIDDEN_PREFIXES)
+                                            and name not in INTROSPECTION):
+                raise InvalidArgument(f"the function {excerpt(name, 60)} is not available: "
+                                      "queries see their experiments' data, not the server")
+        todo.extend(node.values())
+    return found
 
 
 def quote(identifier: str) -> str:

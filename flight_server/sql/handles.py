@@ -14,8 +14,10 @@ import json
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.flight as flight
 
 from flight_server.auth import Forbidden, Identity
+from flight_server.client_data import check_types, is_scalar_parameter, read_validated
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.tickets import TicketSeal
 
@@ -59,13 +61,17 @@ def open_statement(raw: bytes, key: TicketSeal, caller: Identity) -> Statement:
     return statement
 
 
+def read_parameters(reader: flight.MetadataRecordBatchReader) -> pa.Table:
+    """The parameters a client binds, validated in full (see client_data) before any use."""
+    check_types(reader.schema, is_scalar_parameter, "bound parameters",
+                "parameters are scalars: numbers, strings, binary, booleans, dates and times")
+    return read_validated(reader, "bound parameters", MAX_PARAMETER_BYTES)
+
+
 def with_parameters(statement: Statement, parameters: pa.Table, expected: int) -> Statement:
     if parameters.num_columns != expected:
         raise InvalidArgument(f"the statement takes {expected} parameter(s), "
                               f"{parameters.num_columns} were bound")
-    if nested := [f.name for f in parameters.schema if pa.types.is_nested(f.type)]:
-        raise InvalidArgument(f"parameters must be scalars; {', '.join(nested)} "
-                              "are nested")
     if len(_ipc(parameters)) > MAX_PARAMETER_BYTES:
         raise InvalidArgument(f"bound parameters exceed {MAX_PARAMETER_BYTES // 1024} KiB; "
                               "put large value lists in the query or split it")

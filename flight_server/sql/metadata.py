@@ -12,30 +12,65 @@ import re
 import pyarrow as pa
 
 import schemas.flight_sql as fsql
+from flight_server.errors import InvalidArgument
 from flight_server.sql.engine import TABLES
 
 TABLE_TYPE = "TABLE"
 SERVER_NAME = "LCLStream Flight"
 
 
-def like(pattern: str | None) -> re.Pattern[str]:
-    """A SQL LIKE pattern (% any run, _ any one character, \\ escapes) as a regex."""
-    if pattern is None:
-        return re.compile(".*", re.DOTALL)
-    out, escaped = [], False
-    for ch in pattern:
-        if escaped:
-            out.append(re.escape(ch))
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == "%":
-            out.append(".*")
-        elif ch == "_":
-            out.append(".")
-        else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out), re.DOTALL)
+MAX_PATTERN_CHARS = 1024  # names are at most 128 characters; a longer pattern is a mistake
+
+
+class Like:
+    """A SQL LIKE pattern (% any run, _ any one character, \\ escapes), matched without
+    backtracking across %: the pattern is cut at each % into segments of fixed length, the
+    first anchored at the start, the last at the end, and each one between found at its
+    leftmost place after the one before (which is optimal for these patterns). A translation
+    to one regular expression (% -> .*) backtracks exponentially on patterns such as
+    "%%...%Z", holding the GIL, and every other call waits."""
+
+    def __init__(self, pattern: str | None) -> None:
+        self.segments: list[re.Pattern[str]] | None = None
+        if pattern is None:
+            return
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise InvalidArgument(f"a name pattern is at most {MAX_PATTERN_CHARS} characters; "
+                                  f"got {len(pattern)}")
+        parts: list[list[str]] = [[]]
+        escaped = False
+        for ch in pattern:
+            if escaped or ch not in "\\%_":
+                parts[-1].append(re.escape(ch))
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == "%":
+                parts.append([])
+            else:
+                parts[-1].append(".")
+        if escaped:  # a trailing escape stands for itself
+            parts[-1].append(re.escape("\\"))
+        # Consecutive % are one %: drop the empty segments between them.
+        parts = [parts[0], *(p for p in parts[1:-1] if p), parts[-1]] if len(parts) > 1 \
+            else parts
+        self.lengths = [len(p) for p in parts]  # each piece matches exactly one character
+        self.segments = [re.compile("".join(p), re.DOTALL) for p in parts]
+
+    def fullmatch(self, text: str) -> bool:
+        if self.segments is None:
+            return True
+        if len(self.segments) == 1:
+            return self.segments[0].fullmatch(text) is not None
+        if sum(self.lengths) > len(text) or not self.segments[0].match(text):
+            return False
+        position, end = self.lengths[0], len(text) - self.lengths[-1]
+        for segment in self.segments[1:-1]:
+            found = segment.search(text, position, end)
+            if found is None:
+                return False
+            position = found.end()
+        return self.segments[-1].fullmatch(text, end) is not None
 
 
 def catalogs() -> pa.Table:
@@ -43,7 +78,7 @@ def catalogs() -> pa.Table:
 
 
 def db_schemas(experiments: list[str], pattern: str | None) -> pa.Table:
-    match = like(pattern)
+    match = Like(pattern)
     names = [e for e in experiments if match.fullmatch(e)]
     return pa.table({"catalog_name": pa.nulls(len(names), pa.string()),
                      "db_schema_name": names}, schema=fsql.GET_DB_SCHEMAS_SCHEMA)
@@ -52,7 +87,7 @@ def db_schemas(experiments: list[str], pattern: str | None) -> pa.Table:
 def tables(experiments: list[str], schema_pattern: str | None, table_pattern: str | None,
            table_types: list[str], table_schemas: dict[str, pa.Schema] | None) -> pa.Table:
     """`table_schemas` maps "experiment.table" to its Arrow schema when include_schema is set."""
-    schema_match, table_match = like(schema_pattern), like(table_pattern)
+    schema_match, table_match = Like(schema_pattern), Like(table_pattern)
     wanted_type = not table_types or TABLE_TYPE in table_types
     rows = [(e, t) for e in experiments if schema_match.fullmatch(e) and wanted_type
             for t in TABLES if table_match.fullmatch(t)]

@@ -199,7 +199,7 @@ class SqlService:
         if name != "CommandPreparedStatementQuery":
             raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
         statement = handles.open_statement(command.prepared_statement_handle, self.seal, who)
-        parameters = reader.read_all()
+        parameters = handles.read_parameters(reader)
         bound = handles.with_parameters(statement, parameters,
                                         self._parameter_count(statement.query))
         result = fsql.DoPutPreparedStatementResult(
@@ -220,7 +220,7 @@ class SqlService:
             table_pattern = _optional(command, "table_name_filter_pattern")
             schemas = None
             if command.include_schema:
-                match = metadata.like(schema_pattern)
+                match = metadata.Like(schema_pattern)
                 schemas = self._table_schemas(who, [e for e in readable if match.fullmatch(e)])
             return metadata.tables(readable, schema_pattern, table_pattern,
                                    list(command.table_types), schemas)
