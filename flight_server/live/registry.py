@@ -30,8 +30,8 @@ RETENTION_EVERY_S = 1.0
 
 def check_stream_name(name: str) -> None:
     if not EXPERIMENT_NAME.match(name) or ".." in name:
-        raise InvalidArgument(f"invalid stream name {excerpt(name)}: use letters, digits, '_', '-' and "
-                              "'.', starting with a letter or digit")
+        raise InvalidArgument(f"invalid stream name {excerpt(name)}: use letters, digits, '_', "
+                              "'-' and '.', starting with a letter or digit")
 
 
 class LiveStreams:

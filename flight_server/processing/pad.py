@@ -25,7 +25,6 @@ from flight_server.processing.base import (
     shown,
 )
 
-
 MAX_SIDE = 32768
 MAX_VALUES = 2**31 - 1
 
