@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test fuzz bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The fuzz targets of the test suite, long: FUZZ_EXAMPLES cases each (make test runs 150).
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz LCLSTREAM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest tests/security/test_fuzz.py \
+		--hypothesis-show-statistics --timeout 0
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

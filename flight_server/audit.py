@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import logging.handlers
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,13 @@ def _bounded(value: Any) -> Any:
 
 
 class AuditLog:
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, max_bytes: int = 64 * 1024 * 1024,
+                 backups: int = 5) -> None:
         self.path = path
         self._handler: logging.Handler | None = None
-        if path is not None:
-            self._handler = logging.FileHandler(path, encoding="utf-8")
+        if path is not None:  # rotated by size: one line per call adds up
+            self._handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
             self._handler.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(self._handler)
         if log.level == logging.NOTSET:

@@ -7,6 +7,11 @@ cached until its file's size or modification time changes.
 
 Names sent by clients are only ever used as keys into what the scan found, never joined into a
 path, so no request can open a file outside the data root.
+
+A run belongs to the experiment whose tree holds the file it resolves to: a symbolic link is
+served when it points within its own experiment's tree (a `latest` link, say), and refused when
+it points into another experiment's or out of the data root, since readers of one experiment
+would otherwise read another's run. Each refused link is logged once.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._files: dict[str, dict[int, RunFile]] = {}
         self._runs: OrderedDict[Path, tuple[RunFile, Run]] = OrderedDict()
+        self._refused_links: set[Path] = set()  # logged once each, not at every scan
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -95,7 +101,8 @@ class Catalog:
         """Rescan one experiment's tree: what a request that names it needs, at a fraction of
         the cost of `scan` on a large data root."""
         top = self.root / experiment
-        runs = self._scan_experiment(experiment) if top.is_dir() else {}
+        runs = self._scan_experiment(experiment) \
+            if top.is_dir() and not top.is_symlink() else {}
         live = {f.path for f in runs.values()}
         with self._lock:
             if runs or experiment in self._files:
@@ -116,17 +123,25 @@ class Catalog:
                 path = Path(dirpath) / name
                 try:
                     st = path.stat()
-                    if path.is_symlink() and not path.resolve().is_relative_to(self.root):
-                        log.warning("ignoring %s: symlink out of the data root", path)
+                    if path.is_symlink() and not path.resolve().is_relative_to(top):
+                        self._refuse_link(path, experiment)
                         continue
                 except OSError:
-                    continue  # vanished while scanning
+                    continue  # vanished while scanning, or a dangling link
                 if number in runs:
                     log.warning("run %d of %s: %s shadows %s", number, experiment,
                                 runs[number].path, path)
                     continue
                 runs[number] = RunFile(experiment, number, path, st.st_size, st.st_mtime_ns)
         return runs
+
+    def _refuse_link(self, path: Path, experiment: str) -> None:
+        with self._lock:
+            if path in self._refused_links:
+                return
+            self._refused_links.add(path)
+        log.warning("not serving %s: a link to a file outside experiment %s's tree (%s)",
+                    path, experiment, os.path.realpath(path))
 
     def run_files(self, experiment: str, visible: Visible = everyone) -> dict[int, RunFile]:
         """`visible` limits the experiments an error message may name to the caller's own."""

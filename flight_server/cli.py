@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Callable
@@ -42,8 +43,7 @@ def _serve(settings: config.Settings, banner: str | None = None,
            on_stop: Callable[[], None] | None = None) -> int:
     from flight_server.server import LclstreamServer
 
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings)
     if not settings.data.is_dir():
         print(f"error: data directory {settings.data} does not exist", file=sys.stderr)
         return 2
@@ -58,6 +58,18 @@ def _serve(settings: config.Settings, banner: str | None = None,
     print(banner.format(location=location, **extra) if banner
           else f"serving {settings.data} at {location}", flush=True)
     return _serve_until_signal(server, on_stop or (lambda: None))
+
+
+def _configure_logging(settings: config.Settings) -> None:
+    """stderr, and with `log_file` a file rotated by size: a server runs for months, and one
+    that logs a line per call must not fill its disk."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if settings.log_file is not None:
+        handlers.append(logging.handlers.RotatingFileHandler(
+            settings.log_file, maxBytes=settings.log_max_bytes,
+            backupCount=settings.log_backups, encoding="utf-8"))
+    logging.basicConfig(level=settings.log_level, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 SHUTDOWN_PATIENCE_S = 5.0
@@ -133,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "batch_bytes": args.batch_bytes, "partition_bytes": args.partition_bytes,
         "auth": False if args.no_auth else None, "state_dir": args.state_dir,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
-        "audit_log": args.audit_log,
+        "audit_log": args.audit_log, "log_file": args.log_file,
     })
     return _serve(settings)
 
@@ -422,7 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", type=Path, help="server certificate's private key (PEM)")
     s.add_argument("--tls-client-ca", type=Path,
                    help="require client certificates signed by this CA (mutual TLS)")
-    s.add_argument("--audit-log", type=Path, help="also write audit lines to this file")
+    s.add_argument("--audit-log", type=Path,
+                   help="also write audit lines to this file (rotated like --log-file)")
+    s.add_argument("--log-file", type=Path,
+                   help="also write the server's log to this file, rotated by size "
+                        "(log_max_bytes, default 64 MiB; log_backups files kept, default 5)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="generate demo data (once) and serve it")

@@ -25,6 +25,9 @@ class Settings:
     read_threads: int = 8  # HDF5 reads in flight across all streams
     request_memory: int = 512 * 1024 * 1024  # one stream's batches in flight (read + processed)
     log_level: str = "INFO"
+    log_file: Path | None = None  # the server's log, rotated by size (else stderr only)
+    log_max_bytes: int = 64 * 1024 * 1024  # rotate the log and the audit file past this size
+    log_backups: int = 5  # rotated files kept of each
     # -- security (see README "Security") --
     auth: bool = True  # False only with --no-auth, and then only on loopback
     state_dir: Path | None = None  # server secrets; default <data>/.lclstream

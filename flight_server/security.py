@@ -72,7 +72,7 @@ def build(settings: Settings) -> Security:
     if settings.bind_token_to_certificate and settings.tls_client_ca is None:
         raise ValueError("bind_token_to_certificate needs mutual TLS (--tls-client-ca)")
     options = _tls_options(settings)
-    audit = AuditLog(settings.audit_log)
+    audit = AuditLog(settings.audit_log, settings.log_max_bytes, settings.log_backups)
     seal = TicketSeal(state.ticket_key(settings.state_path()))
     if not settings.auth:
         log.warning("authentication is OFF (--no-auth): every local user can read every run")

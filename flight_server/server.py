@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
-import schemas.flight_sql as fsql
 from flight_server import requests, security, shaping
 from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_certificate
 from flight_server.catalog import Catalog
@@ -28,7 +27,7 @@ from flight_server.live.service import ACTIONS as LIVE_ACTIONS
 from flight_server.live.service import LiveService, subscription_of
 from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
-from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService
+from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService, sql_command
 from flight_server.streaming import BatchSizing, stream_batches
 
 log = logging.getLogger(__name__)
@@ -82,16 +81,6 @@ def rpc(method: F) -> F:
             raise _internal(exc) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _sql_command(payload: bytes) -> Message | None:
-    """The Flight SQL message in a descriptor command or ticket; None for our own JSON."""
-    try:
-        return fsql.unpack(payload)
-    except fsql.UnknownCommand as exc:
-        raise pa.ArrowNotImplementedError(f"Flight SQL command {exc} is not supported") from None
-    except fsql.MalformedCommand as exc:
-        raise InvalidArgument(f"malformed Flight SQL command: {exc}") from None
 
 
 def _guard_stream(batches: Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]],
@@ -216,7 +205,7 @@ class LclstreamServer(flight.FlightServerBase):
     def _sql(descriptor: flight.FlightDescriptor) -> Message | None:
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             return None
-        return _sql_command(descriptor.command)
+        return sql_command(descriptor.command)
 
     @rpc
     def get_flight_info(self, context: flight.ServerCallContext,
@@ -242,7 +231,7 @@ class LclstreamServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext,
                ticket: flight.Ticket) -> flight.FlightDataStream:
         call = self._call(context)
-        if (command := _sql_command(ticket.ticket)) is not None:
+        if (command := sql_command(ticket.ticket)) is not None:
             schema, batches = self.sql.do_get(call.identity, command, context.is_cancelled)
             return flight.GeneratorStream(schema, _guard_stream(batches, call))
         if (sub := self.live.ticket(ticket.ticket)) is not None:

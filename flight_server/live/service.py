@@ -33,6 +33,7 @@ from flight_server.streaming import BatchSizing
 from flight_server.tickets import TicketSeal
 from schemas import RequestError
 from schemas import metadata as md
+from schemas.json_input import excerpt
 from schemas.live import (
     LIVE_SEGMENT,
     Delivery,
@@ -52,6 +53,9 @@ ACTIONS = {
                "of its experiment (needs write)",
     "streams": "JSON list of live streams: events, rate, bytes on disk, consumer group lag",
 }
+
+
+MAX_RUN = 2**31 - 1  # as in the request schema
 
 
 def _request_error(exc: RequestError) -> InvalidArgument:
@@ -219,6 +223,9 @@ class LiveService:
         identity, body = call.identity, _json_body(action)
         if action.type == "streams":
             pattern = body.get("experiment", "*")
+            if not isinstance(pattern, str) or len(pattern) > 256:
+                raise InvalidArgument("'experiment' is an experiment name or glob (a string of "
+                                      "at most 256 characters), e.g. 'tmox*'")
             found = [s.describe() for s in self.streams.streams()
                      if fnmatch.fnmatchcase(s.experiment, pattern)
                      and identity.may(s.experiment, "read")]
@@ -250,8 +257,10 @@ class LiveService:
     def _end_run(self, experiment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         stream = self.streams.get(experiment, name)
         number = body.get("run")
-        if number is not None and (not isinstance(number, int) or number < 0):
-            raise InvalidArgument(f"'run' must be an integer >= 0, got {number!r}")
+        if number is not None and (not isinstance(number, int) or isinstance(number, bool)
+                                   or not 0 <= number <= MAX_RUN):
+            raise InvalidArgument(f"'run' must be an integer from 0 to {MAX_RUN}, "
+                                  f"got {excerpt(number)}")
         config = body.get("config")
         if config is not None and not isinstance(config, dict):
             raise InvalidArgument("'config' must be a JSON object of per-run settings")

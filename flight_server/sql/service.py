@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 import schemas.flight_sql as fsql
 from flight_server.auth import Identity
 from flight_server.catalog import Catalog
+from flight_server.errors import InvalidArgument
 from flight_server.sql import direct, handles, metadata
 from flight_server.sql.databases import DatabasePool, Limits, quote
 from flight_server.sql.engine import TABLES, Session, open_session
@@ -30,6 +31,7 @@ from flight_server.sql.handles import Statement
 from flight_server.sql.tables import ReadContext
 from flight_server.streaming import BatchSizing
 from flight_server.tickets import TicketSeal
+from schemas.json_input import excerpt
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,18 @@ UNSUPPORTED = "this server is read-only SQL over experiment runs; {} is not supp
 
 def _name(message: Message) -> str:
     return message.DESCRIPTOR.name
+
+
+def sql_command(payload: bytes) -> Message | None:
+    """The Flight SQL message in a descriptor command, ticket or action body; None for our own
+    JSON (or anything else that is not a Flight SQL `Any`)."""
+    try:
+        return fsql.unpack(payload)
+    except fsql.UnknownCommand as exc:
+        raise pa.ArrowNotImplementedError(
+            f"Flight SQL command {excerpt(str(exc))} is not supported") from None
+    except fsql.MalformedCommand as exc:
+        raise InvalidArgument(f"malformed Flight SQL command: {excerpt(str(exc), 200)}") from None
 
 
 class SqlService:
@@ -171,7 +185,7 @@ class SqlService:
     # -- prepared statements: DoAction / DoPut -----------------------------------------------
 
     def do_action(self, who: Identity, action: flight.Action) -> Iterator[bytes]:
-        command = fsql.unpack(action.body.to_pybytes())
+        command = sql_command(action.body.to_pybytes())
         if action.type == CREATE_PREPARED and command is not None \
                 and _name(command) == "ActionCreatePreparedStatementRequest":
             return iter([fsql.pack(self._prepare(who, command.query))])
