@@ -28,8 +28,8 @@ from clients import Client, connect
 from clients.credentials import BearerToken
 from flight_server import config
 from flight_server.generator.bench import generate_bench_run, generate_scalar_run
-from flight_server.grants import ALL
-from flight_server.security import minter_for
+from flight_server.security.assembly import minter_for
+from flight_server.security.grants import ALL
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench-data"
@@ -44,15 +44,6 @@ T = TypeVar("T")
 
 
 # -- sizes and formatting ------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """'128MiB', '1GiB', '4G' or a byte count, so sizes read the same as the server's flags."""
-    units = {"k": 2**10, "m": MiB, "g": GiB, "t": 2**40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def fmt_bytes(n: float) -> str:

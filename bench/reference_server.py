@@ -21,7 +21,7 @@ import pyarrow.flight as flight
 
 from flight_server.config import Settings
 from flight_server.sources import Run, RunReader, describe
-from flight_server.streaming import BatchSizing, batch_ranges
+from flight_server.sources.streaming import BatchSizing, batch_ranges
 
 ALL = b"all"
 

@@ -64,10 +64,10 @@ from clients.credentials import BearerToken
 from clients.sql import statement_info
 from flight_server import config
 from flight_server.catalog import Catalog
+from flight_server.sources.streaming import BatchSizing
 from flight_server.sql.databases import DatabasePool, Limits
 from flight_server.sql.engine import Session, open_session
 from flight_server.sql.tables import ReadContext
-from flight_server.streaming import BatchSizing
 from schemas import Request
 
 NAME = "sql"

@@ -52,8 +52,8 @@ _STATUS_DETAILS = {
     ". Detail: Internal": flight.FlightInternalError,
     ". Detail: TimedOut": flight.FlightTimedOutError,
     ". Detail: Cancelled": flight.FlightCancelledError,
-    "Python exception: flight_server.auth.Unauthenticated": flight.FlightUnauthenticatedError,
-    "Python exception: flight_server.auth.Forbidden": flight.FlightUnauthorizedError,
+    "Python exception: flight_server.security.policy.Unauthenticated": flight.FlightUnauthenticatedError,
+    "Python exception: flight_server.security.policy.Forbidden": flight.FlightUnauthorizedError,
 }
 
 

@@ -1,4 +1,6 @@
-"""Settings: built-in defaults < TOML file < LCLSTREAM_* environment variables < CLI flags."""
+"""Settings: built-in defaults < TOML file < LCLSTREAM_* environment variables < CLI flags.
+
+The bottom layer: it imports nothing of the project's, so that every part can read settings."""
 
 from __future__ import annotations
 
@@ -8,9 +10,22 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flight_server.live.stream import LiveSettings
-
 ENV_PREFIX = "LCLSTREAM_"
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """What a live stream needs of the settings (see `Settings.live`)."""
+
+    fsync: str = "interval"  # "batch": sync before each ack; "interval": every fsync_interval
+    fsync_interval: float = 0.01
+    segment_bytes: int = 64 << 20
+    ring_bytes: int = 256 << 20
+    retention_bytes: int = 16 << 30
+    retention_seconds: float = 24 * 3600.0
+    wait_poll: float = 0.25  # how often a waiting consumer checks whether its client left
+
+
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,16 @@ class Settings:
 
     def users_path(self) -> Path:
         return self.users_file if self.users_file is not None else self.state_path() / "users.json"
+
+
+def parse_size(text: str) -> int:
+    """'4MiB', '256M', '1GiB', '4G' or a plain byte count: sizes read the same in flags,
+    settings and the benchmarks' options."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
 
 
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

@@ -1,4 +1,5 @@
-"""The Flight RPC surface: decode, delegate, return a stream. All logic lives elsewhere."""
+"""The Flight RPC surface: decode what a call asks for once, dispatch it to the archive, SQL or
+live service, and turn what comes back into a stream. All logic lives in the services."""
 
 from __future__ import annotations
 
@@ -18,24 +19,29 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
-from flight_server import requests, security, shaping
-from flight_server.auth import MIDDLEWARE_KEY, CallRecord, authorize, bind_to_certificate
+from flight_server.archive.service import ACTIONS as ARCHIVE_ACTIONS
+from flight_server.archive.service import ArchiveService
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
-from flight_server.errors import InvalidArgument, NotFound
+from flight_server.errors import InvalidArgument
 from flight_server.live.service import ACTIONS as LIVE_ACTIONS
 from flight_server.live.service import LiveService, subscription_of
+from flight_server.security import assembly
+from flight_server.security.middleware import MIDDLEWARE_KEY, CallRecord
+from flight_server.security.policy import bind_to_certificate
+from flight_server.sources.streaming import BatchSizing
 from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
 from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService, sql_command
-from flight_server.streaming import BatchSizing, stream_batches
+from schemas import Ticket
+from schemas.json_input import excerpt
+from schemas.live import Subscription
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 ACTIONS = {
-    "experiments": "JSON list of {experiment, runs} for every experiment the caller may read",
     "whoami": "JSON {subject, issuer, grants, expires, certificate}: who the server takes you for",
 }
 
@@ -107,7 +113,7 @@ class LclstreamServer(flight.FlightServerBase):
         # started, and resumes; never an answer from a half-built server. Recovering large
         # live streams can take a while.
         self.settings = settings
-        self.security = security.build(settings)
+        self.security = assembly.build(settings)
         self.catalog = catalog or Catalog(settings.data)
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
                                   settings.prefetch, settings.request_memory)
@@ -119,6 +125,8 @@ class LclstreamServer(flight.FlightServerBase):
                               limits, _version())
         self.live = LiveService(settings.data, settings.live(), self.catalog,
                                 self.security.seal, self.sizing)
+        self.archive = ArchiveService(self.catalog, self.security.seal, self.sizing,
+                                      self.read_pool, settings.partition_bytes)
         try:
             super().__init__(settings.location(),
                              middleware={MIDDLEWARE_KEY: self.security.middleware},
@@ -150,28 +158,29 @@ class LclstreamServer(flight.FlightServerBase):
             bind_to_certificate(call.identity, call.certificate)
         return call
 
-    @staticmethod
-    def _may_read(call: CallRecord, experiment: str, run: int | None = None) -> None:
-        call.experiment, call.run = experiment, run
-        authorize(call.identity, experiment, "read")
+    # -- what is asked for: decoded once, here -----------------------------------------------
+
+    def _descriptor(self, descriptor: flight.FlightDescriptor
+                    ) -> tuple[str, Message | Subscription | None]:
+        """("sql", command) | ("live", subscription) | ("archive", None)."""
+        if descriptor.descriptor_type == flight.DescriptorType.CMD and \
+                (command := sql_command(descriptor.command)) is not None:
+            return "sql", command
+        if (sub := subscription_of(descriptor)) is not None:
+            return "live", sub
+        return "archive", None
+
+    def _ticket(self, raw: bytes) -> tuple[str, Message | Subscription | Ticket]:
+        """("sql", command) | ("live", subscription) | ("archive", ticket): a Flight SQL
+        ticket is a protobuf Any; ours are JSON, plain or sealed, and a live one names a
+        stream."""
+        if (command := sql_command(raw)) is not None:
+            return "sql", command
+        if (sub := self.live.ticket(raw)) is not None:
+            return "live", sub
+        return "archive", self.security.seal.open(raw)
 
     # -- planning ----------------------------------------------------------------------------
-
-    def _flight_info(self, plan: requests.Plan,
-                     descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        endpoints = [flight.FlightEndpoint(self.security.seal.seal(p.ticket), [])
-                     for p in plan.partitions]
-        return flight.FlightInfo(plan.schema, descriptor, endpoints, plan.total_records,
-                                 plan.total_bytes, ordered=True)
-
-    def _plan(self, context: flight.ServerCallContext,
-              descriptor: flight.FlightDescriptor) -> requests.Plan:
-        call = self._call(context)
-        request = requests.request_from_descriptor(descriptor)
-        self._may_read(call, request.experiment,
-                       request.runs[0] if len(request.runs) == 1 else None)
-        return requests.plan(request, self.catalog, self.settings.partition_bytes,
-                             lambda e: call.identity.may(e, "read"), self.sizing.event_budget)
 
     @rpc
     def list_flights(self, context: flight.ServerCallContext,
@@ -182,48 +191,32 @@ class LclstreamServer(flight.FlightServerBase):
         except UnicodeDecodeError:
             raise InvalidArgument("ListFlights criteria must be an experiment name or glob "
                                   "in UTF-8, e.g. 'tmox*'") from None
-        found = self.catalog.scan()
-        infos = []
-        for experiment in found:
-            if not fnmatch.fnmatchcase(experiment, pattern):
-                continue
-            if not call.identity.may(experiment, "read"):
-                continue
-            for number in sorted(found[experiment]):
-                descriptor = flight.FlightDescriptor.for_path(experiment, str(number))
-                request = requests.request_from_descriptor(descriptor)
-                try:
-                    plan = requests.plan(request, self.catalog, self.settings.partition_bytes)
-                    infos.append(self._flight_info(plan, descriptor))
-                except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone
-                    log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
+        infos = self.archive.flight_infos(call.identity, pattern)
         infos += self.live.flight_infos(call.identity,
                                         lambda e: fnmatch.fnmatchcase(e, pattern))
         return iter(infos)
 
-    @staticmethod
-    def _sql(descriptor: flight.FlightDescriptor) -> Message | None:
-        if descriptor.descriptor_type != flight.DescriptorType.CMD:
-            return None
-        return sql_command(descriptor.command)
-
     @rpc
     def get_flight_info(self, context: flight.ServerCallContext,
                         descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        if (command := self._sql(descriptor)) is not None:
-            return self.sql.flight_info(self._call(context).identity, command, descriptor)
-        if (sub := subscription_of(descriptor)) is not None:
-            return self.live.flight_info(self._call(context), sub, descriptor)
-        return self._flight_info(self._plan(context, descriptor), descriptor)
+        kind, what = self._descriptor(descriptor)
+        call = self._call(context)
+        if kind == "sql":
+            return self.sql.flight_info(call.identity, what, descriptor)
+        if kind == "live":
+            return self.live.flight_info(call, what, descriptor)
+        return self.archive.flight_info(self.archive.plan(call, descriptor), descriptor)
 
     @rpc
     def get_schema(self, context: flight.ServerCallContext,
                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        if (command := self._sql(descriptor)) is not None:
-            return flight.SchemaResult(self.sql.schema(self._call(context).identity, command))
-        if (sub := subscription_of(descriptor)) is not None:
-            return flight.SchemaResult(self.live.schema(self._call(context), sub))
-        return flight.SchemaResult(self._plan(context, descriptor).schema)
+        kind, what = self._descriptor(descriptor)
+        call = self._call(context)
+        if kind == "sql":
+            return flight.SchemaResult(self.sql.schema(call.identity, what))
+        if kind == "live":
+            return flight.SchemaResult(self.live.schema(call, what))
+        return flight.SchemaResult(self.archive.plan(call, descriptor).schema)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -231,48 +224,34 @@ class LclstreamServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext,
                ticket: flight.Ticket) -> flight.FlightDataStream:
         call = self._call(context)
-        if (command := sql_command(ticket.ticket)) is not None:
-            schema, batches = self.sql.do_get(call.identity, command, context.is_cancelled)
-            return flight.GeneratorStream(schema, _guard_stream(batches, call))
-        if (sub := self.live.ticket(ticket.ticket)) is not None:
-            schema, deliveries = self.live.do_get(call, sub, context.is_cancelled)
-            return flight.GeneratorStream(schema, _guard_stream(deliveries, call))
-        t = self.security.seal.open(ticket.ticket)
-        self._may_read(call, t.experiment, t.run)
-        run = self.catalog.run(t.experiment, t.run, lambda e: call.identity.may(e, "read"))
-        columns = run.resolve(t.columns)
-        if t.stop > run.num_events:
-            raise InvalidArgument(f"ticket range [{t.start}:{t.stop}] is beyond run {t.run}'s "
-                                  f"{run.num_events} events; plan again with GetFlightInfo")
-        shaped = shaping.build(run, columns, t.filter, t.processing, self.sizing.event_budget)
-        if shaped is None:  # the common case: batches go out exactly as read
-            batches = stream_batches(run, columns, t.start, t.stop, t.step, self.sizing,
-                                     self.read_pool, context.is_cancelled)
-            return flight.GeneratorStream(run.schema(columns), _guard_stream(batches, call))
-        batches = stream_batches(run, shaped.read, t.start, t.stop, t.step, self.sizing,
-                                 self.read_pool, context.is_cancelled, shaped.apply,
-                                 shaped.work_per_event)
-        kept = (b for b in batches if b.num_rows)  # a filter can empty a batch
-        return flight.GeneratorStream(shaped.schema, _guard_stream(kept, call))
-
-    # -- actions -----------------------------------------------------------------------------
-
-    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return [*ACTIONS.items(), *LIVE_ACTIONS.items(), *SQL_ACTIONS.items()]
+        kind, what = self._ticket(ticket.ticket)
+        if kind == "sql":
+            schema, batches = self.sql.do_get(call.identity, what, context.is_cancelled)
+        elif kind == "live":
+            schema, batches = self.live.do_get(call, what, context.is_cancelled)
+        else:
+            schema, batches = self.archive.do_get(call, what, context.is_cancelled)
+        return flight.GeneratorStream(schema, _guard_stream(batches, call))
 
     @rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader,
                writer: flight.FlightMetadataWriter) -> None:
         call = self._call(context)
-        if (command := self._sql(descriptor)) is not None:
-            return self.sql.do_put(call.identity, command, reader, writer)
-        if (sub := subscription_of(descriptor)) is not None and \
-                descriptor.descriptor_type == flight.DescriptorType.PATH:
-            return self.live.do_put(call, sub, reader, writer)
+        kind, what = self._descriptor(descriptor)
+        if kind == "sql":
+            return self.sql.do_put(call.identity, what, reader, writer)
+        if kind == "live" and descriptor.descriptor_type == flight.DescriptorType.PATH:
+            return self.live.do_put(call, what, reader, writer)
         raise pa.ArrowNotImplementedError(
             "DoPut takes a live stream's path [experiment, 'live', stream], or Flight SQL "
             "prepared-statement parameters")
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return [*ACTIONS.items(), *ARCHIVE_ACTIONS.items(), *LIVE_ACTIONS.items(),
+                *SQL_ACTIONS.items()]
 
     @rpc
     def do_action(self, context: flight.ServerCallContext,
@@ -285,17 +264,15 @@ class LclstreamServer(flight.FlightServerBase):
         if action.type in UNSUPPORTED_ACTIONS:
             raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")
         if action.type == "experiments":
-            found = self.catalog.scan()
-            body = [{"experiment": e, "runs": sorted(r)} for e, r in found.items()
-                    if call.identity.may(e, "read")]
-            return iter([json.dumps(body).encode()])
+            return iter([json.dumps(self.archive.experiments(call.identity)).encode()])
         if action.type == "whoami":
             who = call.identity
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),
                     "expires": who.expires, "certificate": call.certificate or None}
             return iter([json.dumps(body).encode()])
-        raise InvalidArgument(f"unknown action '{action.type}'; actions: "
-                              f"{', '.join([*ACTIONS, *LIVE_ACTIONS, *SQL_ACTIONS])}")
+        known = [*ACTIONS, *ARCHIVE_ACTIONS, *LIVE_ACTIONS, *SQL_ACTIONS]
+        raise InvalidArgument(f"unknown action {excerpt(action.type)}; actions: "
+                              f"{', '.join(known)}")
 
 
 def _version() -> str:

@@ -20,8 +20,8 @@ from clients import Client, connect
 from clients.credentials import BearerToken
 from flight_server.config import Settings
 from flight_server.generator import generate_cxi_run, generate_lcls1_run, generate_lcls2_run
-from flight_server.grants import ALL
-from flight_server.security import minter_for
+from flight_server.security.assembly import minter_for
+from flight_server.security.grants import ALL
 from flight_server.server import LclstreamServer
 
 LCLS2_EXP, LCLS1_EXP, CXI_EXP = "tmox42619", "xppd7114", "cxilu9218"

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from clients import connect
-from flight_server.grants import Grants
+from flight_server.security.grants import Grants
+from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
-from flight_server.users import UsersFile
 from tests.conftest import LCLS1_EXP, LCLS2_EXP, raw_client, start_server, ticket_json
 
 UNAUTHENTICATED, DENIED = flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError

@@ -49,7 +49,7 @@ def test_security_settings_from_file_and_environment(tmp_path: Path) -> None:
 
 
 def test_issuer_misconfigurations_are_refused(tmp_path: Path) -> None:
-    from flight_server.auth import Issuer
+    from flight_server.security.tokens import Issuer
 
     pem = tmp_path / "k.pem"
     from cryptography.hazmat.primitives import serialization

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from flight_server.filters import (
+from flight_server.processing.filters import (
     MAX_DEPTH,
     MAX_LENGTH,
     FilterError,

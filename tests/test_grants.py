@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flight_server.grants import GrantError, Grants
-from flight_server.users import LoginThrottle, UsersFile, check_password, hash_password
+from flight_server.security.grants import GrantError, Grants
+from flight_server.security.users import LoginThrottle, UsersFile, check_password, hash_password
 
 
 @pytest.mark.parametrize("claim", [
@@ -67,7 +67,8 @@ def test_throttle_locks_a_name_for_the_window() -> None:
 def test_verified_tokens_are_cached_until_they_expire() -> None:
     import time
 
-    from flight_server.auth import TokenMinter, TokenVerifier, Unauthenticated
+    from flight_server.security.policy import Unauthenticated
+    from flight_server.security.tokens import TokenMinter, TokenVerifier
 
     minter = TokenMinter("lclstream", "lclstream", "HS256", b"k" * 32, ttl=600)
     verifier = TokenVerifier([minter.verifying_issuer()], leeway=0)
@@ -81,8 +82,8 @@ def test_verified_tokens_are_cached_until_they_expire() -> None:
 
 
 def test_eddsa_signed_server_tokens(tmp_path: Path) -> None:
-    from flight_server import state
-    from flight_server.auth import TokenMinter, TokenVerifier
+    from flight_server.security import keys as state
+    from flight_server.security.tokens import TokenMinter, TokenVerifier
 
     key = state.signing_key(tmp_path, "EdDSA")
     assert key.startswith(b"-----BEGIN PRIVATE KEY")

@@ -15,7 +15,7 @@ import pyarrow.flight as flight
 import pytest
 
 from clients import Client, connect
-from flight_server.grants import Grants
+from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from schemas.live import Delivery
 from tests.conftest import raw_client, start_server

@@ -1,5 +1,5 @@
-"""The simulated acquisition (`flight_server.simulator`), `lclstream produce | streams`, and the
-demo's live stream: a real server on loopback with a data root of its own for the streams."""
+"""The simulated acquisition (`flight_server.generator.simulator`), `lclstream produce |
+streams`, and the demo's live stream: a real server on loopback with a data root of its own for the streams."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from clients import Client, connect
 from flight_server.cli import DemoAcquisition, main
 from flight_server.config import Settings
 from flight_server.generator import physics as ph
-from flight_server.grants import Grants
-from flight_server.security import minter_for
+from flight_server.generator.simulator import SEGMENT_EVENTS, Simulator, event_schema, produce
+from flight_server.security.assembly import minter_for
+from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
-from flight_server.simulator import SEGMENT_EVENTS, Simulator, event_schema, produce
 from schemas import metadata as md
 from tests.conftest import LCLS2_EXP, start_server
 

@@ -20,9 +20,9 @@ from adbc_driver_flightsql import DatabaseOptions
 
 import schemas.flight_sql as fsql
 from clients import connect
-from flight_server.grants import Grants
+from flight_server.security.grants import Grants
+from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
-from flight_server.users import UsersFile
 from tests.conftest import CXI_EXP, LCLS2_EXP, admin_token, open_h5, raw_client, start_server
 
 EVENTS = f"{LCLS2_EXP}.events"

@@ -113,7 +113,7 @@ def test_shutdown_and_replaced_files_close_handles(tmp_path: Path) -> None:
 
 
 def test_stream_dropped_before_its_first_batch_releases_the_run(big_server) -> None:
-    from flight_server.streaming import BatchSizing, stream_batches
+    from flight_server.sources.streaming import BatchSizing, stream_batches
 
     srv, _ = big_server
     run = srv.catalog.run("exp", 1)

@@ -10,8 +10,8 @@ import pyarrow.flight as flight
 import pytest
 
 from clients import connect
-from flight_server import certs
-from flight_server.grants import Grants
+from flight_server.security import certs
+from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from tests.conftest import LCLS2_EXP, start_server
 

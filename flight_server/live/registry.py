@@ -18,8 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from flight_server.catalog import EXPERIMENT_NAME
+from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
-from flight_server.live.stream import AckSession, LiveSettings, Stream
+from flight_server.live.stream import AckSession, Stream
 from schemas.json_input import excerpt
 from schemas.live import LIVE_SEGMENT
 

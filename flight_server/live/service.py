@@ -20,17 +20,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server import shaping
-from flight_server.auth import CallRecord, Identity, authorize
 from flight_server.catalog import Catalog, check_experiment_name
-from flight_server.client_data import validated
+from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live import runfile
 from flight_server.live.registry import LiveStreams
-from flight_server.live.stream import AckSession, LiveSettings, Stream
+from flight_server.live.stream import AckSession, Stream
+from flight_server.processing import transform
+from flight_server.security.client_data import validated
+from flight_server.security.middleware import CallRecord
+from flight_server.security.policy import Identity, authorize
+from flight_server.security.tickets import TicketSeal
 from flight_server.sources.columns import Column, Kind
-from flight_server.streaming import BatchSizing
-from flight_server.tickets import TicketSeal
+from flight_server.sources.streaming import BatchSizing
 from schemas import RequestError
 from schemas import metadata as md
 from schemas.json_input import excerpt
@@ -82,7 +84,7 @@ def subscription_of(descriptor: flight.FlightDescriptor) -> Subscription | None:
 
 class StreamColumns:
     """A stream's schema seen as a run's columns, so that filters and processing steps are
-    built by the same `shaping.build` as for archived runs."""
+    built by the same `transform.build` as for archived runs."""
 
     def __init__(self, schema: pa.Schema) -> None:
         self._schema = schema
@@ -165,7 +167,7 @@ class LiveService:
     def _shaped(self, stream: Stream, sub: Subscription) -> tuple[pa.Schema, Transform | None]:
         columns = StreamColumns(stream.schema)
         requested = columns.resolve(sub.columns)
-        shaped = shaping.build(columns, requested, sub.filter, sub.processing,
+        shaped = transform.build(columns, requested, sub.filter, sub.processing,
                                self.sizing.event_budget)
         meta = {**(stream.schema.metadata or {}), md.EXPERIMENT: stream.experiment.encode(),
                 md.STREAM: stream.name.encode(),

@@ -16,12 +16,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live.groups import Group, Span
 from flight_server.live.log import Entry, SegmentLog, fsync_path
@@ -36,17 +36,6 @@ RATE_WINDOW_S = 10.0
 
 class Dropped(NotFound):
     """Offsets a consumer asked for that retention has already removed (NOT_FOUND)."""
-
-
-@dataclass(frozen=True)
-class LiveSettings:
-    fsync: str = "interval"  # "batch": sync before each ack; "interval": every fsync_interval
-    fsync_interval: float = 0.01
-    segment_bytes: int = 64 << 20
-    ring_bytes: int = 256 << 20
-    retention_bytes: int = 16 << 30
-    retention_seconds: float = 24 * 3600.0
-    wait_poll: float = 0.25  # how often a waiting consumer checks whether its client left
 
 
 class AckSession:

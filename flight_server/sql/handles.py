@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.auth import Forbidden, Identity
-from flight_server.client_data import check_types, is_scalar_parameter, read_validated
 from flight_server.errors import InvalidArgument, NotFound
-from flight_server.tickets import TicketSeal
+from flight_server.security.client_data import check_types, is_scalar_parameter, read_validated
+from flight_server.security.policy import Forbidden, Identity
+from flight_server.security.tickets import TicketSeal
 
 MAX_PARAMETER_BYTES = 64 * 1024  # bound parameters travel inside the handle
 

@@ -21,16 +21,16 @@ import pyarrow.flight as flight
 from google.protobuf.message import Message
 
 import schemas.flight_sql as fsql
-from flight_server.auth import Identity
 from flight_server.catalog import Catalog
 from flight_server.errors import InvalidArgument
+from flight_server.security.policy import Identity
+from flight_server.security.tickets import TicketSeal
+from flight_server.sources.streaming import BatchSizing
 from flight_server.sql import direct, handles, metadata
 from flight_server.sql.databases import DatabasePool, Limits, quote
 from flight_server.sql.engine import TABLES, Session, open_session
 from flight_server.sql.handles import Statement
 from flight_server.sql.tables import ReadContext
-from flight_server.streaming import BatchSizing
-from flight_server.tickets import TicketSeal
 from schemas.json_input import excerpt
 
 log = logging.getLogger(__name__)

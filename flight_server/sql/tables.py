@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 
 from flight_server.sources import Run
 from flight_server.sources.columns import Column, Kind, arrow_value_type
-from flight_server.streaming import BatchSizing, stream_batches
+from flight_server.sources.streaming import BatchSizing, stream_batches
 from schemas.metadata import RUN_COLUMN
 
 EVENT_COLUMN = "event"  # the event's index within its run

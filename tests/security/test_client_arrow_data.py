@@ -17,9 +17,9 @@ import pytest
 
 import schemas.flight_sql as fsql
 from clients import connect
-from flight_server.client_data import validated
 from flight_server.errors import InvalidArgument
-from flight_server.grants import Grants
+from flight_server.security.client_data import validated
+from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from tests.conftest import LCLS2_EXP, raw_client, start_server
 from tests.test_live import EXP, events

@@ -19,9 +19,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import schemas.flight_sql as fsql
-from flight_server.client_data import validated
 from flight_server.errors import InvalidArgument
-from flight_server.filters import parse_filter
+from flight_server.processing.filters import parse_filter
+from flight_server.security.client_data import validated
 from flight_server.server import LclstreamServer
 from schemas import RequestError, parse_request, parse_ticket
 from schemas.json_input import loads

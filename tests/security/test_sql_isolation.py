@@ -15,7 +15,7 @@ import pyarrow.flight as flight
 import pytest
 
 import schemas.flight_sql as fsql
-from flight_server.grants import Grants
+from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from tests.conftest import LCLS2_EXP, raw_client, start_server
 from tests.test_sql import adbc

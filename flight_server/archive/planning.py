@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server import ranges, shaping
 from flight_server.catalog import Catalog, Visible, everyone
 from flight_server.errors import InvalidArgument
-from flight_server.sources import Run
+from flight_server.processing import transform
+from flight_server.sources import Run, ranges
 from flight_server.sources.columns import Column
-from schemas import Request, RequestError, Ticket, parse_request, parse_ticket
+from schemas import Request, RequestError, Ticket, parse_request
 from schemas import metadata as md
 from schemas.json_input import excerpt
 from schemas.request import EventSlice
@@ -72,13 +72,6 @@ def request_from_descriptor(descriptor: flight.FlightDescriptor) -> Request:
     raise InvalidArgument("descriptor must be a path [experiment, run] or a v1 JSON command")
 
 
-def decode_ticket(raw: bytes) -> Ticket:
-    try:
-        return parse_ticket(raw)
-    except RequestError as exc:
-        raise InvalidArgument(f"{exc}; tickets come from GetFlightInfo") from None
-
-
 def check_range(run: Run, events: EventSlice) -> tuple[int, int, int]:
     """Concrete (start, stop, step) of a slice within a run.
 
@@ -120,11 +113,11 @@ def plan(request: Request, catalog: Catalog, partition_bytes: int,
     runs = [catalog.run(request.experiment, number, visible) for number in request.runs]
     columns = resolve_columns(runs, request.columns)
     names = tuple(c.name for c in columns)
-    shaped = [shaping.build(run, columns, request.filter, request.processing, event_budget)
+    shaped = [transform.build(run, columns, request.filter, request.processing, event_budget)
               for run in runs]
     per_event = ranges.event_bytes(columns)
     align = ranges.chunk_alignment(columns)
-    sent_per_event = per_event if shaped[0] is None else shaping.event_bytes(shaped[0], columns)
+    sent_per_event = per_event if shaped[0] is None else transform.event_bytes(shaped[0], columns)
     partitions = []
     for run in runs:
         start, stop, step = check_range(run, request.events)

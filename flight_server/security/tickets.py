@@ -11,9 +11,9 @@ import base64
 import hashlib
 import hmac
 
-from flight_server.auth import Forbidden
-from flight_server.requests import decode_ticket
-from schemas import Ticket
+from flight_server.errors import InvalidArgument
+from flight_server.security.policy import Forbidden
+from schemas import RequestError, Ticket, parse_ticket
 
 
 class TicketSeal:
@@ -41,4 +41,8 @@ class TicketSeal:
         return body
 
     def open(self, raw: bytes) -> Ticket:
-        return decode_ticket(self.verify(raw))
+        """The ticket, if this server sealed it unaltered and it is a valid v1 ticket."""
+        try:
+            return parse_ticket(self.verify(raw))
+        except RequestError as exc:
+            raise InvalidArgument(f"{exc}; tickets come from GetFlightInfo") from None

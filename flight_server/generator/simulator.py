@@ -14,7 +14,7 @@ whole number of both periods), and frames and traces are rendered per batch, so 
 only its own events. Every segment draws new values: the stream does not repeat itself.
 
     >>> from clients import connect
-    >>> from flight_server.simulator import produce
+    >>> from flight_server.generator.simulator import produce
     >>> produce(connect(), "tmox42619", "daq", rate=120, events=1200, end_run=True)
 """
 

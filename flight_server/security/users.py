@@ -25,8 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from flight_server.grants import Grants
-from flight_server.state import ensure_dir, write_private
+from flight_server.security.grants import Grants
+from flight_server.security.keys import ensure_dir, write_private
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # about 50 ms and 16 MiB per check
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,127}$")

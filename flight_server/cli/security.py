@@ -30,7 +30,7 @@ def _globs(values: list[str] | None) -> list[str]:
 
 
 def _grants(args: argparse.Namespace):
-    from flight_server.grants import Grants
+    from flight_server.security.grants import Grants
 
     return Grants.build(_globs(args.read), _globs(args.write), _globs(args.admin))
 
@@ -49,7 +49,7 @@ def _read_password(args: argparse.Namespace, confirm: bool) -> str:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from flight_server.security import minter_for
+    from flight_server.security.assembly import minter_for
 
     grants = _grants(args)
     if not grants.to_claim():
@@ -60,7 +60,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    from flight_server.users import UsersFile
+    from flight_server.security.users import UsersFile
 
     users = UsersFile(_settings(args).users_path())
     users.add(args.name, _read_password(args, confirm=True), _grants(args))
@@ -69,7 +69,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_user_remove(args: argparse.Namespace) -> int:
-    from flight_server.users import UsersFile
+    from flight_server.security.users import UsersFile
 
     users = UsersFile(_settings(args).users_path())
     users.remove(args.name)
@@ -78,7 +78,7 @@ def cmd_user_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    from flight_server.users import UsersFile
+    from flight_server.security.users import UsersFile
 
     for user in UsersFile(_settings(args).users_path()).users().values():
         print(f"{user.name}\t{user.grants.describe()}")
@@ -112,7 +112,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_make(args: argparse.Namespace) -> int:
-    from flight_server import certs
+    from flight_server.security import certs
 
     hosts = tuple(args.host or certs.DEFAULT_HOSTS)
     paths = certs.make(Path(args.dir), hosts, client_name=args.client_name)

@@ -13,19 +13,14 @@ from typing import Any
 
 import pyarrow.flight as flight
 
-from flight_server import state
-from flight_server.audit import AuditLog
-from flight_server.auth import (
-    AuthMiddlewareFactory,
-    HandshakeAuthHandler,
-    Issuer,
-    TokenMinter,
-    TokenVerifier,
-    is_loopback,
-)
 from flight_server.config import Settings
-from flight_server.tickets import TicketSeal
-from flight_server.users import UsersFile
+from flight_server.security import keys
+from flight_server.security.audit import AuditLog
+from flight_server.security.middleware import AuthMiddlewareFactory, HandshakeAuthHandler
+from flight_server.security.policy import is_loopback
+from flight_server.security.tickets import TicketSeal
+from flight_server.security.tokens import Issuer, TokenMinter, TokenVerifier
+from flight_server.security.users import UsersFile
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +38,7 @@ class Security:
 
 
 def minter_for(settings: Settings) -> TokenMinter:
-    key = state.signing_key(settings.state_path(), settings.token_algorithm)
+    key = keys.signing_key(settings.state_path(), settings.token_algorithm)
     return TokenMinter(settings.token_issuer, settings.token_audience, settings.token_algorithm,
                        key, settings.token_ttl)
 
@@ -73,7 +68,7 @@ def build(settings: Settings) -> Security:
         raise ValueError("bind_token_to_certificate needs mutual TLS (--tls-client-ca)")
     options = _tls_options(settings)
     audit = AuditLog(settings.audit_log, settings.log_max_bytes, settings.log_backups)
-    seal = TicketSeal(state.ticket_key(settings.state_path()))
+    seal = TicketSeal(keys.ticket_key(settings.state_path()))
     if not settings.auth:
         log.warning("authentication is OFF (--no-auth): every local user can read every run")
         return Security(options, AuthMiddlewareFactory(audit), seal, None, audit)

@@ -4,28 +4,46 @@ The columns read are the requested ones plus what the filter and the steps need 
 step's divisor); the filter runs first, so the steps only touch the events kept; the batches
 sent carry the requested columns as the steps left them, and the columns the steps made. A
 request with neither is not shaped at all: its batches go out exactly as read.
+
+A transform needs only the columns of what it shapes (`Columns`): an archived run and a live
+stream's schema both have them, so both are shaped by `build`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flight_server import filters, ranges
 from flight_server.errors import InvalidArgument
-from flight_server.processing import Pipeline, build_pipeline
-from flight_server.sources import Run
-from flight_server.sources.columns import Column
+from flight_server.processing import Pipeline, build_pipeline, filters
 
 RAGGED_GUESS = 64.0  # bytes per event of a list column a step makes: offsets and a few values
 
 
+class Column(Protocol):
+    """A column as a transform sees it (`sources.columns.Column` is one)."""
+
+    name: str
+    field: pa.Field
+    event_bytes: float  # bytes one event of it costs
+
+
+class Columns(Protocol):
+    """What is shaped: an archived run (`sources.Run`) or a live stream's columns."""
+
+    @property
+    def columns(self) -> Mapping[str, Column]: ...
+
+    def schema(self, columns: Sequence[Column] | None = None) -> pa.Schema: ...
+
+
 @dataclass(frozen=True)
 class Shaping:
-    read: list[Column]  # what to read from the run
+    read: list[Column]  # what to read from the source
     schema: pa.Schema  # what is sent: the requested columns after the steps
     predicate: pc.Expression | None
     pipeline: Pipeline | None
@@ -39,7 +57,7 @@ class Shaping:
         return batch.select(self.schema.names)
 
 
-def build(run: Run, requested: list[Column], filter_text: str | None,
+def build(run: Columns, requested: list[Column], filter_text: str | None,
           steps: tuple[dict[str, Any], ...] | None, event_budget: int | None = None
           ) -> Shaping | None:
     """The shaping of `requested` columns of `run`, or None when the request asks for none.
@@ -74,11 +92,12 @@ def build(run: Run, requested: list[Column], filter_text: str | None,
     was_read = {c.name for c in read}
     sent = [f for f in after if f.name in asked or f.name not in was_read]
     schema = pa.schema(sent, metadata=everything.metadata)
-    work = ranges.event_bytes(read) + (made_bytes(pipeline) if pipeline is not None else 0.0)
+    read_bytes = sum(c.event_bytes for c in read)
+    work = read_bytes + (made_bytes(pipeline) if pipeline is not None else 0.0)
     if event_budget is not None and work > event_budget:
         raise InvalidArgument(
             f"this request needs {_mib(work)} per event to read and process (the steps make "
-            f"{_mib(work - ranges.event_bytes(read))}), more than the server allows for one "
+            f"{_mib(work - read_bytes)}), more than the server allows for one "
             f"event ({_mib(event_budget)}, from its request_memory setting); crop, bin or pad "
             "to a smaller size, or cast to a narrower type")
     return Shaping(read, schema, predicate, pipeline, work)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from flight_server import ranges
-from flight_server.sources import Run, RunReader
+from flight_server.sources import Run, RunReader, ranges
 from flight_server.sources.columns import Column
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from flight_server.state import write_private
+from flight_server.security.keys import write_private
 
 VALID_DAYS = 30
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")

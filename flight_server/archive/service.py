@@ -1,0 +1,111 @@
+"""Archived runs over Flight: plan a request into endpoints (GetFlightInfo, GetSchema), stream a
+sealed ticket's events (DoGet), list runs (ListFlights, the `experiments` action).
+
+Tickets are sealed and not capabilities: DoGet opens the seal, then checks again that the caller
+may read the experiment and that the run still has the events the ticket names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.archive import planning
+from flight_server.catalog import Catalog
+from flight_server.errors import InvalidArgument, NotFound
+from flight_server.processing import transform
+from flight_server.security.middleware import CallRecord
+from flight_server.security.policy import Identity, authorize
+from flight_server.security.tickets import TicketSeal
+from flight_server.sources.streaming import BatchSizing, stream_batches
+from schemas import Ticket
+
+log = logging.getLogger(__name__)
+
+ACTIONS = {
+    "experiments": "JSON list of {experiment, runs} for every experiment the caller may read",
+}
+
+
+class ArchiveService:
+    def __init__(self, catalog: Catalog, seal: TicketSeal, sizing: BatchSizing,
+                 pool: Executor, partition_bytes: int) -> None:
+        self.catalog = catalog
+        self.seal = seal
+        self.sizing = sizing
+        self.read_pool = pool
+        self.partition_bytes = partition_bytes
+
+    @staticmethod
+    def _may_read(call: CallRecord, experiment: str, run: int | None = None) -> None:
+        call.experiment, call.run = experiment, run
+        authorize(call.identity, experiment, "read")
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def plan(self, call: CallRecord, descriptor: flight.FlightDescriptor) -> planning.Plan:
+        request = planning.request_from_descriptor(descriptor)
+        self._may_read(call, request.experiment,
+                       request.runs[0] if len(request.runs) == 1 else None)
+        return planning.plan(request, self.catalog, self.partition_bytes,
+                             lambda e: call.identity.may(e, "read"), self.sizing.event_budget)
+
+    def flight_info(self, plan: planning.Plan,
+                    descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        endpoints = [flight.FlightEndpoint(self.seal.seal(p.ticket), [])
+                     for p in plan.partitions]
+        return flight.FlightInfo(plan.schema, descriptor, endpoints, plan.total_records,
+                                 plan.total_bytes, ordered=True)
+
+    def flight_infos(self, identity: Identity, pattern: str) -> list[flight.FlightInfo]:
+        """Every run of every readable experiment whose name matches the glob."""
+        found = self.catalog.scan()
+        infos = []
+        for experiment in found:
+            if not fnmatch.fnmatchcase(experiment, pattern):
+                continue
+            if not identity.may(experiment, "read"):
+                continue
+            for number in sorted(found[experiment]):
+                descriptor = flight.FlightDescriptor.for_path(experiment, str(number))
+                request = planning.request_from_descriptor(descriptor)
+                try:
+                    plan = planning.plan(request, self.catalog, self.partition_bytes)
+                    infos.append(self.flight_info(plan, descriptor))
+                except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone
+                    log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
+        return infos
+
+    def experiments(self, identity: Identity) -> list[dict]:
+        found = self.catalog.scan()
+        return [{"experiment": e, "runs": sorted(r)} for e, r in found.items()
+                if identity.may(e, "read")]
+
+    # -- data --------------------------------------------------------------------------------
+
+    def do_get(self, call: CallRecord, ticket: Ticket, is_cancelled: Callable[[], bool]
+               ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """The schema and batches of a ticket the caller may (still) read."""
+        self._may_read(call, ticket.experiment, ticket.run)
+        run = self.catalog.run(ticket.experiment, ticket.run,
+                               lambda e: call.identity.may(e, "read"))
+        columns = run.resolve(ticket.columns)
+        if ticket.stop > run.num_events:
+            raise InvalidArgument(f"ticket range [{ticket.start}:{ticket.stop}] is beyond run "
+                                  f"{ticket.run}'s {run.num_events} events; plan again with "
+                                  "GetFlightInfo")
+        shaped = transform.build(run, columns, ticket.filter, ticket.processing,
+                                 self.sizing.event_budget)
+        if shaped is None:  # the common case: batches go out exactly as read
+            batches = stream_batches(run, columns, ticket.start, ticket.stop, ticket.step,
+                                     self.sizing, self.read_pool, is_cancelled)
+            return run.schema(columns), batches
+        batches = stream_batches(run, shaped.read, ticket.start, ticket.stop, ticket.step,
+                                 self.sizing, self.read_pool, is_cancelled, shaped.apply,
+                                 shaped.work_per_event)
+        return shaped.schema, (b for b in batches if b.num_rows)  # a filter can empty a batch
