@@ -1,5 +1,6 @@
 """The simulated acquisition (`flight_server.generator.simulator`), `lclstream produce |
-streams`, and the demo's live stream: a real server on loopback with a data root of its own for the streams."""
+streams`, and the demo's live stream: a real server on loopback with a data root of its own
+for the streams."""
 
 from __future__ import annotations
 
