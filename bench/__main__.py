@@ -18,10 +18,10 @@ from bench.common import (
     environment,
     fmt_bytes,
     machine_load,
-    parse_size,
     print_table,
     section,
 )
+from flight_server.config import parse_size
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     throughput.NAME: throughput.run,

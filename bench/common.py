@@ -1,13 +1,17 @@
-"""Shared plumbing for the benchmarks: bench data, server processes, timing and reporting.
+"""Shared plumbing for the benchmarks: bench data, server and client processes, timing and
+reporting.
 
 Servers run in their own processes, as in production, so that their CPU time, GIL and memory
 are not mixed up with the client's; data lives under `bench-data/` and is reused between runs.
 Our server runs with authentication on, as in production: the bench mints one token for all its
-clients, signed with the secret the servers share in `bench-data/.lclstream-bench/`.
+clients, signed with the secret the servers share in `bench-data/.lclstream-bench/`. Clients
+that must not share the bench process (its heap, GIL, allocators) run in `ClientProcess`es.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import re
 import statistics
@@ -18,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import pyarrow.flight as flight
@@ -348,11 +352,18 @@ def our_server(name: str = "lclstream", *, partition_bytes: int | None = None,
     return ServerProcess(name, args, token=bench_token() if auth else None)
 
 
-def reference_server(run: BenchRun, name: str = "reference") -> ServerProcess:
-    """The in-memory Flight server of bench/reference_server.py, holding `run`."""
-    return ServerProcess(name, ["-m", "bench.reference_server", "--file", str(run.path),
-                                "--experiment", run.experiment, "--run", str(run.number),
-                                "--port", "0"])
+def reference_server(run: BenchRun | None = None, *, live: bool = False,
+                     name: str = "reference") -> ServerProcess:
+    """The bare Flight server of bench/reference_server.py (no authentication): holding `run`
+    in memory for DoGet, and/or, with `live`, taking live streams (DoPut acked at once, relayed
+    to subscriptions in memory)."""
+    args = ["-m", "bench.reference_server", "--port", "0"]
+    if run is not None:
+        args += ["--file", str(run.path), "--experiment", run.experiment, "--run",
+                 str(run.number)]
+    if live:
+        args.append("--live")
+    return ServerProcess(name, args)
 
 
 def environment() -> str:
@@ -375,14 +386,159 @@ def machine_load(seconds: float = 1.0) -> str:
     return line
 
 
-def child_answer(pipe, process, name: str, timeout: float):
-    """The next ("ok", value) a client process sends back; its error, or its death, raised."""
+# -- client processes ----------------------------------------------------------------------
+
+_kept: dict[object, Any] = {}  # in a client process: what its calls keep, closed at its end
+
+
+def kept(key: object, make: Callable[[], T] | None = None) -> T:
+    """In a client process: the object kept under `key` (a connection), made by `make` on first
+    use and closed (its `close()`) when the process ends, so that later calls reuse it as a
+    long-lived client does and only the first pays for connecting. Without `make` it must have
+    been made already (by the process's setup, say)."""
+    if key not in _kept:
+        if make is None:
+            raise KeyError(f"nothing kept as {key!r} in this process")
+        _kept[key] = make()
+    return _kept[key]
+
+
+def _error(exc: BaseException) -> tuple[str, str]:
+    return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _client_main(pipe, setup: Callable[..., object] | None, args: tuple) -> None:
+    """The body of a client process: keep freed memory, run `setup(*args)`, answer ready, then
+    run each (function, args, kwargs) received (None ends), answering ("ok", its result) or
+    ("error", message); close what was kept."""
+    keep_freed_memory()
     try:
-        if not pipe.poll(timeout):
-            raise RuntimeError(f"no answer in {timeout:.0f} s")
-        status, value = pipe.recv()
-    except EOFError:
-        status, value = "error", f"exited with status {process.exitcode}"
-    if status != "ok":
-        raise RuntimeError(f"client process {name}: {value}")
-    return value
+        try:
+            if setup is not None:
+                setup(*args)
+        except Exception as exc:
+            pipe.send(_error(exc))
+            return
+        pipe.send(("ok", None))
+        while (work := pipe.recv()) is not None:
+            fn, fn_args, fn_kwargs = work
+            try:
+                answer = ("ok", fn(*fn_args, **fn_kwargs))  # what fn made and dropped is freed
+            except Exception as exc:
+                answer = _error(exc)
+            pipe.send(answer)
+            del answer, work, fn_args, fn_kwargs
+    finally:
+        for obj in reversed(list(_kept.values())):
+            with contextlib.suppress(Exception):
+                obj.close()
+        _kept.clear()
+
+
+class ClientProcess:
+    """A benchmark client in a process of its own, for the benchmarks that run clients beside
+    this process (sql, live). Spawned, so it inherits none of this process's heap, threads or
+    gRPC state, and kept for many calls, so that what they keep (`kept`: connections) and its
+    allocators' state carry over from call to call; it keeps glibc's freed memory
+    (`keep_freed_memory`). `setup(*args)` runs in it first, if given.
+
+    `start(fn, *args, **kwargs)` sends a call of the module-level function `fn` (pickled by
+    name) and returns at once, `result()` waits for the answer of the oldest call unanswered,
+    `call` does both; calls run one at a time, in order. An error in the process, its death or
+    no answer within `timeout` seconds is raised as a RuntimeError naming the process.
+
+        clients = ready_all([ClientProcess(f"fetch-{i}", connect, location) for i in range(4)])
+        for c in clients:
+            c.start(fetch, query)
+        answers = gather(clients)
+
+    Calls and answers travel over a pipe, answers read only when asked for, so no thread of this
+    process handles them while timed code runs (a `ProcessPoolExecutor` would add its manager
+    and queue threads, and could not terminate a process stuck in a call).
+    """
+
+    def __init__(self, name: str, setup: Callable[..., object] | None = None, *args: Any,
+                 timeout: float = 120.0) -> None:
+        self.name = name
+        self.timeout = timeout  # seconds to start, or to answer one call
+        context = multiprocessing.get_context("spawn")
+        self.pipe, child = context.Pipe()
+        self.process = context.Process(target=_client_main, args=(child, setup, args),
+                                       name=f"bench-{name}", daemon=True)
+        self.process.start()
+        child.close()
+        self._started = False
+
+    def ready(self) -> ClientProcess:
+        """Wait until the process has started and run its setup."""
+        if not self._started:
+            self._answer()
+            self._started = True
+        return self
+
+    def start(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        self.ready()
+        self.pipe.send((fn, args, kwargs))
+
+    def result(self) -> Any:
+        return self._answer()
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        self.start(fn, *args, **kwargs)
+        return self.result()
+
+    def _answer(self) -> Any:
+        try:
+            if not self.pipe.poll(self.timeout):
+                raise RuntimeError(f"client process {self.name}: no answer in "
+                                   f"{self.timeout:.0f} s")
+            status, value = self.pipe.recv()
+        except EOFError:
+            self.process.join(1)
+            status, value = "error", f"exited with status {self.process.exitcode}"
+        if status != "ok":
+            raise RuntimeError(f"client process {self.name}: {value}")
+        return value
+
+    def close(self) -> None:
+        """End the process (after its call, if one runs, for at most 10 s; then terminated)."""
+        with contextlib.suppress(OSError):
+            self.pipe.send(None)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+        self.pipe.close()
+
+    def __enter__(self) -> ClientProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ready_all(clients: Sequence[ClientProcess]) -> list[ClientProcess]:
+    """`clients`, spawned together, each awaited until it has started; should one fail, all
+    are closed and its error raised."""
+    try:
+        for c in clients:
+            c.ready()
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return list(clients)
+
+
+def gather(clients: Sequence[ClientProcess]) -> list[Any]:
+    """The answer of each client's call, all read before an error is raised (the first), so
+    that none is left with an answer pending."""
+    answers, errors = [], []
+    for c in clients:
+        try:
+            answers.append(c.result())
+        except RuntimeError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return answers

@@ -7,8 +7,9 @@ Three measurements, each with its reference measured in the same run:
    waits for every acknowledgement (the batch is durable: the server's default fsync policy,
    every `live_fsync_interval`). The reference is the same pyarrow client code path (`do_put`,
    `write_with_metadata` of the same batches with the same producer metadata, acks drained by a
-   thread) into the bare reference server below, whose DoPut reads every batch, keeps nothing
-   (but the last few, for relaying) and acks each batch as soon as it is read. For information:
+   thread) into the reference server (`bench/reference_server.py --live`), whose DoPut reads
+   every batch, keeps nothing (but the last few, for relaying) and acks each batch as soon as it
+   is read. For information:
    the Producer into the reference (the Producer's own cost), our server with
    `live_fsync=batch` (an fsync before every ack), and the data disk's speed written with an
    fsync every `live_fsync_interval`: acks wait for the disk, the reference's do not, so ours
@@ -26,17 +27,15 @@ Three measurements, each with its reference measured in the same run:
    relaying each batch from its DoPut to its DoGets in memory (what Flight and gRPC take for a
    1 MiB hop, twice, on this machine).
 
-Every server runs in its own process over a fresh data directory under `bench-data/`, removed at
-the end; ours with authentication on, as in production.
-
-    python -m bench.live [--host 127.0.0.1] [--port 0]    # the reference server alone
+Every server runs in its own process, ours over a fresh data directory under `bench-data/`,
+removed at the end, with authentication on, as in production. Client processes are
+`bench.common.ClientProcess`es running the `task_*` functions below.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import shutil
 import sys
@@ -44,7 +43,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,25 +57,28 @@ from bench.common import (
     DATA,
     HUGE_PARTITION,
     STATE,
+    ClientProcess,
     GiB,
     MiB,
     Result,
     ServerProcess,
     bench_token,
-    child_answer,
     cpu_seconds,
     fmt_bytes,
+    gather,
     gbps,
-    keep_freed_memory,
+    kept,
     median,
     percentile,
     print_table,
+    ready_all,
+    reference_server,
     section,
     verdict_line,
 )
 from clients import Client, connect
 from flight_server.config import Settings
-from schemas.live import Ack, Delivery, ProducerMeta, parse_subscription
+from schemas.live import Ack, ProducerMeta
 
 NAME = "live"
 EXPERIMENT = "bench"
@@ -90,7 +91,6 @@ LATENCY_WARMUP = 60  # events sent before the measured ones: the subscriber conn
 FRAME = (512, 1024)  # uint16: 1 MiB an event
 POOL = 16  # distinct frames, cycled: batches share their buffers, the bench holds 16 MiB
 CHILD_TIMEOUT = 120.0  # seconds a client process may take to start or to answer one task
-RELAY_KEPT = 64  # batches the reference server keeps per stream for its subscribers
 
 
 @dataclass(frozen=True)
@@ -187,10 +187,6 @@ class LiveServer(ServerProcess):
         return self
 
 
-def reference_server() -> ServerProcess:
-    return ServerProcess("live-reference", ["-m", "bench.live", "--port", "0"])
-
-
 def configured_interval() -> float:
     """The servers' fsync interval: the environment's, else the setting's default."""
     raw = os.environ.get("LCLSTREAM_LIVE_FSYNC_INTERVAL")
@@ -234,14 +230,10 @@ def fsync_interval() -> str:
 
 # -- client processes ----------------------------------------------------------------------
 
-_clients: dict[str, Client] = {}
-
 
 def _client(location: str, token: str | None) -> Client:
-    client = _clients.get(location)
-    if client is None:
-        client = _clients[location] = connect(location, token)
-    return client
+    """In a client process: its client of the server at `location`, connected once."""
+    return kept(("client", location), lambda: connect(location, token))
 
 
 def task_connect(location: str, token: str | None) -> None:
@@ -315,87 +307,16 @@ def task_latency(location: str, token: str | None, stream: str, last: int) -> li
             sub.close()
 
 
-TASKS: dict[str, Callable[..., Any]] = {
-    "connect": task_connect, "subscribe": task_subscribe, "read_run": task_read_run,
-    "latency": task_latency,
-}
+def client_processes(n: int) -> list[ClientProcess]:
+    """`n` client processes, spawned at once, then awaited."""
+    return ready_all([ClientProcess(f"live-client-{i}", timeout=CHILD_TIMEOUT)
+                      for i in range(n)])
 
 
-def worker_loop(pipe) -> None:
-    """The body of a client process: answer ready, then run each (task, kwargs) sent (None
-    ends), answering ("ok", result) or ("error", message)."""
-    keep_freed_memory()
-    pipe.send(("ok", None))
-    try:
-        while (work := pipe.recv()) is not None:
-            name, kwargs = work
-            try:
-                pipe.send(("ok", TASKS[name](**kwargs)))
-            except Exception as exc:
-                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        for client in _clients.values():
-            client.close()
-
-
-class Worker:
-    """A client process, spawned once (it inherits none of this process's heap or threads)."""
-
-    def __init__(self, index: int) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pipe, child = context.Pipe()
-        self.process = context.Process(target=worker_loop, args=(child,), daemon=True,
-                                       name=f"bench-live-client-{index}")
-        self.process.start()
-        child.close()
-
-    def start(self, task: str, **kwargs: Any) -> None:
-        self.pipe.send((task, kwargs))
-
-    def result(self) -> Any:
-        return child_answer(self.pipe, self.process, self.process.name, CHILD_TIMEOUT)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.pipe.send(None)
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(10)
-        self.pipe.close()
-
-
-class Workers:
-    """`n` client processes; `restart` replaces them all (after a failed part, one may still be
-    waiting on a stream that will never end)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.list: list[Worker] = []
-        self.restart()
-
-    def restart(self) -> None:
-        self.close()
-        self.list = [Worker(i) for i in range(self.n)]
-        for w in self.list:
-            w.result()
-
-    def close(self) -> None:
-        for w in self.list:
-            w.close()
-        self.list = []
-
-    def __enter__(self) -> Workers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def run_all(ws: list[Worker], task: str, **kwargs: Any) -> list[Any]:
+def run_all(ws: list[ClientProcess], task: Callable[..., Any], **kwargs: Any) -> list[Any]:
     for w in ws:
         w.start(task, **kwargs)
-    return [w.result() for w in ws]
+    return gather(ws)
 
 
 # -- 1. ingest -----------------------------------------------------------------------------
@@ -540,18 +461,11 @@ def ingest(sizes: Sizes, events: Events, ours: LiveServer, ours_batch: LiveServe
 # -- 2. fan-out ----------------------------------------------------------------------------
 
 
-def _gather(ws: list[Worker], events: int) -> tuple[int, int, bool]:
+def _received(ws: list[ClientProcess], events: int) -> tuple[int, int, bool]:
     """Every process's (bytes, events, ns of the last receipt), summed up: (ns of the last
     receipt of all, bytes, whether each received `events`). All are read before any error is
     raised, so that none is left with an answer pending."""
-    got, errors = [], []
-    for w in ws:
-        try:
-            got.append(w.result())
-        except RuntimeError as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    got = gather(ws)
     return max(r[2] for r in got), sum(r[0] for r in got), all(r[1] == events for r in got)
 
 
@@ -576,14 +490,15 @@ def reference_run(server: LiveServer, stream: str, batches: list[pa.RecordBatch]
     return 999, time.perf_counter() - t, failure
 
 
-def fanout(sizes: Sizes, events: Events, ours: LiveServer, ws: list[Worker]) -> list[Result]:
+def fanout(sizes: Sizes, events: Events, ours: LiveServer,
+           ws: list[ClientProcess]) -> list[Result]:
     n = sizes.fanout
     section(f"live: fan-out, 1 producer and {len(ws)} subscribers (client processes), "
             f"{fmt_bytes(n * MiB)}")
     batches = events.batches(n)
     sent = sum(b.nbytes for b in batches)
     common = {"location": ours.location, "token": ours.token}
-    run_all(ws, "connect", **common)
+    run_all(ws, task_connect, **common)
     proc = psutil.Process(ours.pid)
     client = ours.client()
     live_s: list[float] = []
@@ -597,14 +512,14 @@ def fanout(sizes: Sizes, events: Events, ours: LiveServer, ws: list[Worker]) -> 
         nonlocal live_ok
         s0 = cpu_seconds(proc)
         for w in ws:  # each retries until the producer has created the stream
-            w.start("subscribe", stream=stream, events=len(sent_batches), **common)
+            w.start(task_subscribe, stream=stream, events=len(sent_batches), **common)
         t0 = time.monotonic_ns()
         producer = client.producer(EXPERIMENT, stream)
         for b in sent_batches:
             producer.send(b)
         producer.close()
         t_sent = time.monotonic_ns()
-        t_last, nbytes, ok = _gather(ws, len(sent_batches))
+        t_last, nbytes, ok = _received(ws, len(sent_batches))
         if keep:
             producer_s.append((t_sent - t0) / 1e9)
             live_s.append((t_last - t0) / 1e9)
@@ -615,9 +530,9 @@ def fanout(sizes: Sizes, events: Events, ours: LiveServer, ws: list[Worker]) -> 
         nonlocal ref_ok
         s0 = cpu_seconds(proc)
         for w in ws:
-            w.start(**read)
+            w.start(task_read_run, **read)
         t0 = time.monotonic_ns()
-        t_last, nbytes, ok = _gather(ws, n)
+        t_last, nbytes, ok = _received(ws, n)
         if keep:
             ref_s.append((t_last - t0) / 1e9)
             ref_cpu.append((cpu_seconds(proc) - s0) * GiB / nbytes)
@@ -628,7 +543,7 @@ def fanout(sizes: Sizes, events: Events, ours: LiveServer, ws: list[Worker]) -> 
         live("fanout-0", batches)
         run, made_s, failure = reference_run(ours, "fanout-0", batches)
         os.sync()  # the run file's writeback is not to slow down its reads
-        read = {"task": "read_run", "run": run, "columns": SCHEMA.names, **common}
+        read = {"run": run, "columns": SCHEMA.names, **common}
         reference(read, keep=False)  # the run file into the page cache, the catalog's scan
         reference(read)
         for rep in range(1, sizes.fanout_reps):
@@ -673,11 +588,11 @@ def fanout(sizes: Sizes, events: Events, ours: LiveServer, ws: list[Worker]) -> 
 # -- 3. latency ----------------------------------------------------------------------------
 
 
-def paced(server: ServerProcess, events: Events, stream: str, worker: Worker,
+def paced(server: ServerProcess, events: Events, stream: str, worker: ClientProcess,
           total: int) -> list[float]:
     """Send `total` events at RATE_HZ with the Producer while `worker` subscribes from
     "latest"; the send-to-receipt seconds of every event after the warm-up."""
-    worker.start("latency", location=server.location, token=server.token, stream=stream,
+    worker.start(task_latency, location=server.location, token=server.token, stream=stream,
                  last=total - 1)
     client = server.client()
     try:
@@ -702,13 +617,12 @@ def paced(server: ServerProcess, events: Events, stream: str, worker: Worker,
 
 
 def latency(sizes: Sizes, events: Events, ours: ServerProcess, ours_batch: ServerProcess,
-            ref: ServerProcess, worker: Worker) -> list[Result]:
+            ref: ServerProcess, worker: ClientProcess) -> list[Result]:
     total = sizes.latency + LATENCY_WARMUP
     section(f"live: end-to-end latency, 1 MiB events at {RATE_HZ} Hz, {sizes.latency} events "
             f"(after {LATENCY_WARMUP})")
     for server in (ours, ours_batch, ref):
-        worker.start("connect", location=server.location, token=server.token)
-        worker.result()
+        worker.call(task_connect, location=server.location, token=server.token)
     cases = [
         ("lclstream, fsync interval (default)", ours),
         ("lclstream, fsync batch", ours_batch),
@@ -755,12 +669,14 @@ def run(args: argparse.Namespace) -> list[Result]:
             "lclstream-live", stack.enter_context(fresh_dir("live")), "interval"))
         ours_batch = stack.enter_context(LiveServer(
             "lclstream-live-batch", stack.enter_context(fresh_dir("live-batch")), "batch"))
-        ref = stack.enter_context(reference_server())
-        ws = stack.enter_context(Workers(CONSUMERS))
+        ref = stack.enter_context(reference_server(live=True, name="live-reference"))
+        ws: list[ClientProcess] = []
+        stack.callback(lambda: [w.close() for w in ws])
+        ws += client_processes(CONSUMERS)
         parts: list[tuple[str, Callable[[], list[Result]]]] = [
             ("ingest", lambda: ingest(sizes, events, ours, ours_batch, ref)),
-            ("fan-out", lambda: fanout(sizes, events, ours, ws.list)),
-            ("latency", lambda: latency(sizes, events, ours, ours_batch, ref, ws.list[0])),
+            ("fan-out", lambda: fanout(sizes, events, ours, ws)),
+            ("latency", lambda: latency(sizes, events, ours, ours_batch, ref, ws[0])),
         ]
         for label, part in parts:
             try:
@@ -770,102 +686,8 @@ def run(args: argparse.Namespace) -> list[Result]:
                 print(f"  live {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 results.append(Result(NAME, label, f"error: {type(exc).__name__}", "completes",
                                       False))
-                ws.restart()
+                # a client process may still wait on a stream that will never end: new ones
+                for w in ws:
+                    w.close()
+                ws[:] = client_processes(CONSUMERS)
     return results
-
-
-# -- the reference server ------------------------------------------------------------------
-
-
-class Relay:
-    """One stream of the reference server: a count of batches and the last few of them."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.kept: deque[pa.RecordBatch] = deque(maxlen=RELAY_KEPT)
-        self.count = 0
-        self.producing = 0
-
-
-class LiveReference(flight.FlightServerBase):
-    """A bare Flight server for the live streams' protocol, without storage: DoPut reads each
-    batch, acks it at once (an `Ack`, offset = its index) and keeps only the last RELAY_KEPT;
-    DoGet of a subscription ticket relays new batches from "latest" with `Delivery` metadata."""
-
-    def __init__(self, location: str, **kwargs: Any) -> None:
-        super().__init__(location, **kwargs)
-        self._lock = threading.Lock()
-        self._streams: dict[str, Relay] = {}
-
-    def _relay(self, name: str) -> Relay:
-        with self._lock:
-            return self._streams.setdefault(name, Relay())
-
-    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return []
-
-    def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
-               reader: flight.MetadataRecordBatchReader,
-               writer: flight.FlightMetadataWriter) -> None:
-        relay = self._relay(descriptor.path[-1].decode())
-        with relay.cond:
-            relay.producing += 1
-        try:
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    return
-                meta = ProducerMeta.decode(chunk.app_metadata.to_pybytes()
-                                           if chunk.app_metadata is not None else None)
-                if chunk.data is None:
-                    continue
-                with relay.cond:
-                    offset = relay.count
-                    relay.kept.append(chunk.data)
-                    relay.count += 1
-                    relay.cond.notify_all()
-                writer.write(pa.py_buffer(Ack(meta.seq, offset, chunk.data.num_rows).encode()))
-        finally:
-            with relay.cond:
-                relay.producing -= 1
-                relay.cond.notify_all()
-
-    def do_get(self, context: flight.ServerCallContext,
-               ticket: flight.Ticket) -> flight.FlightDataStream:
-        relay = self._relay(parse_subscription(ticket.ticket).stream)
-        with relay.cond:
-            offset = relay.count
-
-        def batches() -> Iterator[tuple[pa.RecordBatch, bytes]]:
-            nonlocal offset
-            while True:
-                with relay.cond:
-                    while relay.count <= offset and not context.is_cancelled():
-                        relay.cond.wait(0.25)
-                    if context.is_cancelled():
-                        return
-                    first = relay.count - len(relay.kept)
-                    offset = max(offset, first)
-                    todo = [relay.kept[i - first] for i in range(offset, relay.count)]
-                for batch in todo:
-                    yield batch, Delivery(offset, offset + 1).encode()
-                    offset += 1
-
-        return flight.GeneratorStream(SCHEMA, batches())
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.live",
-                                description="the reference server of the live benchmark")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    args = p.parse_args(argv)
-    server = LiveReference(f"grpc://{args.host}:{args.port}")
-    print(f"serving live streams (no storage) at grpc://{args.host}:{server.port}", flush=True)
-    server.serve()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

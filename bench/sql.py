@@ -9,7 +9,7 @@ Three measurements against one server process (authentication on, as in producti
 2. A large result (>= 1 GiB of waveforms) fetched with ADBC `fetch_arrow_table`, against DoGet
    of the same column of the same run from the same server, in GB/s of Arrow bytes; and, for
    information, the same with the 1 MiB frames and the waveforms of the throughput bench's run.
-   Each contender fetches in a client process of its own (see `ClientProcess`).
+   Each contender fetches in a client process of its own (`bench.common.ClientProcess`).
 3. The round trip of a small query, connection made once, through ADBC and `Client.sql`.
 
 Where the time goes is shown beside each: `Client.sql` (plain pyarrow Flight SQL, no driver),
@@ -21,7 +21,6 @@ repetition, after unmeasured rounds.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
 from collections.abc import Callable
@@ -39,19 +38,20 @@ from bench.common import (
     HUGE_PARTITION,
     STATE,
     BenchRun,
+    ClientProcess,
     GiB,
     Result,
     ServerProcess,
     bench_run,
-    child_answer,
     cpu_seconds,
     fmt_bytes,
     gbps,
-    keep_freed_memory,
+    kept,
     ms,
     our_server,
     percentile,
     print_table,
+    ready_all,
     scalar_experiment,
     section,
     timed,
@@ -318,76 +318,48 @@ def fetcher(kind: str, location: str, token: str | None
     raise ValueError(f"no contender {kind!r}")
 
 
-def fetch_loop(pipe, kind: str, location: str, token: str | None, server_pid: int) -> None:
-    """The body of a client process: connect, answer ready, then fetch what each message asks
-    (None ends), answering wall-clock seconds, CPU seconds of this process and of the server,
-    and the result's bytes and rows. The result is freed before the next message is read."""
-    keep_freed_memory()
-    try:
-        fetch, close = fetcher(kind, location, token)
-        me, server = psutil.Process(), psutil.Process(server_pid)
-    except Exception as exc:
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    pipe.send(("ok", None))
-    try:
-        while (work := pipe.recv()) is not None:
-            try:
-                c0, s0 = cpu_seconds(me), cpu_seconds(server)
-                t0 = time.perf_counter()
-                table = fetch(work)
-                seconds = time.perf_counter() - t0
-                answer = (seconds, cpu_seconds(me) - c0, cpu_seconds(server) - s0,
-                          table.nbytes, table.num_rows)
-                del table
-                pipe.send(("ok", answer))
-            except Exception as exc:
-                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        close()
+class Contender:
+    """In a client process: a large-result contender's connection (made by the process's setup,
+    then kept), and the processes whose CPU time its fetches take, this one and the server."""
+
+    def __init__(self, kind: str, location: str, token: str | None, server_pid: int) -> None:
+        self.get, self.close = fetcher(kind, location, token)
+        self.me, self.server = psutil.Process(), psutil.Process(server_pid)
 
 
-class ClientProcess:
-    """A contender's client in a process of its own, started once (spawned: it inherits none
-    of this process's heap) and kept for every large result; its allocators warm up on its own
-    fetches only."""
+def open_contender(kind: str, location: str, token: str | None, server_pid: int) -> None:
+    """The setup of a contender's client process: connect."""
+    kept("contender", lambda: Contender(kind, location, token, server_pid))
 
-    def __init__(self, kind: str, server: ServerProcess) -> None:
-        self.kind = kind
-        context = multiprocessing.get_context("spawn")
-        self.pipe, child = context.Pipe()
-        self.process = context.Process(target=fetch_loop, name=f"bench-sql-{kind}",
-                                       args=(child, kind, server.location, server.token,
-                                             server.pid), daemon=True)
-        self.process.start()
-        child.close()
 
-    def ready(self) -> None:
-        self._answer()
+def fetch(work: dict) -> tuple[float, float, float, int, int]:
+    """In a client process: fetch what `work` asks; wall-clock seconds, CPU seconds of this
+    process and of the server, and the result's bytes and rows. The result is freed before the
+    answer is sent."""
+    contender: Contender = kept("contender")
+    me, server = contender.me, contender.server
+    c0, s0 = cpu_seconds(me), cpu_seconds(server)
+    t0 = time.perf_counter()
+    table = contender.get(work)
+    seconds = time.perf_counter() - t0
+    answer = (seconds, cpu_seconds(me) - c0, cpu_seconds(server) - s0, table.nbytes,
+              table.num_rows)
+    del table
+    return answer
 
-    def fetch(self, work: dict) -> tuple[float, float, float, int, int]:
-        """One fetch in the client process: seconds, client CPU, server CPU, bytes, rows."""
-        self.pipe.send(work)
-        return self._answer()
 
-    def _answer(self):
-        return child_answer(self.pipe, self.process, self.kind, CHILD_TIMEOUT)
-
-    def close(self) -> None:
-        try:
-            self.pipe.send(None)
-        except OSError:
-            pass
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(10)
-        self.pipe.close()
+def contender_processes(server: ServerProcess) -> list[ClientProcess]:
+    """A client process for each contender, in the order of LARGE_CONTENDERS, started once
+    (spawned: it inherits none of this process's heap) and kept for every large result; its
+    allocators warm up on its own fetches only. All start at once, then are awaited."""
+    return ready_all([ClientProcess(f"sql-{kind}", open_contender, kind, server.location,
+                                    server.token, server.pid, timeout=CHILD_TIMEOUT)
+                      for kind, _ in LARGE_CONTENDERS])
 
 
 class InClient(Timing):
-    """A contender timed in its client process: `call` fetches there and returns what
-    `ClientProcess.fetch` does; `last` keeps its (bytes, rows)."""
+    """A contender timed in its client process: `call` fetches there and returns what `fetch`
+    does; `last` keeps its (bytes, rows)."""
 
     def measure(self, me: psutil.Process, keep: bool) -> None:
         seconds, client_cpu, server_cpu, nbytes, rows = self.call()
@@ -431,7 +403,7 @@ class LargeCase:
         self.same = same_values(adbc_query(conn, self.query),  # once, unmeasured, in this process
                                 read_endpoints(raw, raw.get_flight_info(descriptor)))
         work = {"query": self.query, "command": command}
-        self.timings = [InClient(label, (lambda c=c: c.fetch(work)))
+        self.timings = [InClient(label, (lambda c=c: c.call(fetch, work)))
                         for c, (_, label) in zip(clients, LARGE_CONTENDERS, strict=True)]
         take_turns(self.timings, reps, LARGE_WARMUP)
         adbc, get, _ = self.timings
@@ -456,10 +428,7 @@ def large_result(args: argparse.Namespace, server: ServerProcess, conn, client: 
     ]
     clients: list[ClientProcess] = []
     try:
-        for kind, _ in LARGE_CONTENDERS:  # all start at once, then are awaited
-            clients.append(ClientProcess(kind, server))
-        for c in clients:
-            c.ready()
+        clients = contender_processes(server)
         for case in cases:
             case.measure(args.reps, conn, raw, clients)
     finally:

@@ -21,6 +21,7 @@ import pyarrow.flight as flight
 from clients import convert, credentials, live, sql
 from schemas import Request
 from schemas import metadata as md
+from schemas.errors import status_named_in
 from schemas.request import EventSlice
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
@@ -43,17 +44,25 @@ def _detailless(exc: Exception) -> Exception:
 
 # GetSchema loses Flight error types in pyarrow, on both sides: the client raises OSError with
 # the status only in its text (apache/arrow#43556), and the server sends a Flight error raised in
-# get_schema as UNKNOWN, naming the Python exception. Map both back so that callers can catch
-# by type.
+# get_schema as UNKNOWN, naming the Python exception (schemas/errors.py: the names are the
+# contract). Map both back so that callers can catch by type.
 _STATUS_DETAILS = {
-    ". Detail: Unauthenticated": flight.FlightUnauthenticatedError,
-    ". Detail: Unauthorized": flight.FlightUnauthorizedError,
-    ". Detail: Unavailable": flight.FlightUnavailableError,
-    ". Detail: Internal": flight.FlightInternalError,
-    ". Detail: TimedOut": flight.FlightTimedOutError,
-    ". Detail: Cancelled": flight.FlightCancelledError,
-    "Python exception: flight_server.security.policy.Unauthenticated": flight.FlightUnauthenticatedError,
-    "Python exception: flight_server.security.policy.Forbidden": flight.FlightUnauthorizedError,
+    ". Detail: Unauthenticated": "UNAUTHENTICATED",
+    ". Detail: Unauthorized": "PERMISSION_DENIED",
+    ". Detail: Unavailable": "UNAVAILABLE",
+    ". Detail: Internal": "INTERNAL",
+    ". Detail: TimedOut": "DEADLINE_EXCEEDED",
+    ". Detail: Cancelled": "CANCELLED",
+}
+_FLIGHT_ERRORS: dict[str, type[Exception]] = {
+    "UNAUTHENTICATED": flight.FlightUnauthenticatedError,
+    "PERMISSION_DENIED": flight.FlightUnauthorizedError,
+    "UNAVAILABLE": flight.FlightUnavailableError,
+    "INTERNAL": flight.FlightInternalError,
+    "DEADLINE_EXCEEDED": flight.FlightTimedOutError,
+    "CANCELLED": flight.FlightCancelledError,
+    "INVALID_ARGUMENT": pa.ArrowInvalid,
+    "NOT_FOUND": pa.ArrowKeyError,
 }
 
 
@@ -61,10 +70,11 @@ def _typed(exc: Exception) -> Exception:
     if isinstance(exc, flight.FlightError):
         return exc
     text = str(exc)
-    for marker, cls in _STATUS_DETAILS.items():
-        if marker in text:
-            return cls(text.removeprefix("Unknown error: "))
-    return exc
+    status = status_named_in(text) or next(
+        (s for marker, s in _STATUS_DETAILS.items() if marker in text), None)
+    if status is None or isinstance(exc, _FLIGHT_ERRORS[status]):
+        return exc
+    return _FLIGHT_ERRORS[status](text.removeprefix("Unknown error: "))
 
 
 @contextlib.contextmanager

@@ -40,6 +40,30 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, flight.FlightInternalError) and "RST_STREAM" in str(exc)
 
 
+class Backoff:
+    """The wait between attempts to reach a server that is restarting: 0.1 s, doubling to 2 s,
+    for at most `patience` seconds from the first failure since the last success."""
+
+    def __init__(self, patience: float, first: float = 0.1, longest: float = 2.0) -> None:
+        self.patience, self.first, self.longest = patience, first, longest
+        self.succeeded()
+
+    def succeeded(self) -> None:
+        self._deadline: float | None = None
+        self._delay = self.first
+
+    def wait(self) -> bool:
+        """Sleep before the next attempt; False (at once) when patience has run out."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.patience
+        if now > self._deadline:
+            return False
+        time.sleep(self._delay)
+        self._delay = min(self._delay * 2, self.longest)
+        return True
+
+
 class Producer:
     """Sends batches to a live stream; each is acknowledged once durable on the server.
 
@@ -178,8 +202,7 @@ class Producer:
 
     def _reconnect(self) -> None:
         """Open a new DoPut and resend everything not acknowledged, in order."""
-        deadline = time.monotonic() + self.reconnect_for
-        delay = 0.1
+        backoff = Backoff(self.reconnect_for)
         while True:
             self._close_connection(quiet=True)
             try:
@@ -195,11 +218,9 @@ class Producer:
                 return
             except Exception as exc:
                 self._check_answer(exc)
-                if time.monotonic() > deadline:
+                if not backoff.wait():
                     self._fail(exc)
                     self._raise_error()
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -308,7 +329,7 @@ class Subscription:
         self._closed = False
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        deadline, delay = None, 0.1
+        backoff = Backoff(self.reconnect_for)
         while not self._closed:
             request = self.request
             if self.next is not None and request.group is None:
@@ -317,7 +338,7 @@ class Subscription:
                 self._reader = self._flight.do_get(flight.Ticket(request.encode()))
                 self.schema = self._reader.schema
                 for chunk in self._reader:
-                    deadline, delay = None, 0.1  # connected and delivering
+                    backoff.succeeded()  # connected and delivering
                     delivery = Delivery.decode(chunk.app_metadata.to_pybytes())
                     self.offset, self.next = delivery.offset, delivery.next
                     if chunk.data.num_rows or not self.skip_empty:
@@ -328,13 +349,10 @@ class Subscription:
                     return
                 if not _transient(exc):
                     raise
-                deadline = deadline or time.monotonic() + self.reconnect_for
-                if time.monotonic() > deadline:
-                    raise
                 log.info("subscription to %s/%s lost (%s); resuming at %s", request.experiment,
                          request.stream, type(exc).__name__, self.next)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                if not backoff.wait():
+                    raise
 
     def commit(self, offset: int | None = None) -> dict[str, Any]:
         """Tell the group everything received up to `offset` (default: all so far) is done."""
@@ -345,15 +363,13 @@ class Subscription:
             return {"committed_events": 0}
         body = {"experiment": self.request.experiment, "stream": self.request.stream,
                 "group": self.request.group, "member": self.request.member, "offset": upto}
-        deadline, delay = time.monotonic() + self.reconnect_for, 0.1
+        backoff = Backoff(self.reconnect_for)
         while True:  # a server restarting: commit once it is back (what it has not seen
             try:     # committed it delivers again; at-least-once)
                 return action(self._flight, "commit", body)
             except Exception as exc:
-                if not _transient(exc) or time.monotonic() > deadline:
+                if not _transient(exc) or not backoff.wait():
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
         """Stop: the server frees the subscription; in a group, what was not committed goes to

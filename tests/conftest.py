@@ -4,34 +4,32 @@ Every test server runs with authentication on and shares one state directory, so
 token (exported as LCLSTREAM_TOKEN for the session) is valid on all of them, including servers
 the CLI tests start as subprocesses. The keyring is a plaintext file in a temporary directory:
 tests never touch the real user's keyring.
+
+Plain helpers (the test experiments, start_server, raw_client, the CLI, ...) are in
+tests/helpers.py; fixtures that one folder alone uses are in that folder's conftest.py.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
-import pyarrow.flight as flight
 import pytest
 
 from clients import Client, connect
-from clients.credentials import BearerToken
 from flight_server.config import Settings
 from flight_server.generator import generate_cxi_run, generate_lcls1_run, generate_lcls2_run
 from flight_server.security.assembly import minter_for
 from flight_server.security.grants import ALL
 from flight_server.server import LclstreamServer
-
-LCLS2_EXP, LCLS1_EXP, CXI_EXP = "tmox42619", "xppd7114", "cxilu9218"
+from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, raw_client, start_server
 
 
 @pytest.fixture(scope="session", autouse=True)
 def credentials_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One server state dir, an admin token for it, and a keyring of the session's own."""
-    # In the environment rather than module state: test modules import this file under another
-    # module name than pytest does, and CLI subprocesses read the same variables.
+    # In the environment rather than module state: CLI subprocesses read the same variables,
+    # and tests.helpers (admin_token, start_server) reads them from there.
     state_dir = tmp_path_factory.mktemp("state")
     token = minter_for(Settings(state_dir=state_dir)).mint("tester", ALL, 24 * 3600)
     with pytest.MonkeyPatch.context() as mp:
@@ -40,18 +38,6 @@ def credentials_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         mp.setenv("PYTHON_KEYRING_BACKEND", "keyrings.alt.file.PlaintextKeyring")
         mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
         yield token
-
-
-def admin_token() -> str:
-    return os.environ["LCLSTREAM_TOKEN"]
-
-
-def raw_client(port_or_location: int | str, token: str | None = None,
-               **options) -> flight.FlightClient:
-    """A bare pyarrow.flight client that sends a bearer token (the admin's by default)."""
-    location = (port_or_location if isinstance(port_or_location, str)
-                else f"grpc://127.0.0.1:{port_or_location}")
-    return flight.connect(location, middleware=[BearerToken(token or admin_token())], **options)
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +49,6 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_lcls1_run(root / LCLS1_EXP / "r0003.h5", 3, n_events=80, seed=3)
     generate_cxi_run(root / CXI_EXP / "cxi" / "run_12.cxi", 12, n_events=40, seed=12)
     return root
-
-
-def start_server(data: Path, **overrides) -> LclstreamServer:
-    state_dir = Path(os.environ["LCLSTREAM_STATE_DIR"])
-    settings = replace(Settings(data=data, port=0, state_dir=state_dir), **overrides)
-    return LclstreamServer(settings)
 
 
 @pytest.fixture(scope="session")
@@ -102,18 +82,3 @@ def flight_client(location: str):
 def sign(server: LclstreamServer):
     """Seal a hand-written ticket as the server would, to test what lies behind the seal."""
     return server.security.seal.sign
-
-
-def ticket_json(ticket: flight.Ticket) -> dict:
-    """The JSON document inside a sealed ticket."""
-    import json
-
-    return json.loads(ticket.ticket.rpartition(b".")[0])
-
-
-def open_h5(path: Path):
-    """Open a run file to check what the server sent. Without locking, as the server opens it:
-    HDF5 refuses a second handle on a file with a different locking flag in one process."""
-    import h5py
-
-    return h5py.File(path, "r", locking=False)

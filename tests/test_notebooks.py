@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 from flight_server.generator import generate_demo
-from tests.conftest import start_server
+from tests.helpers import start_server
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

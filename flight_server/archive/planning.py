@@ -1,4 +1,4 @@
-"""Turn a Flight descriptor or ticket into a validated plan: schema, partitions, sizes.
+"""Turn a Flight descriptor into a validated plan: schema, partitions, sizes.
 
 A request names runs of one experiment; each run becomes one or more partitions (event ranges
 cut at chunk boundaries, each about `partition_bytes`), and each partition one FlightEndpoint

@@ -1,32 +1,20 @@
 """HDF5 writing helpers shared by the layout writers.
 
 Readers (the catalog, the test suite) may look at a file at any moment, so a file either exists
-complete or not at all: everything is written to a temporary sibling and renamed into place.
+complete or not at all: files are written through `fsutil.atomic_h5` (a temporary sibling,
+synced and renamed into place), which the layout writers import from here.
 """
 
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import h5py
 import numpy as np
 
+from flight_server.fsutil import atomic_h5
+
+__all__ = ["atomic_h5"]
+
 RAGGED_CHUNK = 1024
-
-
-@contextmanager
-def atomic_h5(path: Path) -> Iterator[h5py.File]:
-    """Open ``<path>.tmp`` for writing and rename it to ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def event_dataset(

@@ -15,10 +15,11 @@ members commit regularly keeps one range).
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+
+from flight_server.fsutil import atomic_write
 
 Span = tuple[int, int]  # [start, stop) in stream offsets
 
@@ -55,9 +56,10 @@ class Group:
             return None
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"base": self.base, "committed": self.committed}))
-        os.replace(tmp, self.path)  # a crash leaves the old state or the new, never half
+        """Durable before a commit is acknowledged: a crash or a power cut leaves the old
+        commits or the new, never half, and never loses one that was acknowledged."""
+        atomic_write(self.path, json.dumps({"base": self.base,
+                                            "committed": self.committed}).encode())
 
     def _gaps(self, until: int) -> list[Span]:
         gaps, at = [], self.base

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from flight_server.errors import InvalidArgument
+from flight_server.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +269,3 @@ def _entry(meta: pa.KeyValueMetadata | None, events: int, segment: Segment, posi
                      doc.get("producer"), None if seq is None else int(seq))
     except (KeyError, ValueError):
         return None
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory: so that the names in it survive a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

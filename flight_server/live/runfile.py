@@ -9,10 +9,7 @@ derived `run` and `time` columns are not stored, the reader derives them from th
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flight_server.errors import InvalidArgument
+from flight_server.fsutil import atomic_h5
 from flight_server.sources.columns import Kind
 from flight_server.sources.layouts import LCLS1, LCLS2, LCLS2_EPOCH
 from schemas import metadata as md
@@ -71,7 +69,7 @@ def write_run(
     one batch, since every dataset is resizable and appended to batch by batch."""
     plan = _plan(schema)
     settings = _config_items(config or {}, CONFIG_GROUP)  # refused before anything is written
-    with _atomic_h5(Path(path)) as f:
+    with atomic_h5(Path(path)) as f:
         time_type = schema.field(plan.raw_time).type if plan.raw_time is not None else pa.int64()
         raw_time = _create(f, RAW_TIME, _dtype(time_type), (), None)
         datasets = {c.name: _create(f, c.name, c.dtype, c.shape, c.units) for c in plan.columns}
@@ -332,25 +330,3 @@ def _config_value(path: str, value: Any) -> Any:
                               "numbers, strings, lists of numbers or of strings, and dicts of "
                               "those")
     return arr
-
-
-@contextmanager
-def _atomic_h5(path: Path) -> Iterator[h5py.File]:
-    """Write a hidden, uniquely named sibling (no run-file name the catalog would list), sync it,
-    then rename it over `path`: readers see the whole run or none, even after a power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with h5py.File(tmp, "w-") as f:
-            yield f
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -23,8 +22,9 @@ import pyarrow.flight as flight
 
 from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound
+from flight_server.fsutil import atomic_write, fsync_path
 from flight_server.live.groups import Group, Span
-from flight_server.live.log import Entry, SegmentLog, fsync_path
+from flight_server.live.log import Entry, SegmentLog
 from schemas.json_input import RequestError
 from schemas.live import EARLIEST, GOING_AWAY, LATEST, Ack, Subscription, check_retention
 
@@ -125,10 +125,7 @@ class Stream:
         return state
 
     def _save_state(self) -> None:
-        path = self.directory / "stream.json"
-        tmp = path.with_name("stream.json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, path)
+        atomic_write(self.directory / "stream.json", json.dumps(self.state, indent=1).encode())
 
     @property
     def schema(self) -> pa.Schema | None:

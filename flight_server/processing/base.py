@@ -5,7 +5,8 @@ A step is validated once against the schema the client will receive (so a bad re
 before any data is read), then applied batch by batch. Steps work on per-event arrays only:
 `fixed_size_list<T>[n]` (1-D) and `arrow.fixed_shape_tensor` (N-D). Their values are read as a
 numpy view of the Arrow buffer, shaped (events, *shape); results are written into buffers from
-Arrow's memory pool (as the reader does, so server RSS levels off) and wrapped without a copy.
+Arrow's memory pool (`buffers.allocate`, as the reader does, so server RSS levels off) and
+wrapped without a copy.
 """
 
 from __future__ import annotations
@@ -258,14 +259,6 @@ def null_events(column: pa.Array) -> np.ndarray | None:
     if not column.null_count:
         return None
     return column.is_null().to_numpy(zero_copy_only=False)
-
-
-def allocate(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """A writable array in Arrow's memory pool (see reader._allocate: batch-sized numpy buffers
-    pile up in glibc's per-thread arenas; Arrow's allocator reuses them)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return np.frombuffer(pa.allocate_buffer(nbytes), dtype=dtype).reshape(shape)
 
 
 def processed_field(field: pa.Field, arrow_type: pa.DataType, note: str,

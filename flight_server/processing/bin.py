@@ -20,11 +20,11 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     Layout,
     Params,
     Step,
-    allocate,
     is_int,
     null_events,
     processed_field,

@@ -19,13 +19,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     BFLOAT16,
     DTYPE,
     Layout,
     Params,
     Step,
-    allocate,
     bfloat16_bits,
     bfloat16_values,
     null_events,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     Layout,
     Params,
     Step,
     StepError,
-    allocate,
     describe_type,
     null_events,
     processed_field,

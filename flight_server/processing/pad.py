@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     Layout,
     Params,
     Step,
-    allocate,
     fill_scalar,
     null_events,
     processed_field,

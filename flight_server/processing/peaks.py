@@ -31,12 +31,12 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     PROCESSING,
     Layout,
     Params,
     Step,
-    allocate,
     null_events,
     shown,
 )

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     Layout,
     Params,
     Step,
-    allocate,
     null_events,
     processed_field,
 )

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from flight_server.processing.base import Layout, Params, allocate, null_events
+from flight_server.buffers import allocate
+from flight_server.processing.base import Layout, Params, null_events
 from flight_server.processing.tof_integrate import (
     NewColumnsStep,
     flag,

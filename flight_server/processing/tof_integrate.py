@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from flight_server.buffers import allocate
 from flight_server.processing.base import (
     DTYPE,
     Layout,
     Params,
     Step,
-    allocate,
     is_int,
     null_events,
     processed_field,

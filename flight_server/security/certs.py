@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flight_server.fsutil import atomic_write
 from flight_server.security.keys import write_private
 
 VALID_DAYS = 30
@@ -36,7 +37,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,

@@ -8,13 +8,14 @@ a data root on a shared file system must not leak the keys that sign tokens and 
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from flight_server.fsutil import atomic_write
 
 SIGNING_ALGORITHMS = ("HS256", "EdDSA")
 
@@ -29,21 +30,10 @@ def ensure_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, content: bytes, *, exclusive: bool = False) -> None:
-    """Write `content` readable by the owner only. Exclusive: fail if it exists (first start
-    races between two servers must not leave them with different keys)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    if exclusive:
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-        return
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, flags | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(content)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write `content` readable by the owner only, atomically and durably. Exclusive: fail if
+    it exists (first start races between two servers must not leave them with different
+    keys)."""
+    atomic_write(path, content, mode=0o600, exclusive=exclusive)
 
 
 def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:

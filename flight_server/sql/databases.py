@@ -164,9 +164,13 @@ def _parse(con: duckdb.DuckDBPyConnection, query: str) -> Parsed:
     if len(statements) != 1:
         raise InvalidArgument(f"send exactly one SELECT statement per query "
                               f"(got {len(statements)})")
-    if statements[0].type is not duckdb.StatementType.SELECT:
-        kind = statements[0].type.name
-        raise InvalidArgument(f"only SELECT queries are served (this is a {kind} "
+    try:
+        kind = statements[0].type
+    except ValueError:  # a statement type newer than DuckDB's Python enum ("CONNECT")
+        kind = None
+    if kind is not duckdb.StatementType.SELECT:
+        name = kind.name if kind is not None else "non-SELECT"
+        raise InvalidArgument(f"only SELECT queries are served (this is a {name} "
                               "statement); experiment data is read-only")
     try:
         tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])

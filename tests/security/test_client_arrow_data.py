@@ -21,8 +21,7 @@ from flight_server.errors import InvalidArgument
 from flight_server.security.client_data import validated
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
-from tests.conftest import LCLS2_EXP, raw_client, start_server
-from tests.test_live import EXP, events
+from tests.helpers import EXP, LCLS2_EXP, events, raw_client, start_server
 
 
 def lying_binary_view(length: int) -> pa.Array:

@@ -18,10 +18,17 @@ from clients import connect
 from flight_server.catalog import Catalog
 from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
-from tests.conftest import LCLS2_EXP, raw_client, start_server
-from tests.test_cli import LCLSTREAM, cli_env, wait_for_location
-from tests.test_live import EXP, events
-from tests.test_live_faults import free_port
+from tests.helpers import (
+    EXP,
+    LCLS2_EXP,
+    LCLSTREAM,
+    cli_env,
+    events,
+    free_port,
+    raw_client,
+    start_server,
+    wait_for_location,
+)
 
 DEEP = 5000  # levels: past Python's recursion limit
 

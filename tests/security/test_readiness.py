@@ -13,9 +13,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.live.log import SegmentLog
-from tests.conftest import raw_client
-from tests.test_cli import LCLSTREAM, cli_env
-from tests.test_live_faults import free_port
+from tests.helpers import LCLSTREAM, cli_env, free_port, raw_client
 
 EXP = "tmox42619"
 ENTRIES = 200_000  # about a second of recovery at start: the window the old server answered in

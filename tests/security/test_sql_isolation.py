@@ -17,8 +17,7 @@ import pytest
 import schemas.flight_sql as fsql
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
-from tests.conftest import LCLS2_EXP, raw_client, start_server
-from tests.test_sql import adbc
+from tests.helpers import LCLS2_EXP, adbc, raw_client, start_server
 
 SPILLING = "SELECT i FROM range(20000000) t(i) ORDER BY hash(i)"  # ~160 MB to sort
 

@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import adbc_driver_flightsql.dbapi as dbapi
 import adbc_driver_manager
 import numpy as np
 import pandas as pd
@@ -16,14 +15,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from adbc_driver_flightsql import DatabaseOptions
 
 import schemas.flight_sql as fsql
 from clients import connect
 from flight_server.security.grants import Grants
 from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
-from tests.conftest import CXI_EXP, LCLS2_EXP, admin_token, open_h5, raw_client, start_server
+from tests.helpers import CXI_EXP, LCLS2_EXP, adbc, admin_token, open_h5, raw_client, start_server
 
 EVENTS = f"{LCLS2_EXP}.events"
 PASSWORD = "correct horse battery"
@@ -36,12 +34,6 @@ def run_file(root: Path, run: int) -> Path:
 def energies(root: Path, run: int) -> np.ndarray:
     with open_h5(run_file(root, run)) as f:
         return f["gmd/energy"][()]
-
-
-def adbc(location: str, token: str | None = None, **db_kwargs):
-    if "username" not in db_kwargs:
-        db_kwargs[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {token or admin_token()}"
-    return dbapi.connect(location, db_kwargs=db_kwargs, autocommit=True)
 
 
 @pytest.fixture(scope="module")

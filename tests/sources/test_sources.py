@@ -13,7 +13,7 @@ import pytest
 from flight_server.errors import RunUnreadable
 from flight_server.sources import RunReader, describe
 from schemas import metadata as md
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
+from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
 LCLS2_EPOCH_NS = 631_152_000 * 10**9
 

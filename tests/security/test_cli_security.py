@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LCLS1_EXP, LCLS2_EXP
-from tests.test_cli import LCLSTREAM, cli_env, run_cli, wait_for_location
+from tests.helpers import LCLS1_EXP, LCLS2_EXP, LCLSTREAM, cli_env, run_cli, wait_for_location
 
 PASSWORD = "s3cret-enough"
 

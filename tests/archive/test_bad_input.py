@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import LCLS1_EXP, LCLS2_EXP, raw_client, start_server
+from tests.helpers import LCLS1_EXP, LCLS2_EXP, raw_client, start_server
 
 NOT_FOUND, INVALID = pa.ArrowKeyError, pa.ArrowInvalid
 

@@ -9,7 +9,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.catalog import run_number
-from tests.conftest import LCLS1_EXP, raw_client, start_server
+from tests.helpers import LCLS1_EXP, raw_client, start_server
 
 
 @pytest.mark.parametrize("name, number", [

@@ -10,7 +10,7 @@ import pyarrow.flight as flight
 import pytest
 
 from schemas import metadata as md
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5, ticket_json
+from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5, ticket_json
 
 
 def cmd(**doc) -> flight.FlightDescriptor:

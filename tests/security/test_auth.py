@@ -26,7 +26,7 @@ from clients import connect
 from flight_server.security.grants import Grants
 from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
-from tests.conftest import LCLS1_EXP, LCLS2_EXP, raw_client, start_server, ticket_json
+from tests.helpers import LCLS1_EXP, LCLS2_EXP, raw_client, start_server, ticket_json
 
 UNAUTHENTICATED, DENIED = flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError
 AUDIENCE = "lclstream"

@@ -13,7 +13,7 @@ from clients import connect
 from flight_server.security import certs
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
-from tests.conftest import LCLS2_EXP, start_server
+from tests.helpers import LCLS2_EXP, start_server
 
 DENIED = flight.FlightUnauthorizedError
 

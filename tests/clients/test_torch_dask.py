@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from clients.convert import is_tensor
 from clients.dask import read_dask
 from clients.torch import FlightDataset, batch_to_torch
-from tests.conftest import LCLS2_EXP, admin_token
+from tests.helpers import LCLS2_EXP, admin_token
 
 RUNS = [7, 8]
 COLUMNS = ["run", "timestamp", "gmd/energy", "pnccd/image"]

@@ -4,7 +4,6 @@ lost, nothing resent is stored twice, consumers and groups carry on without a ga
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -14,18 +13,19 @@ import pyarrow as pa
 import pytest
 
 from clients import connect
-from tests.conftest import start_server
-from tests.test_cli import LCLSTREAM, cli_env, wait_for_location
-from tests.test_live import EXP, events, indices
+from tests.helpers import (
+    EXP,
+    LCLSTREAM,
+    cli_env,
+    events,
+    free_port,
+    indices,
+    start_server,
+    wait_for_location,
+)
 
 BATCHES = 240
 WIDTH = 4096  # 16 KiB waveforms per event: ~160 KiB batches, so the kill lands mid-ingest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

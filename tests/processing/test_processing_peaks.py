@@ -5,29 +5,17 @@ enough peaks; bad requests name the step and the parameter."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from flight_server.processing import PROCESSING, StepError, build_pipeline
-from tests.conftest import CXI_EXP, LCLS2_EXP
-from tests.test_processing import read_run, run_steps, tensor_batch
+from tests.helpers import run_steps, tensor_batch
 
 CXI_FRAME, IMAGE = "entry_1/data_1/data", "pnccd/image"
 N_PEAKS, REF_X, REF_Y = "entry_1/result_1/nPeaks", "entry_1/result_1/peakXPosRaw", \
     "entry_1/result_1/peakYPosRaw"
-
-
-@pytest.fixture(scope="module")
-def cxi(data_root: Path) -> pa.RecordBatch:
-    return read_run(data_root, CXI_EXP, 12)
-
-
-@pytest.fixture(scope="module")
-def lcls2(data_root: Path) -> pa.RecordBatch:
-    return read_run(data_root, LCLS2_EXP, 7)
 
 
 def gaussian_frames(n: int, shape: tuple[int, int], per_frame: list[int], seed: int = 0,

@@ -24,7 +24,7 @@ from flight_server.security.assembly import minter_for
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from schemas import metadata as md
-from tests.conftest import LCLS2_EXP, start_server
+from tests.helpers import LCLS2_EXP, start_server
 
 NS = 1_000_000_000
 

@@ -4,72 +4,15 @@ message that names the step and the parameter."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from flight_server.catalog import Catalog
 from flight_server.processing import DTYPE, PROCESSING, STEPS, StepError, build_pipeline
-from flight_server.sources import RunReader
 from schemas import metadata as md
-from tests.conftest import CXI_EXP, LCLS2_EXP
+from tests.helpers import ENERGY, IMAGE, WAVES, note, run_steps, tensor_batch, values
 
-IMAGE, WAVES, ENERGY = "pnccd/image", "tof/waveforms", "gmd/energy"
 CXI_FRAME, PEAKS = "entry_1/data_1/data", "entry_1/result_1/peakTotalIntensity"
-
-
-def read_run(root: Path, experiment: str, number: int) -> pa.RecordBatch:
-    run = Catalog(root).run(experiment, number)
-    with RunReader(run) as reader:
-        return reader.read(list(run.columns.values()), 0, run.num_events)
-
-
-@pytest.fixture(scope="module")
-def lcls2(data_root: Path) -> pa.RecordBatch:
-    """Run 7: uint16 pnccd frames [1,128,128], float32 tof waveforms [2,1024], gmd with nulls."""
-    return read_run(data_root, LCLS2_EXP, 7)
-
-
-@pytest.fixture(scope="module")
-def cxi(data_root: Path) -> pa.RecordBatch:
-    """Run 12: float32 2-D frames [128,128] and fixed_size_list<float>[64] peak tables."""
-    return read_run(data_root, CXI_EXP, 12)
-
-
-def values(column: pa.Array) -> np.ndarray:
-    """(events, *shape) values of an array column, nulls included (independent of the code
-    under test)."""
-    storage = column.storage if isinstance(column, pa.ExtensionArray) else column
-    t = column.type
-    shape = list(t.shape) if isinstance(t, pa.FixedShapeTensorType) else [t.list_size]
-    size = int(np.prod(shape))
-    flat = storage.values.slice(storage.offset * size, len(storage) * size)
-    return flat.to_numpy(zero_copy_only=False).reshape(len(column), *shape)
-
-
-def run_steps(batch: pa.RecordBatch, *steps: dict) -> pa.RecordBatch:
-    pipeline = build_pipeline(list(steps), batch.schema)
-    out = pipeline.apply(batch)
-    assert out.schema.equals(pipeline.schema, check_metadata=True)
-    out.validate(full=True)
-    return out
-
-
-def note(batch: pa.RecordBatch, name: str) -> str:
-    return batch.schema.field(name).metadata[PROCESSING].decode()
-
-
-def tensor_batch(data: np.ndarray, null: list[bool] | None = None, **scalars) -> pa.RecordBatch:
-    """A one-tensor-column batch ("img") of the given (events, *shape) array, plus scalars."""
-    flat = pa.array(data.reshape(-1))
-    storage = pa.FixedSizeListArray.from_arrays(
-        flat, int(np.prod(data.shape[1:])), mask=pa.array(null) if null else None)
-    img = pa.ExtensionArray.from_storage(
-        pa.fixed_shape_tensor(flat.type, list(data.shape[1:])), storage)
-    arrays = {"img": img, **{k: pa.array(v) for k, v in scalars.items()}}
-    return pa.RecordBatch.from_pydict(arrays)
 
 
 # -- roi ---------------------------------------------------------------------------------------

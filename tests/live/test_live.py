@@ -18,25 +18,7 @@ from clients import Client, connect
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from schemas.live import Delivery
-from tests.conftest import raw_client, start_server
-
-EXP = "tmox42619"
-
-
-def events(start: int, n: int = 10, width: int = 64) -> pa.RecordBatch:
-    """n events whose values say which events they are, so order and identity can be checked."""
-    index = np.arange(start, start + n)
-    waveforms = (index[:, None] * 1000 + np.arange(width)).astype(np.float32)
-    return pa.record_batch({
-        "timestamp": pa.array((index + (1_100_000_000 << 32)).astype(np.uint64)),
-        "gmd/energy": pa.array(index * 0.5),
-        "tof/waveforms": pa.FixedSizeListArray.from_arrays(pa.array(waveforms.ravel()), width),
-        "peaks/var_x": pa.array([[float(i)] * (i % 3) for i in index], pa.list_(pa.float32())),
-    })
-
-
-def indices(batches: list[pa.RecordBatch]) -> list[int]:
-    return [int(v * 2) for b in batches for v in b.column("gmd/energy").to_pylist()]
+from tests.helpers import EXP, events, indices, raw_client, start_server
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from clients import array_to_numpy, column_to_numpy
-from tests.conftest import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
+from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
 
 def h5(data_root, run=7):

@@ -12,7 +12,7 @@ import pyarrow.flight as flight
 import pytest
 
 from clients import Client
-from tests.conftest import LCLS2_EXP, open_h5
+from tests.helpers import CXI_EXP, LCLS2_EXP, open_h5
 
 RUN = 7
 
@@ -109,8 +109,6 @@ def test_bad_filters_and_steps_are_refused(flight_client: flight.FlightClient, c
 
 
 def test_peaks_then_hits_sends_only_the_hits(client: Client, data_root: Path) -> None:
-    from tests.conftest import CXI_EXP
-
     frame = "entry_1/data_1/data"
     steps = [{"step": "peaks", "column": frame, "snr": 5.0, "min_pixels": 2},
              {"step": "hits", "column": f"{frame}/n_peaks", "min": 10}]

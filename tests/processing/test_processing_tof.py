@@ -4,25 +4,16 @@ they did in the field metadata, and refuse bad requests naming the step and the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from flight_server.processing import PROCESSING, StepError, build_pipeline
 from schemas import metadata as md
-from tests.conftest import LCLS2_EXP
-from tests.test_processing import WAVES, note, read_run, run_steps, tensor_batch, values
+from tests.helpers import WAVES, note, run_steps, tensor_batch, values
 
 SIGMA, BASELINE, NOISE = 3.0, 0.005, 0.0005
 CENTRES, HEIGHTS = (100.3, 250.7, 400.1, 470.0), (0.1, 0.5, 1.0, 0.02)  # the last: below 0.05
-
-
-@pytest.fixture(scope="module")
-def lcls2(data_root: Path) -> pa.RecordBatch:
-    """Run 7: float32 tof waveforms [2, 1024], ion peaks on a 5 mV baseline."""
-    return read_run(data_root, LCLS2_EXP, 7)
 
 
 def pulses(events: int = 8, channels: int = 2, samples: int = 512, sign: float = 1.0,

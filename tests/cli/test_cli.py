@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,29 +12,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import LCLS2_EXP, open_h5
-
-LCLSTREAM = [sys.executable, "-m", "flight_server.cli"]
-
-
-def cli_env(**changes: str | None) -> dict[str, str]:
-    """The session's environment (its token and sandboxed keyring), with changes; None unsets."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: v for k, v in changes.items() if v}}
-    return {k: v for k, v in env.items() if changes.get(k, "") is not None}
-
-
-def run_cli(*args: str, timeout: float = 120, input: str | None = None,
-            **env: str | None) -> subprocess.CompletedProcess:
-    return subprocess.run([*LCLSTREAM, *args], capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(**env), input=input)
-
-
-def wait_for_location(proc: subprocess.Popen) -> str:
-    for line in proc.stdout:
-        found = re.search(r"grpc://[\w.\[\]:]+:\d+", line)
-        if found:
-            return found.group(0)
-    raise AssertionError(f"server printed no location; stderr: {proc.stderr.read()}")
+from tests.helpers import LCLS2_EXP, LCLSTREAM, cli_env, open_h5, run_cli, wait_for_location
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.generator import generate_lcls2_run
-from tests.conftest import raw_client, start_server
+from tests.helpers import raw_client, start_server
 
 
 @pytest.fixture(scope="module")
