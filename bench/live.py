@@ -17,7 +17,7 @@ Three measurements, each with its reference measured in the same run:
 2. Fan-out: one producer sends M MiB while 4 subscribers, each in a client process of its own,
    receive the whole stream from "earliest"; aggregate GB/s = 4 x bytes / (last receipt - first
    send). The reference: the first stream ended as a run (`end_run`, timed; should it fail,
-   the same events written by `runfile.write_run`, which it calls, and the failure reported),
+   the same events written by `run_writer.write_run`, which it calls, and the failure reported),
    then 4 concurrent DoGets of that run (one stream each) from the same server, started
    together by the same client processes: serving the same bytes from disk (HDF5, page cache).
 3. End-to-end latency: a producer sends one 1 MiB event per batch paced at 120 Hz, each carrying
@@ -472,7 +472,7 @@ def _received(ws: list[ClientProcess], events: int) -> tuple[int, int, bool]:
 def reference_run(server: LiveServer, stream: str, batches: list[pa.RecordBatch]
                   ) -> tuple[int, float, str | None]:
     """The stream's events as a run: `end_run`, else (it failed) the same batches written by
-    `runfile.write_run`, as `end_run` would, as run 999. (run, seconds, end_run's error)."""
+    `run_writer.write_run`, as `end_run` would, as run 999. (run, seconds, end_run's error)."""
     client = server.client()
     t = time.perf_counter()
     try:
@@ -481,7 +481,7 @@ def reference_run(server: LiveServer, stream: str, batches: list[pa.RecordBatch]
         failure = f"{type(exc).__name__}: {exc}"
     finally:
         client.close()
-    from flight_server.live.runfile import write_run
+    from flight_server.live.run_writer import write_run
 
     path = server.data / EXPERIMENT / f"{EXPERIMENT}_Run0999.h5"
     t = time.perf_counter()
@@ -562,7 +562,7 @@ def fanout(sizes: Sizes, events: Events, ours: LiveServer,
         print(f"  end_run made the first stream run {run} in {made_s:.2f} s")
     else:
         print(f"  end_run FAILED ({failure}); the reference reads the same events written by "
-              f"runfile.write_run (what end_run does) as run {run}, in {made_s:.2f} s")
+              f"run_writer.write_run (what end_run does) as run {run}, in {made_s:.2f} s")
     print_table(
         ["contender", "best GB/s", "median GB/s", "/ref", "server CPU/GiB", "all events"],
         [["reference: 4 concurrent DoGets of the run (HDF5)",

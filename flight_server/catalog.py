@@ -43,7 +43,10 @@ def everyone(experiment: str) -> bool:
 
 
 @dataclass(frozen=True)
-class RunFile:
+class ScannedFile:
+    """A run's file as the last scan found it (a described `sources.Run` is cached against it:
+    a changed size or mtime means the file changed)."""
+
     experiment: str
     number: int
     path: Path
@@ -70,15 +73,15 @@ class Catalog:
         self.root = Path(root).resolve()
         self.max_open_runs = max_open_runs  # described runs kept, each with an open file handle
         self._lock = threading.Lock()
-        self._files: dict[str, dict[int, RunFile]] = {}
-        self._runs: OrderedDict[Path, tuple[RunFile, Run]] = OrderedDict()
+        self._files: dict[str, dict[int, ScannedFile]] = {}
+        self._runs: OrderedDict[Path, tuple[ScannedFile, Run]] = OrderedDict()
         self._refused_links: set[Path] = set()  # logged once each, not at every scan
 
     # -- discovery ---------------------------------------------------------------------------
 
-    def scan(self) -> dict[str, dict[int, RunFile]]:
+    def scan(self) -> dict[str, dict[int, ScannedFile]]:
         """Rescan the whole tree; returns experiment -> run number -> file."""
-        found: dict[str, dict[int, RunFile]] = {}
+        found: dict[str, dict[int, ScannedFile]] = {}
         if self.root.is_dir():
             for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
                 if entry.is_dir(follow_symlinks=False) and EXPERIMENT_NAME.match(entry.name):
@@ -97,7 +100,7 @@ class Catalog:
         return sorted(e.name for e in os.scandir(self.root)
                       if e.is_dir(follow_symlinks=False) and EXPERIMENT_NAME.match(e.name))
 
-    def scan_experiment(self, experiment: str) -> dict[int, RunFile]:
+    def scan_experiment(self, experiment: str) -> dict[int, ScannedFile]:
         """Rescan one experiment's tree: what a request that names it needs, at a fraction of
         the cost of `scan` on a large data root."""
         top = self.root / experiment
@@ -111,8 +114,8 @@ class Catalog:
                 self._runs.pop(path)[1].retire()
         return runs
 
-    def _scan_experiment(self, experiment: str) -> dict[int, RunFile]:
-        runs: dict[int, RunFile] = {}
+    def _scan_experiment(self, experiment: str) -> dict[int, ScannedFile]:
+        runs: dict[int, ScannedFile] = {}
         top = self.root / experiment
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
             dirnames.sort()
@@ -132,7 +135,7 @@ class Catalog:
                     log.warning("run %d of %s: %s shadows %s", number, experiment,
                                 runs[number].path, path)
                     continue
-                runs[number] = RunFile(experiment, number, path, st.st_size, st.st_mtime_ns)
+                runs[number] = ScannedFile(experiment, number, path, st.st_size, st.st_mtime_ns)
         return runs
 
     def _refuse_link(self, path: Path, experiment: str) -> None:
@@ -143,7 +146,7 @@ class Catalog:
         log.warning("not serving %s: a link to a file outside experiment %s's tree (%s)",
                     path, experiment, os.path.realpath(path))
 
-    def run_files(self, experiment: str, visible: Visible = everyone) -> dict[int, RunFile]:
+    def run_files(self, experiment: str, visible: Visible = everyone) -> dict[int, ScannedFile]:
         """`visible` limits the experiments an error message may name to the caller's own."""
         check_experiment_name(experiment)
         files = self.scan()
@@ -193,10 +196,10 @@ class Catalog:
             self._runs.clear()
 
     @staticmethod
-    def _fresh(rf: RunFile) -> RunFile | None:
+    def _fresh(rf: ScannedFile) -> ScannedFile | None:
         """The same file with its current size and mtime, or None if it is gone."""
         try:
             st = rf.path.stat()
         except OSError:
             return None
-        return RunFile(rf.experiment, rf.number, rf.path, st.st_size, st.st_mtime_ns)
+        return ScannedFile(rf.experiment, rf.number, rf.path, st.st_size, st.st_mtime_ns)

@@ -23,7 +23,7 @@ import pyarrow.flight as flight
 from flight_server.catalog import Catalog, check_experiment_name
 from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound
-from flight_server.live import runfile
+from flight_server.live import run_writer
 from flight_server.live.registry import LiveStreams
 from flight_server.live.stream import AckSession, Stream
 from flight_server.processing import transform
@@ -128,7 +128,7 @@ class LiveService:
         check_experiment_name(sub.experiment)
         call.experiment = sub.experiment
         authorize(call.identity, sub.experiment, "write")
-        runfile.check_schema(reader.schema)
+        run_writer.check_schema(reader.schema)
         session = AckSession(writer)
         stream = self.streams.attach(sub.experiment, sub.stream, reader.schema, session)
         try:
@@ -147,7 +147,7 @@ class LiveService:
                     stream.set_retention(meta.retention)
                 if chunk.data is not None:
                     batch = validated(chunk.data, "the batch")
-                    runfile.check_nulls(batch)
+                    run_writer.check_nulls(batch)
                     stream.append(batch, meta.producer, meta.seq, session)
         finally:
             stream.detach(session)
@@ -277,7 +277,7 @@ class LiveService:
                 path = stream.directory / f"{experiment}_Run{number:04d}.h5"
                 with stream.cond:
                     entries = list(stream.log.entries)
-                events = runfile.write_run(
+                events = run_writer.write_run(
                     path, stream.schema, ((stream.batch_at(e), e.time_ns) for e in entries),
                     config)
                 ended = {"run": number, "events": events,

@@ -136,11 +136,11 @@ class Params:
         return index, schema.field(index)
 
     def array_column(self, schema: pa.Schema, name: str = "column", *, bools: bool = False,
-                     bfloat16: bool = False) -> tuple[int, pa.Field, Layout]:
+                     bfloat16: bool = False) -> tuple[int, pa.Field, ArrayLayout]:
         """Like `column`, for a step that works on per-event arrays of numbers (and of booleans
         or bfloat16 bit patterns where the step says it can)."""
         index, field = self.column(schema, name)
-        layout = Layout.of(field)
+        layout = ArrayLayout.of(field)
         if layout is None and isinstance(field.type, pa.FixedShapeTensorType):
             raise self.error(name, f"{shown(field.name)} is a tensor with a permuted layout "
                              f"({field.type}), which {self.step} does not support")
@@ -172,7 +172,7 @@ def describe_type(t: pa.DataType) -> str:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ArrayLayout:
     """The per-event shape and value type of an array column, and how to build one like it."""
 
     tensor: bool  # fixed_shape_tensor (else fixed_size_list)
@@ -183,17 +183,17 @@ class Layout:
     item_name: str = "item"
 
     @staticmethod
-    def of(field: pa.Field) -> Layout | None:
+    def of(field: pa.Field) -> ArrayLayout | None:
         t = field.type
         bf16 = (field.metadata or {}).get(DTYPE) == BFLOAT16
         if isinstance(t, pa.FixedShapeTensorType):
             if t.permutation is not None and list(t.permutation) != sorted(t.permutation):
                 return None  # a permuted layout; the server never makes one
             names = tuple(t.dim_names) if t.dim_names else None
-            return Layout(True, t.value_type, tuple(t.shape), bf16, names,
+            return ArrayLayout(True, t.value_type, tuple(t.shape), bf16, names,
                           t.storage_type.value_field.name)
         if pa.types.is_fixed_size_list(t) and not pa.types.is_nested(t.value_type):
-            return Layout(False, t.value_type, (t.list_size,), bf16, None, t.value_field.name)
+            return ArrayLayout(False, t.value_type, (t.list_size,), bf16, None, t.value_field.name)
         return None
 
     @property
@@ -214,10 +214,10 @@ class Layout:
         return "bfloat16" if self.bfloat16 else str(self.dtype)
 
     def with_(self, value_type: pa.DataType | None = None, shape: tuple[int, ...] | None = None,
-              bfloat16: bool | None = None) -> Layout:
+              bfloat16: bool | None = None) -> ArrayLayout:
         shape = self.shape if shape is None else shape
         names = self.dim_names if self.dim_names and len(self.dim_names) == len(shape) else None
-        return Layout(self.tensor or len(shape) > 1, value_type or self.value_type, shape,
+        return ArrayLayout(self.tensor or len(shape) > 1, value_type or self.value_type, shape,
                       self.bfloat16 if bfloat16 is None else bfloat16, names, self.item_name)
 
     def arrow_type(self) -> pa.DataType:
@@ -302,7 +302,7 @@ def bfloat16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def fill_scalar(params: Params, name: str, layout: Layout) -> np.ndarray:
+def fill_scalar(params: Params, name: str, layout: ArrayLayout) -> np.ndarray:
     """A fill value (pad, threshold) as one element of the column's storage type, refusing one
     the type cannot hold rather than silently wrapping or rounding it."""
     value = params.raw(name)

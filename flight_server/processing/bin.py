@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     is_int,
@@ -52,7 +52,7 @@ class Bin(Step):
     name = "bin"
 
     def __init__(self, column: str, input_field: pa.Field, output_field: pa.Field,
-                 layout: Layout, out_layout: Layout, factors: tuple[int, ...], reduce: str
+                 layout: ArrayLayout, out_layout: ArrayLayout, factors: tuple[int, ...], reduce: str
                  ) -> None:
         super().__init__(column, input_field, output_field)
         self.layout, self.out_layout = layout, out_layout
@@ -120,7 +120,7 @@ def block_sum(values: np.ndarray, factors: tuple[int, ...], out: np.ndarray) -> 
     return out
 
 
-def _factors(p: Params, layout: Layout) -> tuple[int, ...]:
+def _factors(p: Params, layout: ArrayLayout) -> tuple[int, ...]:
     """(k,) for a 1-D column, (ky, kx) for a tensor; zero, negative and non-integers refused."""
     value = p.raw("factor")
     if layout.ndim == 1:

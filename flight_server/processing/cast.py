@@ -23,7 +23,7 @@ from flight_server.buffers import allocate
 from flight_server.processing.base import (
     BFLOAT16,
     DTYPE,
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     bfloat16_bits,
@@ -40,7 +40,7 @@ class Cast(Step):
     name = "cast"
 
     def __init__(self, column: str, input_field: pa.Field, output_field: pa.Field,
-                 layout: Layout, out_layout: Layout, mode: str) -> None:
+                 layout: ArrayLayout, out_layout: ArrayLayout, mode: str) -> None:
         super().__init__(column, input_field, output_field)
         self.layout, self.out_layout, self.mode = layout, out_layout, mode
 

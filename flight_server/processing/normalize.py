@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     StepError,
@@ -31,7 +31,7 @@ class Normalize(Step):
     name = "normalize"
 
     def __init__(self, column: str, input_field: pa.Field, output_field: pa.Field,
-                 layout: Layout, out_layout: Layout, by: pa.Field) -> None:
+                 layout: ArrayLayout, out_layout: ArrayLayout, by: pa.Field) -> None:
         super().__init__(column, input_field, output_field)
         self.layout, self.out_layout, self.by = layout, out_layout, by
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     fill_scalar,
@@ -42,7 +42,7 @@ class Pad(Step):
     name = "pad"
 
     def __init__(self, column: str, input_field: pa.Field, output_field: pa.Field,
-                 layout: Layout, out_layout: Layout, value: np.ndarray) -> None:
+                 layout: ArrayLayout, out_layout: ArrayLayout, value: np.ndarray) -> None:
         super().__init__(column, input_field, output_field)
         self.layout, self.out_layout, self.value = layout, out_layout, value
         (_, h, w), (_, height, width) = self.frames_shape, out_layout.shape

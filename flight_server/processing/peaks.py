@@ -34,7 +34,7 @@ import pyarrow as pa
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
     PROCESSING,
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     null_events,
@@ -52,7 +52,7 @@ FIELDS = ("peaks/x", "peaks/y", "peaks/intensity", "n_peaks")
 class Peaks(Step):
     name = "peaks"
 
-    def __init__(self, column: str, input_field: pa.Field, layout: Layout,
+    def __init__(self, column: str, input_field: pa.Field, layout: ArrayLayout,
                  fields: tuple[pa.Field, ...], keep: bool, snr: float, min_pixels: int,
                  radius: int, max_peaks: int) -> None:
         super().__init__(column, input_field, fields[-1])

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     null_events,
@@ -27,7 +27,7 @@ class Roi(Step):
     name = "roi"
 
     def __init__(self, column: str, input_field: pa.Field, output_field: pa.Field,
-                 layout: Layout, out_layout: Layout, window: tuple[slice, ...]) -> None:
+                 layout: ArrayLayout, out_layout: ArrayLayout, window: tuple[slice, ...]) -> None:
         super().__init__(column, input_field, output_field)
         self.layout, self.out_layout, self.window = layout, out_layout, window
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     fill_scalar,
@@ -30,7 +30,7 @@ class Threshold(Step):
     name = "threshold"
 
     def __init__(self, column: str, input_field: pa.Field, output_field: pa.Field,
-                 layout: Layout, below: float | int, value: np.ndarray) -> None:
+                 layout: ArrayLayout, below: float | int, value: np.ndarray) -> None:
         super().__init__(column, input_field, output_field)
         self.layout, self.below, self.value = layout, below, value
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from flight_server.buffers import allocate
-from flight_server.processing.base import Layout, Params, null_events
+from flight_server.processing.base import ArrayLayout, Params, null_events
 from flight_server.processing.tof_integrate import (
     NewColumnsStep,
     flag,
@@ -48,7 +48,7 @@ class TofHits(NewColumnsStep):
     name = "tof_hits"
 
     def __init__(self, column: str, input_field: pa.Field, fields: Sequence[pa.Field],
-                 keep: bool, layout: Layout, channel: int, threshold: float, fraction: float,
+                 keep: bool, layout: ArrayLayout, channel: int, threshold: float, fraction: float,
                  delay: int, negative: bool) -> None:
         super().__init__(column, input_field, fields, keep)
         self.layout, self.channel, self.threshold = layout, channel, threshold

@@ -24,7 +24,7 @@ import pyarrow as pa
 from flight_server.buffers import allocate
 from flight_server.processing.base import (
     DTYPE,
-    Layout,
+    ArrayLayout,
     Params,
     Step,
     is_int,
@@ -45,7 +45,7 @@ def flag(params: Params, name: str) -> bool:
     return value
 
 
-def trace_column(params: Params, schema: pa.Schema) -> tuple[pa.Field, Layout, int, int]:
+def trace_column(params: Params, schema: pa.Schema) -> tuple[pa.Field, ArrayLayout, int, int]:
     """The waveform column a TOF step reads, with its channel count and trace length."""
     _, field, layout = params.array_column(schema)
     if layout.ndim == 1:
@@ -57,7 +57,7 @@ def trace_column(params: Params, schema: pa.Schema) -> tuple[pa.Field, Layout, i
                        "[channels, samples] of traces")
 
 
-def traces(layout: Layout, column: pa.Array) -> np.ndarray:
+def traces(layout: ArrayLayout, column: pa.Array) -> np.ndarray:
     """(events, channels, samples) view of a trace column."""
     values = layout.view(column)
     return values.reshape(len(column), 1, -1) if layout.ndim == 1 else values
@@ -131,7 +131,7 @@ class TofIntegrate(NewColumnsStep):
     name = "tof_integrate"
 
     def __init__(self, column: str, input_field: pa.Field, fields: Sequence[pa.Field],
-                 keep: bool, layout: Layout, baseline: tuple[int, int],
+                 keep: bool, layout: ArrayLayout, baseline: tuple[int, int],
                  windows: Sequence[tuple[int, int]], out_dtype: np.dtype) -> None:
         super().__init__(column, input_field, fields, keep)
         self.layout, self.baseline, self.windows = layout, baseline, tuple(windows)
@@ -177,7 +177,7 @@ class TofIntegrate(NewColumnsStep):
             else:
                 result = allocate(total.shape, self.out_dtype)
                 np.copyto(result, total, casting="same_kind")
-                layout = Layout(False, self.fields[0].type.value_type, (total.shape[1],))
+                layout = ArrayLayout(False, self.fields[0].type.value_type, (total.shape[1],))
                 out.append(layout.build(result, null))
         return out
 

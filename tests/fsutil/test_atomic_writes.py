@@ -60,7 +60,7 @@ WRITERS = {
         "exp_Run0001.h5",
         """
         import pyarrow as pa
-        from flight_server.live.runfile import write_run
+        from flight_server.live.run_writer import write_run
         def events(n):
             return pa.record_batch({"gmd/energy": pa.array([0.5] * n)})
         write_run(target, events(1).schema, [(events(3), 1)])

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from flight_server.errors import InvalidArgument
-from flight_server.live.runfile import check_schema, write_run
+from flight_server.live.run_writer import check_schema, write_run
 from flight_server.sources import RunReader, describe
 from flight_server.sources.layouts import LCLS2_EPOCH
 from schemas import metadata as md
