@@ -8,8 +8,6 @@ made the way an attacker makes them: valid arrays whose buffers are then edited.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -21,7 +19,7 @@ from flight_server.errors import InvalidArgument
 from flight_server.security.client_data import validated
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
-from tests.helpers import EXP, LCLS2_EXP, events, raw_client, start_server
+from tests.helpers import EXP, LCLS2_EXP, events, raw_client
 
 
 def lying_binary_view(length: int) -> pa.Array:
@@ -119,14 +117,6 @@ def test_parameters_outside_the_allow_list_or_corrupt_are_invalid_argument(
 
 
 # -- live ingest -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LclstreamServer]:
-    (tmp_path / EXP).mkdir()
-    srv = start_server(tmp_path, live_fsync_interval=0.01)
-    yield srv
-    srv.shutdown()
 
 
 def writer_token(server: LclstreamServer) -> str:

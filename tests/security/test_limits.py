@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -144,14 +143,6 @@ def test_streams_with_a_non_string_experiment_is_invalid_argument(flight_client)
     for body in (b'{"experiment": 5}', b'{"experiment": ["a"]}', b'{"experiment": null}'):
         invalid(lambda b=body: list(flight_client.do_action(flight.Action("streams", b))),
                 "'experiment' is an experiment name or glob")
-
-
-@pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LclstreamServer]:
-    (tmp_path / EXP).mkdir()
-    srv = start_server(tmp_path, live_fsync_interval=0.01)
-    yield srv
-    srv.shutdown()
 
 
 @pytest.mark.parametrize("retention", [
