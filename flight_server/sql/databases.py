@@ -89,6 +89,12 @@ class DatabasePool:
         self._parser = duckdb.connect(":memory:", config=_locked_config(Limits(), None))
         self.spill_root = Path(limits.spill_root or tempfile.gettempdir())
         self._parsed: OrderedDict[str, Parsed] = OrderedDict()
+        try:  # the first database now: settings DuckDB refuses stop the start, not each query
+            self.give_back(self.take(set()), healthy=True)
+        except duckdb.Error as exc:
+            self.close()
+            raise ValueError(f"the SQL settings (sql_memory_limit, sql_spill_limit, "
+                             f"sql_threads) are not valid: {exc}") from None
 
     @property
     def idle(self) -> int:
