@@ -90,8 +90,13 @@ class Ticket:
 
 
 @cache
-def _validator(name: str) -> jsonschema.protocols.Validator:
+def _validator(name: str, definition: str | None = None) -> jsonschema.protocols.Validator:
+    """The validator of a schema file, or of one of its `$defs` (a file that defines several
+    documents, such as the job actions' bodies)."""
     schema = json.loads(resources.files("schemas").joinpath(name).read_text())
+    if definition is not None:
+        schema = {"$schema": schema["$schema"], "$defs": schema["$defs"],
+                  "$ref": f"#/$defs/{definition}"}
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     # JSON Schema counts 7.0 (and 1e308) as an integer; our integers are counts and indexes,
@@ -101,9 +106,12 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     return jsonschema.validators.extend(cls, type_checker=strict)(schema)
 
 
-def load_document(raw: bytes | str, what: str, schema_file: str) -> dict[str, Any]:
+def load_document(raw: bytes | str, what: str, schema_file: str,
+                  definition: str | None = None) -> dict[str, Any]:
+    """A JSON object from a client, within the JSON limits and valid against its schema."""
     doc = loads_object(raw, what)
-    error = jsonschema.exceptions.best_match(_validator(schema_file).iter_errors(doc))
+    error = jsonschema.exceptions.best_match(
+        _validator(schema_file, definition).iter_errors(doc))
     if error is not None:
         where = "/".join(str(p)[:60] for p in error.absolute_path) or "(top level)"
         raise RequestError(f"invalid {what} at {where}: {_explain(error)}")

@@ -1,0 +1,242 @@
+"""The job table: every job, its owner, state, progress and every transition, in a database that
+survives the server (SQLite in WAL mode in the state directory; the statements are plain SQL
+so that PostgreSQL can stand behind the same interface for a cluster).
+
+Every change is one transaction, committed with a full sync before the call that made it
+returns: a job acknowledged to its submitter is on disk, and so is each transition. Checks that
+must not race (an idempotency key seen twice, the per-user limit) run inside the transaction
+that inserts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flight_server.errors import InvalidArgument
+from schemas.jobs import FINAL, QUEUED, RUNNING, STATES, TRANSITIONS, JobSpec
+from schemas.request import parse_request
+
+Owner = tuple[str, str]  # (subject, issuer): who submitted, as their token says
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner_sub TEXT NOT NULL,
+    owner_iss TEXT NOT NULL,
+    key TEXT,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    run INTEGER,
+    events INTEGER NOT NULL DEFAULT 0,
+    events_total INTEGER,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (owner_sub, owner_iss, key)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_sub, owner_iss, created);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS transitions (
+    job TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job, seq)
+);
+"""
+
+
+class InvalidTransition(ValueError):
+    """A state change the job's state does not allow (a bug in the caller, not bad input)."""
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: Owner
+    spec: JobSpec
+    state: str
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    run: int | None
+    events: int
+    events_total: int | None
+    bytes: int
+    transitions: tuple[tuple[str, float, str], ...]  # (state, at, reason)
+
+    def status(self) -> dict[str, Any]:
+        """The `job` action's answer."""
+        return {
+            "job": self.id, "owner": self.owner[0], "state": self.state,
+            "created": _iso(self.created), "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "progress": {"events": self.events, "events_total": self.events_total,
+                         "bytes": self.bytes},
+            "error": self.error,
+            "into": {"experiment": self.spec.experiment, "stream": self.spec.stream},
+            "end_run": self.spec.end_run, "run": self.run,
+            "transitions": [{"state": s, "at": _iso(at), "reason": why}
+                            for s, at, why in self.transitions],
+        }
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()  # one connection, one transaction at a time
+        self._con = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._con.execute("PRAGMA journal_mode = WAL")
+        self._con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+        self._con.execute("PRAGMA foreign_keys = ON")
+        self._con.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def submit(self, owner: Owner, spec: JobSpec, limit: int) -> tuple[Job, bool]:
+        """(the job, True) once queued; (the job first submitted, False) when the owner used the
+        same key before. Refuses a job past the owner's `limit` of queued plus running jobs."""
+        with self._transaction() as con:
+            if spec.key is not None:
+                row = con.execute("SELECT id FROM jobs WHERE owner_sub = ? AND owner_iss = ? "
+                                  "AND key = ?", (*owner, spec.key)).fetchone()
+                if row is not None:
+                    return self._load(con, row[0]), False
+            active = con.execute(
+                "SELECT count(*) FROM jobs WHERE owner_sub = ? AND owner_iss = ? "
+                "AND state IN (?, ?)", (*owner, QUEUED, RUNNING)).fetchone()[0]
+            if active >= limit:
+                raise InvalidArgument(
+                    f"you have {active} jobs queued or running, the most this server takes per "
+                    f"user ({limit}); wait for one to finish or cancel one")
+            job_id, now = uuid.uuid4().hex, time.time()
+            con.execute("INSERT INTO jobs (id, owner_sub, owner_iss, key, spec, state, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, *owner, spec.key, spec.encode().decode(), QUEUED, now))
+            self._record(con, job_id, QUEUED, now, "submitted")
+            return self._load(con, job_id), True
+
+    def transition(self, job_id: str, state: str, reason: str, *, error: str | None = None,
+                   run: int | None = None) -> Job:
+        """Move the job to `state`, recording when and why; InvalidTransition when its state
+        does not allow it (a job that has finished stays finished)."""
+        if state not in STATES:
+            raise InvalidTransition(f"unknown state {state!r}")
+        with self._transaction() as con:
+            current = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if current is None:
+                raise KeyError(job_id)
+            if state not in TRANSITIONS[current[0]]:
+                raise InvalidTransition(f"job {job_id} is {current[0]}; it cannot become {state}")
+            now = time.time()
+            con.execute(
+                "UPDATE jobs SET state = ?, error = coalesce(?, error), run = coalesce(?, run), "
+                "started = CASE WHEN ? = ? AND started IS NULL THEN ? ELSE started END, "
+                "finished = CASE WHEN ? THEN ? ELSE finished END WHERE id = ?",
+                (state, error, run, state, RUNNING, now, state in FINAL, now, job_id))
+            self._record(con, job_id, state, now, reason)
+            return self._load(con, job_id)
+
+    def progress(self, job_id: str, events: int, nbytes: int,
+                 events_total: int | None = None) -> None:
+        with self._transaction() as con:
+            con.execute("UPDATE jobs SET events = ?, bytes = ?, "
+                        "events_total = coalesce(?, events_total) WHERE id = ?",
+                        (events, nbytes, events_total, job_id))
+
+    @staticmethod
+    def _record(con: sqlite3.Connection, job_id: str, state: str, at: float,
+                reason: str) -> None:
+        seq = con.execute("SELECT coalesce(max(seq), -1) + 1 FROM transitions WHERE job = ?",
+                          (job_id,)).fetchone()[0]
+        con.execute("INSERT INTO transitions (job, seq, state, at, reason) VALUES (?, ?, ?, ?, ?)",
+                    (job_id, seq, state, at, reason[:1000]))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, job_id: str, owner: Owner | None) -> Job | None:
+        """The job, if it exists and `owner` may see it (None: an admin, who sees all); another
+        user's job is None, as one that does not exist."""
+        with self._lock:
+            job = self._load(self._con, job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            return None
+        return job
+
+    def jobs(self, owner: Owner | None, state: str | None = None,
+             limit: int = 100) -> list[Job]:
+        """The owner's jobs (all jobs for None), newest first."""
+        where, args = [], []
+        if owner is not None:
+            where.append("owner_sub = ? AND owner_iss = ?")
+            args += list(owner)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        sql = "SELECT id FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created DESC, rowid DESC LIMIT ?"
+        with self._lock:
+            ids = [r[0] for r in self._con.execute(sql, (*args, limit))]
+            return [self._load(self._con, i) for i in ids]
+
+    def in_state(self, state: str) -> list[Job]:
+        """Every job in `state`, oldest first (at start: the running jobs a restart
+        interrupted, and the queue)."""
+        with self._lock:
+            ids = [r[0] for r in self._con.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY created, rowid", (state,))]
+            return [self._load(self._con, i) for i in ids]
+
+    @staticmethod
+    def _load(con: sqlite3.Connection, job_id: str) -> Job | None:
+        row = con.execute(
+            "SELECT owner_sub, owner_iss, spec, state, created, started, finished, error, run, "
+            "events, events_total, bytes FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        steps = con.execute("SELECT state, at, reason FROM transitions WHERE job = ? "
+                            "ORDER BY seq", (job_id,)).fetchall()
+        return Job(job_id, (row[0], row[1]), _spec(row[2]), *row[3:], tuple(map(tuple, steps)))
+
+
+def _spec(text: str) -> JobSpec:
+    doc = json.loads(text)
+    return JobSpec(parse_request(json.dumps(doc["source"])), doc["into"]["experiment"],
+                   doc["into"]["stream"], doc["end_run"], doc.get("key"))
