@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients import convert, credentials, live, sql
+from clients import convert, credentials, jobs, live, sql
 from schemas import Request
 from schemas import metadata as md
 from schemas.errors import status_named_in
@@ -311,6 +311,43 @@ class Client:
             body["run"] = run
         with _clean_errors():
             return live.action(self._flight, "end_run", body)
+
+    # -- data-request jobs -------------------------------------------------------------------
+
+    def submit(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+               events: Events = None, *, filter: str | None = None,
+               processing: Sequence[dict[str, Any]] | None = None,
+               into: tuple[str, str], end_run: bool = True,
+               key: str | None = None) -> jobs.Job:
+        """Submit a data request as a job: the server produces the request's events (filtered
+        and processed, as `read` would return them) into the live stream `into` =
+        (experiment, stream) on its Dask workers; with `end_run` the stream becomes a run of
+        that experiment when the job completes. `key` makes resubmitting safe: the same key
+        returns the same job. Returns a `Job`: `.status()`, `.wait()`, `.stream()`, `.read()`,
+        `.cancel()`."""
+        body: dict[str, Any] = {
+            "v": 1, "source": self.request(experiment, runs, columns, events, filter=filter,
+                                           processing=processing).to_json(),
+            "into": {"experiment": into[0], "stream": into[1]}, "end_run": end_run}
+        if key is not None:
+            body["key"] = key
+        return jobs.Job(self, self._action("submit", body))
+
+    def job(self, job_id: str) -> jobs.Job:
+        """A job submitted before (by you, or one you administer)."""
+        return jobs.Job(self, self._action("job", {"job": job_id}))
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Your jobs, newest first (an admin sees every job of the experiments they
+        administer), optionally only those in `state`."""
+        body: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            body["state"] = state
+        return self._action("jobs", body)
+
+    def _action(self, name: str, body: dict[str, Any]) -> Any:
+        with _clean_errors():
+            return live.action(self._flight, name, body)
 
     def polars(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                events: Events = None, **kwargs: Any):

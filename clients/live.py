@@ -102,13 +102,20 @@ class Producer:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, batch: pa.RecordBatch | pa.Table) -> int:
-        """Queue one batch (a Table is sent batch by batch); returns its sequence number."""
+    def send(self, batch: pa.RecordBatch | pa.Table, seq: int | None = None) -> int:
+        """Queue one batch (a Table is sent batch by batch); returns its sequence number.
+
+        `seq` numbers the batch yourself (it must increase): a producer that numbers its batches
+        by their place in its input can restart anywhere, and the stream stores each once."""
         if isinstance(batch, pa.Table):
-            seq = self._seq
+            if seq is not None:
+                raise ValueError("give `seq` with a RecordBatch, not a Table")
+            last = self._seq
             for b in batch.to_batches():
-                seq = self.send(b)
-            return seq
+                last = self.send(b)
+            return last
+        if seq is not None and seq <= self._seq:
+            raise ValueError(f"seq must increase: {seq} after {self._seq}")
         self._raise_error()
         if self._writer is None or not batch.schema.equals(self._schema):
             # A new schema means a new DoPut: the server decides whether the stream takes it.
@@ -118,7 +125,7 @@ class Producer:
             while self._unacked_bytes > self.max_unacked_bytes and self._error is None:
                 self._cond.wait(0.5)
             self._raise_error()
-            self._seq += 1
+            self._seq = self._seq + 1 if seq is None else seq
             seq = self._seq
             self._unacked[seq] = batch
             self._unacked_bytes += batch.nbytes

@@ -70,6 +70,15 @@ class Settings:
     live_ring_bytes: int = 256 * 1024 * 1024  # recent batches kept in memory per stream
     live_retention_bytes: int = 16 * 1024**3  # per stream, unless its producer sets its own
     live_retention_seconds: float = 24 * 3600.0
+    # -- data-request jobs (see README "Data requests and jobs") --
+    dask_scheduler: str | None = None  # a Dask scheduler's address; None: an embedded LocalCluster
+    job_workers: int = 2  # worker processes of the embedded LocalCluster
+    job_limit: int = 8  # queued plus running jobs per user
+    jobs_running: int = 4  # jobs that run at once; the rest wait in the queue, oldest first
+    job_partition_bytes: int = 64 * 1024 * 1024  # source bytes per task: the unit of retry
+    job_retries: int = 2  # a task's retries after an error (a lost worker is re-run by Dask)
+    job_server_location: str | None = None  # how workers reach this server; default: its own
+    job_tls_roots: Path | None = None  # CA workers trust for job_server_location; default tls_cert
 
     @property
     def tls(self) -> bool:
@@ -88,6 +97,9 @@ class Settings:
         return LiveSettings(self.live_fsync, self.live_fsync_interval, self.live_segment_bytes,
                             self.live_ring_bytes, self.live_retention_bytes,
                             self.live_retention_seconds)
+
+    def jobs_path(self) -> Path:
+        return self.state_path() / "jobs.sqlite"
 
     def users_path(self) -> Path:
         return self.users_file if self.users_file is not None else self.state_path() / "users.json"
@@ -122,6 +134,8 @@ def _coerce(name: str, value: Any) -> Any:
             return None if value in (None, "") else Path(value)
         if kind == "Path":
             return Path(value)
+        if kind == "str | None":
+            return None if value in (None, "") else str(value)
         if kind == "int":
             return int(value)
         if kind == "float":

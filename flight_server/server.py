@@ -24,11 +24,13 @@ from flight_server.archive.service import ArchiveService
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument
+from flight_server.jobs.service import ACTIONS as JOB_ACTIONS
+from flight_server.jobs.service import JobService
 from flight_server.live.service import ACTIONS as LIVE_ACTIONS
 from flight_server.live.service import LiveService, subscription_of
 from flight_server.security import assembly
 from flight_server.security.middleware import MIDDLEWARE_KEY, CallRecord
-from flight_server.security.policy import bind_to_certificate
+from flight_server.security.policy import bind_to_certificate, only_for_jobs
 from flight_server.sources.streaming import BatchSizing
 from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
@@ -127,20 +129,26 @@ class LclstreamServer(flight.FlightServerBase):
                                 self.security.seal, self.sizing)
         self.archive = ArchiveService(self.catalog, self.security.seal, self.sizing,
                                       self.read_pool, settings.partition_bytes)
+        self.jobs = JobService(settings, self.catalog, self.live, self.security.minter,
+                               self.sizing)
         try:
             super().__init__(settings.location(),
                              middleware={MIDDLEWARE_KEY: self.security.middleware},
                              **{**self.security.server_options, **kwargs})
+            # Jobs a restart interrupted resume now: their workers can reach the server.
+            self.jobs.start(settings.location().rsplit(":", 1)[0] + f":{self.port}")
         except BaseException:  # the port is taken, say: release what was built
             self._close_services()
             raise
 
     def shutdown(self) -> None:
+        self.jobs.stop()  # running jobs stay running in the table: the next start resumes them
         self.live.stop()  # live calls end (clients resume elsewhere), else gRPC waits for them
         super().shutdown()
         self._close_services()
 
     def _close_services(self) -> None:
+        self.jobs.close()
         self.live.close()
         self.sql.close()
         self.read_pool.shutdown(wait=True, cancel_futures=True)
@@ -149,13 +157,16 @@ class LclstreamServer(flight.FlightServerBase):
 
     # -- who is calling ----------------------------------------------------------------------
 
-    def _call(self, context: flight.ServerCallContext) -> CallRecord:
-        """The call's record, completed with what only the RPC context knows (peer, cert)."""
+    def _call(self, context: flight.ServerCallContext, what: str) -> CallRecord:
+        """The call's record, completed with what only the RPC context knows (peer, cert).
+        `what` the call does: a job's token may only produce ("do_put")."""
         call: CallRecord = context.get_middleware(MIDDLEWARE_KEY)
         call.peer = context.peer()
         call.certificate = context.peer_identity().decode("utf-8", "replace")
         if self.settings.bind_token_to_certificate:
             bind_to_certificate(call.identity, call.certificate)
+        if what != "do_put":
+            only_for_jobs(call.identity, what)
         return call
 
     # -- what is asked for: decoded once, here -----------------------------------------------
@@ -185,7 +196,7 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def list_flights(self, context: flight.ServerCallContext,
                      criteria: bytes) -> Iterator[flight.FlightInfo]:
-        call = self._call(context)
+        call = self._call(context, "list_flights")
         try:
             pattern = criteria.decode().strip() if criteria else "*"
         except UnicodeDecodeError:
@@ -200,7 +211,7 @@ class LclstreamServer(flight.FlightServerBase):
     def get_flight_info(self, context: flight.ServerCallContext,
                         descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         kind, what = self._descriptor(descriptor)
-        call = self._call(context)
+        call = self._call(context, "get_flight_info")
         if kind == "sql":
             return self.sql.flight_info(call.identity, what, descriptor)
         if kind == "live":
@@ -211,7 +222,7 @@ class LclstreamServer(flight.FlightServerBase):
     def get_schema(self, context: flight.ServerCallContext,
                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         kind, what = self._descriptor(descriptor)
-        call = self._call(context)
+        call = self._call(context, "get_schema")
         if kind == "sql":
             return flight.SchemaResult(self.sql.schema(call.identity, what))
         if kind == "live":
@@ -223,7 +234,7 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def do_get(self, context: flight.ServerCallContext,
                ticket: flight.Ticket) -> flight.FlightDataStream:
-        call = self._call(context)
+        call = self._call(context, "do_get")
         kind, what = self._ticket(ticket.ticket)
         if kind == "sql":
             schema, batches = self.sql.do_get(call.identity, what, context.is_cancelled)
@@ -237,9 +248,10 @@ class LclstreamServer(flight.FlightServerBase):
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
                reader: flight.MetadataRecordBatchReader,
                writer: flight.FlightMetadataWriter) -> None:
-        call = self._call(context)
+        call = self._call(context, "do_put")
         kind, what = self._descriptor(descriptor)
         if kind == "sql":
+            only_for_jobs(call.identity, "Flight SQL")
             return self.sql.do_put(call.identity, what, reader, writer)
         if kind == "live" and descriptor.descriptor_type == flight.DescriptorType.PATH:
             return self.live.do_put(call, what, reader, writer)
@@ -251,12 +263,14 @@ class LclstreamServer(flight.FlightServerBase):
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [*ACTIONS.items(), *ARCHIVE_ACTIONS.items(), *LIVE_ACTIONS.items(),
-                *SQL_ACTIONS.items()]
+                *JOB_ACTIONS.items(), *SQL_ACTIONS.items()]
 
     @rpc
     def do_action(self, context: flight.ServerCallContext,
                   action: flight.Action) -> Iterator[bytes]:
-        call = self._call(context)
+        call = self._call(context, f"the action {excerpt(action.type)}")
+        if action.type in JOB_ACTIONS:
+            return self.jobs.do_action(call, action)
         if action.type in SQL_ACTIONS:
             return self.sql.do_action(call.identity, action)
         if action.type in LIVE_ACTIONS:
@@ -270,7 +284,7 @@ class LclstreamServer(flight.FlightServerBase):
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),
                     "expires": who.expires, "certificate": call.certificate or None}
             return iter([json.dumps(body).encode()])
-        known = [*ACTIONS, *ARCHIVE_ACTIONS, *LIVE_ACTIONS, *SQL_ACTIONS]
+        known = [*ACTIONS, *ARCHIVE_ACTIONS, *LIVE_ACTIONS, *JOB_ACTIONS, *SQL_ACTIONS]
         raise InvalidArgument(f"unknown action {excerpt(action.type)}; actions: "
                               f"{', '.join(known)}")
 

@@ -1,5 +1,6 @@
-"""`lclstream serve | demo | generate | ls | get | sql | produce | streams | user | token |
-login | logout | certs`: the parser and the entry point; the commands live beside it."""
+"""`lclstream serve | demo | generate | ls | get | sql | produce | streams | submit | jobs |
+job | cancel | user | token | login | logout | certs`: the parser and the entry point; the
+commands live beside it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flight_server.cli import jobs as cli_jobs
 from flight_server.cli import security as cli_security
 from flight_server.cli.common import DEFAULT_SERVER, brief, event_slice
 from flight_server.cli.data import cmd_get, cmd_ls, cmd_produce, cmd_sql, cmd_streams
@@ -41,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-file", type=Path,
                    help="also write the server's log to this file, rotated by size "
                         "(log_max_bytes, default 64 MiB; log_backups files kept, default 5)")
+    s.add_argument("--job-workers", type=int,
+                   help="worker processes of the embedded Dask cluster jobs run on (default 2)")
+    s.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="run jobs on this Dask scheduler (tcp://host:8786) instead of an "
+                   "embedded cluster")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="generate demo data (once) and serve it")
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client_arguments(st)
     st.set_defaults(func=cmd_streams)
 
+    cli_jobs.register(sub, _client_arguments)
     cli_security.register(sub)
     return p
 

@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner_iss TEXT NOT NULL,
     key TEXT,
     spec TEXT NOT NULL,
+    into_experiment TEXT NOT NULL,
+    into_stream TEXT NOT NULL,
     state TEXT NOT NULL,
     created REAL NOT NULL,
     started REAL,
@@ -44,10 +46,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     events INTEGER NOT NULL DEFAULT 0,
     events_total INTEGER,
     bytes INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
     UNIQUE (owner_sub, owner_iss, key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_sub, owner_iss, created);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_stream ON jobs (into_experiment, into_stream);
 CREATE TABLE IF NOT EXISTS transitions (
     job TEXT NOT NULL REFERENCES jobs (id),
     seq INTEGER NOT NULL,
@@ -83,6 +88,8 @@ class Job:
     events: int
     events_total: int | None
     bytes: int
+    attempt: int  # how many times it has started: a restart or a lost scheduler starts it again
+    cancel_requested: bool
     transitions: tuple[tuple[str, float, str], ...]  # (state, at, reason)
 
     def status(self) -> dict[str, Any]:
@@ -146,10 +153,19 @@ class JobStore:
                 raise InvalidArgument(
                     f"you have {active} jobs queued or running, the most this server takes per "
                     f"user ({limit}); wait for one to finish or cancel one")
+            busy = con.execute(
+                "SELECT id, state FROM jobs WHERE into_experiment = ? AND into_stream = ? "
+                "AND state IN (?, ?)", (spec.experiment, spec.stream, QUEUED, RUNNING)).fetchone()
+            if busy is not None:
+                raise InvalidArgument(
+                    f"stream '{spec.stream}' of '{spec.experiment}' is where job {busy[0]} "
+                    f"({busy[1]}) puts its results; two jobs in one stream would mix their "
+                    "events: name another stream")
             job_id, now = uuid.uuid4().hex, time.time()
-            con.execute("INSERT INTO jobs (id, owner_sub, owner_iss, key, spec, state, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (job_id, *owner, spec.key, spec.encode().decode(), QUEUED, now))
+            con.execute("INSERT INTO jobs (id, owner_sub, owner_iss, key, spec, into_experiment, "
+                        "into_stream, state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, *owner, spec.key, spec.encode().decode(), spec.experiment,
+                         spec.stream, QUEUED, now))
             self._record(con, job_id, QUEUED, now, "submitted")
             return self._load(con, job_id), True
 
@@ -168,9 +184,11 @@ class JobStore:
             now = time.time()
             con.execute(
                 "UPDATE jobs SET state = ?, error = coalesce(?, error), run = coalesce(?, run), "
+                "attempt = attempt + (? = ?), "
                 "started = CASE WHEN ? = ? AND started IS NULL THEN ? ELSE started END, "
                 "finished = CASE WHEN ? THEN ? ELSE finished END WHERE id = ?",
-                (state, error, run, state, RUNNING, now, state in FINAL, now, job_id))
+                (state, error, run, state, RUNNING, state, RUNNING, now, state in FINAL, now,
+                 job_id))
             self._record(con, job_id, state, now, reason)
             return self._load(con, job_id)
 
@@ -180,6 +198,11 @@ class JobStore:
             con.execute("UPDATE jobs SET events = ?, bytes = ?, "
                         "events_total = coalesce(?, events_total) WHERE id = ?",
                         (events, nbytes, events_total, job_id))
+
+    def request_cancel(self, job_id: str) -> None:
+        """Remember that the owner cancelled: a job a restart interrupted is then not resumed."""
+        with self._transaction() as con:
+            con.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
     @staticmethod
     def _record(con: sqlite3.Connection, job_id: str, state: str, at: float,
@@ -228,12 +251,14 @@ class JobStore:
     def _load(con: sqlite3.Connection, job_id: str) -> Job | None:
         row = con.execute(
             "SELECT owner_sub, owner_iss, spec, state, created, started, finished, error, run, "
-            "events, events_total, bytes FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            "events, events_total, bytes, attempt, cancel_requested FROM jobs WHERE id = ?",
+            (job_id,)).fetchone()
         if row is None:
             return None
         steps = con.execute("SELECT state, at, reason FROM transitions WHERE job = ? "
                             "ORDER BY seq", (job_id,)).fetchall()
-        return Job(job_id, (row[0], row[1]), _spec(row[2]), *row[3:], tuple(map(tuple, steps)))
+        return Job(job_id, (row[0], row[1]), _spec(row[2]), *row[3:13], bool(row[13]),
+                   tuple(map(tuple, steps)))
 
 
 def _spec(text: str) -> JobSpec:

@@ -24,8 +24,8 @@ from flight_server.catalog import Catalog, check_experiment_name
 from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.live import run_writer
-from flight_server.live.registry import LiveStreams
-from flight_server.live.stream import AckSession, Stream
+from flight_server.live.registry import LiveStreams, check_stream_name
+from flight_server.live.stream import AckSession, Stream, schema_difference
 from flight_server.processing import transform
 from flight_server.security.client_data import validated
 from flight_server.security.middleware import CallRecord
@@ -112,6 +112,9 @@ class LiveService:
         self.seal = seal
         self.sizing = sizing or BatchSizing()
         self._end_lock = threading.Lock()  # two streams ending at once must not pick one number
+        # Set by the jobs service: may this producer (a job's worker) store into this stream?
+        self.admit_job: Callable[[Identity, Subscription, str | None, int | None], None] | None \
+            = None
 
     def stop(self) -> None:
         """The server is stopping: sync every stream, and end every live call."""
@@ -148,10 +151,61 @@ class LiveService:
                 if chunk.data is not None:
                     batch = validated(chunk.data, "the batch")
                     run_writer.check_nulls(batch)
-                    stream.append(batch, meta.producer, meta.seq, session)
+                    stream.append(batch, meta.producer, meta.seq, session,
+                                  self._admission(call.identity, sub, meta.producer, meta.seq))
         finally:
             stream.detach(session)
             self.streams.discard_unused(stream)
+
+    def _admission(self, identity: Identity, sub: Subscription, producer: str | None,
+                   seq: int | None) -> Callable[[], None] | None:
+        """The check a job's producer passes for each batch (None: no jobs service)."""
+        if self.admit_job is None:
+            return None
+        gate = self.admit_job
+        return lambda: gate(identity, sub, producer, seq)
+
+    # -- what the jobs service asks of streams -----------------------------------------------
+
+    def check_into(self, experiment: str, name: str, schema: pa.Schema) -> None:
+        """Refuse a job whose results the stream could not take: it has ended, or holds
+        another schema, or the results have a column a run cannot store."""
+        check_experiment_name(experiment)
+        check_stream_name(name)
+        run_writer.check_schema(schema)
+        try:
+            stream = self.streams.get(experiment, name)
+        except NotFound:
+            return
+        if stream.ended:
+            raise InvalidArgument(f"stream '{name}' of '{experiment}' ended as run "
+                                  f"{stream.ended['run']}; name a new stream for the job")
+        if stream.schema is not None and not stream.schema.equals(schema):
+            raise InvalidArgument(
+                f"the job's results do not fit stream '{name}' of '{experiment}': "
+                f"{schema_difference(stream.schema, schema)}. Name a new stream, or ask for "
+                "the columns and processing the stream holds")
+
+    def last_seq(self, experiment: str, name: str, producers: Callable[[str], bool]
+                 ) -> int | None:
+        try:
+            return self.streams.get(experiment, name).last_seq(producers)
+        except NotFound:
+            return None
+
+    def fence(self, experiment: str, name: str) -> None:
+        """Once this returns, a producer that `admit_job` now refuses stores nothing more."""
+        try:
+            self.streams.get(experiment, name).fence()
+        except NotFound:
+            pass
+
+    def has_events(self, experiment: str, name: str) -> bool:
+        try:
+            stream = self.streams.get(experiment, name)
+        except NotFound:
+            return False
+        return stream.schema is not None and stream.log.end > 0
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -241,6 +295,17 @@ class LiveService:
         authorize(identity, experiment, "write")
         return iter([json.dumps(self._end_run(experiment, name, body)).encode()])
 
+    def _end_run(self, experiment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        number = body.get("run")
+        if number is not None and (not isinstance(number, int) or isinstance(number, bool)
+                                   or not 0 <= number <= MAX_RUN):
+            raise InvalidArgument(f"'run' must be an integer from 0 to {MAX_RUN}, "
+                                  f"got {excerpt(number)}")
+        config = body.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise InvalidArgument("'config' must be a JSON object of per-run settings")
+        return self.end_stream(experiment, name, number, config)
+
     def _commit(self, experiment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         stream = self.streams.get(experiment, name)
         group_name, member = _named(body, "group"), _named(body, "member")
@@ -256,16 +321,11 @@ class LiveService:
             return {"group": group_name, "committed_events": events,
                     "watermark": group.watermark()}
 
-    def _end_run(self, experiment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    def end_stream(self, experiment: str, name: str, number: int | None = None,
+                   config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """End the stream: it becomes run `number` (default: the next free one) of its
+        experiment. Ending a stream that has ended answers with the run it became."""
         stream = self.streams.get(experiment, name)
-        number = body.get("run")
-        if number is not None and (not isinstance(number, int) or isinstance(number, bool)
-                                   or not 0 <= number <= MAX_RUN):
-            raise InvalidArgument(f"'run' must be an integer from 0 to {MAX_RUN}, "
-                                  f"got {excerpt(number)}")
-        config = body.get("config")
-        if config is not None and not isinstance(config, dict):
-            raise InvalidArgument("'config' must be a JSON object of per-run settings")
         done = stream.begin_ending()
         if done is not None:
             return {"experiment": experiment, "stream": name, **done}

@@ -215,8 +215,12 @@ class Stream:
         session.close()
 
     def append(self, batch: pa.RecordBatch, producer: str | None, seq: int | None,
-               session: AckSession) -> None:
+               session: AckSession, admit: Callable[[], None] | None = None) -> None:
+        """Store one batch. `admit` (a job's producer: is the job still running?) is checked
+        under the write lock, so that once `fence` returns nothing it refuses is stored."""
         with self._write_lock:
+            if admit is not None:
+                admit()
             if self.ended or self.ending:
                 raise InvalidArgument(f"stream '{self.name}' has ended; the batch was not stored")
             seen = self.producers.get(producer) if producer is not None else None
@@ -248,6 +252,18 @@ class Stream:
             self.apply_retention()
         if self.settings.fsync == "batch":
             self._wake_flusher()  # group commit: the flusher syncs while this reads on
+
+    def fence(self) -> None:
+        """Return once every append that started before the call has finished."""
+        with self._write_lock:
+            pass
+
+    def last_seq(self, producers: Callable[[str], bool]) -> int | None:
+        """The highest seq stored from the producers `producers` selects (None: none)."""
+        with self._write_lock:
+            seqs = [next(reversed(seen)) for name, seen in self.producers.items()
+                    if seen and producers(name)]
+        return max(seqs, default=None)
 
     def _remember(self, entry: Entry) -> None:
         if entry.producer is None:

@@ -25,6 +25,11 @@ class Identity:
     issuer: str
     grants: Grants
     expires: float | None = None  # Unix time; None for the anonymous caller of --no-auth
+    job: str | None = None  # a job's worker: it may only produce that job's stream
+
+    @property
+    def owner(self) -> tuple[str, str]:
+        return self.subject, self.issuer
 
     def may(self, experiment: str, right: str) -> bool:
         return self.grants.allows(experiment, right)
@@ -38,6 +43,13 @@ def authorize(identity: Identity, experiment: str, right: str = "read") -> None:
     if not identity.may(experiment, right):
         raise Forbidden(f"'{identity.subject}' may not {right} experiment '{experiment}' "
                         f"(grants: {identity.grants.describe()})")
+
+
+def only_for_jobs(identity: Identity, what: str) -> None:
+    """A job's token produces the job's stream and nothing else."""
+    if identity.job is not None:
+        raise Forbidden(f"a job's token (job {identity.job}) may only produce its stream, "
+                        f"not {what}")
 
 
 def is_loopback(host: str) -> bool:

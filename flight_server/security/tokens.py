@@ -180,7 +180,10 @@ class TokenVerifier:
             grants = Grants.from_claim(claims.get(issuer.grants_claim))
         except GrantError as exc:
             raise Unauthenticated(f"token's '{issuer.grants_claim}' claim: {exc}") from None
-        return Identity(subject, issuer.name, grants, float(claims["exp"]))
+        job = claims.get("job")
+        if job is not None and not isinstance(job, str):
+            raise Unauthenticated("token 'job' must be a job id (a string)")
+        return Identity(subject, issuer.name, grants, float(claims["exp"]), job)
 
 
 # -- issuing -----------------------------------------------------------------------------------
@@ -204,13 +207,17 @@ class TokenMinter:
                           public_key=self._signing_key.public_key())
         return Issuer(self.issuer, (self.algorithm,), self.audience, secret=self._signing_key)
 
-    def mint(self, subject: str, grants: Grants, ttl: float | None = None) -> str:
+    def mint(self, subject: str, grants: Grants, ttl: float | None = None,
+             job: str | None = None) -> str:
+        """A token for `subject`; with `job`, one that only produces that job's stream."""
         now = int(time.time())
         claims = {
             "iss": self.issuer, "aud": self.audience, "sub": subject, "iat": now, "nbf": now,
             "exp": now + int(ttl if ttl is not None else self.ttl),
             "jti": secrets.token_hex(8), "grants": grants.to_claim(),
         }
+        if job is not None:
+            claims["job"] = job
         return jwt.encode(claims, self._signing_key, algorithm=self.algorithm)
 
 

@@ -3,6 +3,7 @@ and their history, and persistence across a reopen and a kill -9."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -28,7 +29,12 @@ from schemas.jobs import (
 ALICE, BOB, OTHER_ALICE = ("alice", "lclstream"), ("bob", "lclstream"), ("alice", "elsewhere")
 
 
-def spec(key: str | None = None, stream: str = "hits") -> JobSpec:
+_streams = itertools.count()
+
+
+def spec(key: str | None = None, stream: str | None = None) -> JobSpec:
+    """A job into a stream of its own (two active jobs never share one), or into `stream`."""
+    stream = stream or f"hits{next(_streams)}"
     body = {"v": 1, "source": {"v": 1, "experiment": "cxilu9218", "runs": [12]},
             "into": {"experiment": "cxilu9218", "stream": stream}}
     if key is not None:
@@ -44,7 +50,7 @@ def store(tmp_path: Path):
 
 
 def test_a_submitted_job_is_queued_with_its_history(store: JobStore) -> None:
-    job, created = store.submit(ALICE, spec(), limit=8)
+    job, created = store.submit(ALICE, spec(stream="hits"), limit=8)
     assert created and job.state == QUEUED and len(job.id) == 32
     status = job.status()
     assert status["owner"] == "alice" and status["into"] == {"experiment": "cxilu9218",
@@ -55,7 +61,7 @@ def test_a_submitted_job_is_queued_with_its_history(store: JobStore) -> None:
 
 
 def test_the_same_key_returns_the_same_job_per_owner(store: JobStore) -> None:
-    first, created = store.submit(ALICE, spec("nightly"), limit=8)
+    first, created = store.submit(ALICE, spec("nightly", stream="hits"), limit=8)
     again, created_again = store.submit(ALICE, spec("nightly", stream="other"), limit=8)
     assert created and not created_again and again.id == first.id
     assert again.spec.stream == "hits"  # what was submitted first
@@ -181,3 +187,13 @@ def test_an_acknowledged_submit_survives_kill_9(tmp_path: Path) -> None:
         assert job is not None and job.state == QUEUED and job.created <= time.time()
     finally:
         store.close()
+
+
+def test_two_active_jobs_never_share_a_stream(store: JobStore) -> None:
+    first, _ = store.submit(ALICE, spec(stream="shared"), limit=8)
+    with pytest.raises(InvalidArgument, match=f"job {first.id} .queued.*name another stream"):
+        store.submit(BOB, spec(stream="shared"), limit=8)
+    store.transition(first.id, RUNNING, "started")
+    store.transition(first.id, COMPLETED, "done")
+    second, created = store.submit(BOB, spec(stream="shared"), limit=8)
+    assert created and second.state == QUEUED  # a finished job's stream may take another

@@ -1,0 +1,363 @@
+"""The job queue: start queued jobs on Dask (oldest first, `jobs_running` at once), follow their
+tasks, record progress and every transition, cancel, and resume what a restart interrupted.
+
+One thread makes every decision; Dask's callbacks only tell it that a task ended. A job's worker
+writes through the live stream's admission check (`admit`): only the producer of the job's
+current attempt, only into its stream, only while it runs. Cancelling closes that gate and
+fences the stream, so nothing is stored after `cancel` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.archive import planning
+from flight_server.catalog import Catalog
+from flight_server.config import Settings
+from flight_server.errors import InvalidArgument, NotFound
+from flight_server.jobs import tasks
+from flight_server.jobs.engine import Engine, EngineUnavailable
+from flight_server.jobs.store import Job, JobStore
+from flight_server.live.service import LiveService
+from flight_server.security.grants import Grants
+from flight_server.security.policy import Forbidden, Identity
+from flight_server.security.tokens import TokenMinter
+from flight_server.sources.streaming import BatchSizing
+from schemas.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING
+from schemas.live import Subscription
+
+log = logging.getLogger(__name__)
+
+JOB_TOKEN_TTL_S = 7 * 24 * 3600  # a bound; the token works only while its job runs anyway
+IDLE_WAKE_S = 1.0
+
+
+def producer_prefix(job_id: str) -> str:
+    return f"job-{job_id}-"
+
+
+@dataclass
+class Attempt:
+    """A job while it runs: its tasks and how far they got."""
+
+    job: Job
+    producer: str
+    total: int  # source events of the whole job
+    done: int  # source events whose results are durable in the stream (partitions written)
+    bytes: int
+    writes: list[Any] = field(default_factory=list)  # the write tasks' futures, in order
+    futures: list[Any] = field(default_factory=list)  # every future of the attempt
+    written: int = 0
+    seen: int = 0  # the highest seq a worker has sent: progress within a partition
+    cancelling: bool = False
+
+    @property
+    def number(self) -> int:
+        return self.job.attempt
+
+    @property
+    def progress(self) -> int:
+        return max(self.done, min(self.seen, self.total))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).split(". Detail: ", 1)[0]
+    return f"{type(exc).__name__}: {text}"[:2000]
+
+
+class Runner:
+    def __init__(self, settings: Settings, store: JobStore, engine: Engine, catalog: Catalog,
+                 live: LiveService, minter: TokenMinter | None, sizing: BatchSizing) -> None:
+        self.settings = settings
+        self.store, self.engine, self.catalog, self.live = store, engine, catalog, live
+        self.minter = minter
+        self.sizing = sizing
+        self.data = str(settings.data.resolve())
+        self.location: str | None = None
+        self.tls_roots = self._tls_roots(settings)
+        self._lock = threading.RLock()  # the decisions: starting, settling, cancelling
+        self._running: dict[str, Attempt] = {}
+        self._ended: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.waiting: str | None = None  # why queued jobs are not starting, if they are not
+
+    @staticmethod
+    def _tls_roots(settings: Settings) -> bytes | None:
+        path = settings.job_tls_roots or settings.tls_cert
+        return path.read_bytes() if path is not None else None
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self, server_location: str) -> None:
+        """Begin taking jobs; `server_location` is where this server listens."""
+        self.location = self.settings.job_server_location or _reachable(server_location)
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop deciding. Running jobs stay `running` in the table: the next start resumes them
+        (a planned stop and a crash look the same, and are handled the same)."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._running.clear()  # their workers' writes are refused from now on
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _recover(self) -> None:
+        """Jobs the last server left running: cancelled if their owner asked, else queued
+        again, to resume after the events their stream holds."""
+        for job in self.store.in_state(RUNNING):
+            if job.cancel_requested:
+                self.store.transition(job.id, CANCELLED, "cancelled: the server stopped while "
+                                      "the job was being cancelled")
+                continue
+            done = self._resume_at(job)
+            self.store.transition(job.id, QUEUED, f"the server restarted; the job resumes "
+                                  f"after the {done} source events its stream holds")
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.wait(IDLE_WAKE_S)
+            self._wake.clear()
+            try:
+                while True:
+                    try:
+                        self._settle(*self._ended.get_nowait())
+                    except queue.Empty:
+                        break
+                self._start_queued()
+            except Exception:  # a bug here must not stop the queue for everyone
+                log.exception("jobs: the queue loop failed; it goes on")
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def _start_queued(self) -> None:
+        with self._lock:
+            room = self.settings.jobs_running - len(self._running)
+            if room <= 0:
+                return
+            queued = self.store.in_state(QUEUED)
+            if not queued:
+                self.waiting = None
+                return
+            try:
+                client = self.engine.client()
+            except EngineUnavailable as exc:
+                self.waiting = str(exc)
+                return
+            self.waiting = None
+            for job in queued[:room]:
+                if job.cancel_requested:
+                    self.store.transition(job.id, CANCELLED, "cancelled before it started")
+                    continue
+                try:
+                    self._launch(client, job)
+                except (InvalidArgument, NotFound, flight.FlightError, pa.ArrowException,
+                        OSError) as exc:
+                    self._running.pop(job.id, None)
+                    state = self.store.get(job.id, None).state
+                    if state == RUNNING or state == QUEUED:
+                        self.store.transition(job.id, FAILED, "it could not start",
+                                              error=_describe(exc))
+
+    def _resume_at(self, job: Job) -> int:
+        """Source events done: as far as the stream holds the job's results (or the table
+        says, whichever is further: retention may have dropped the stream's start)."""
+        spec = job.spec
+        prefix = producer_prefix(job.id)
+        last = self.live.last_seq(spec.experiment, spec.stream, lambda p: p.startswith(prefix))
+        return max(job.events, last or 0)
+
+    def _launch(self, client: Any, job: Job) -> None:
+        spec = job.spec
+        plan = planning.plan(spec.source, self.catalog, self.settings.job_partition_bytes,
+                             event_budget=self.sizing.event_budget)
+        self.live.check_into(spec.experiment, spec.stream, plan.schema)
+        total = sum(p.records for p in plan.partitions)
+        done = self._resume_at(job)
+        parts = list(self._parts(plan, done))
+        why = (f"started on {self.engine.describe()}: {len(parts)} tasks" if done == 0 else
+               f"resumed after {done} of {total} source events: {len(parts)} tasks")
+        job = self.store.transition(job.id, RUNNING, why)
+        self.store.progress(job.id, done, job.bytes, total)
+        attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
+                          job.bytes)
+        self._running[job.id] = attempt  # the gate opens before any worker can write
+        if not parts:
+            self._complete(attempt)
+            return
+        target = tasks.Target(self.location, self._token(job), self.tls_roots,
+                              spec.experiment, spec.stream, attempt.producer)
+        retries = self.settings.job_retries
+        key = f"{job.id}-{job.attempt}"
+        first = client.submit(tasks.produce, parts[0], target, key=f"produce-{key}-0",
+                              retries=retries, priority=len(parts))
+        writes, futures = [first], [first]
+        for i, part in enumerate(parts[1:], 1):
+            computed = client.submit(tasks.compute, part, key=f"compute-{key}-{i}",
+                                     retries=retries, priority=len(parts) - i)
+            written = client.submit(tasks.write, target, computed, writes[-1],
+                                    key=f"write-{key}-{i}", retries=retries,
+                                    priority=len(parts) - i)
+            writes.append(written)
+            futures += [computed, written]
+        attempt.writes, attempt.futures = writes, futures
+        for future in writes:
+            future.add_done_callback(self._ended_callback(job.id, job.attempt))
+        log.info("job %s: %s", job.id, why)
+
+    def _parts(self, plan: planning.Plan, done: int) -> Iterator[tasks.Part]:
+        """The plan's partitions as tasks, from source event `done` on."""
+        ordinal = 0
+        for p in plan.partitions:
+            t = p.ticket
+            if ordinal + p.records > done:
+                skip = max(0, done - ordinal)
+                yield tasks.Part(self.data, replace(t, start=t.start + skip * t.step),
+                                 ordinal + skip, self.sizing)
+            ordinal += p.records
+
+    def _token(self, job: Job) -> str | None:
+        if self.minter is None:
+            return None  # --no-auth: the server is on loopback, its workers beside it
+        return self.minter.mint(f"job:{job.id}", Grants(write=(job.spec.experiment,)),
+                                JOB_TOKEN_TTL_S, job=job.id)
+
+    def _ended_callback(self, job_id: str, attempt: int):
+        def ended(future: Any) -> None:  # on Dask's event loop: hand over, decide elsewhere
+            self._ended.put((job_id, attempt, future))
+            self._wake.set()
+        return ended
+
+    # -- following ---------------------------------------------------------------------------
+
+    def _settle(self, job_id: str, number: int, future: Any) -> None:
+        with self._lock:
+            attempt = self._running.get(job_id)
+            if attempt is None or attempt.number != number or attempt.cancelling:
+                return  # an earlier attempt's task, or one cancelled with its job
+            status = future.status
+            if status == "finished":
+                written: tasks.Written = future.result()
+                attempt.done = max(attempt.done, written.ordinal)
+                attempt.bytes += written.bytes
+                attempt.written += 1
+                self.store.progress(job_id, attempt.done, attempt.bytes)
+                if attempt.written == len(attempt.writes):
+                    self._complete(attempt)
+            elif status == "error":
+                self._fail(attempt, _describe(future.exception()))
+            else:  # cancelled, but not by us: the scheduler was lost
+                self._stop_tasks(attempt)
+                del self._running[job_id]
+                self.store.transition(job_id, QUEUED, "its Dask tasks were lost (the scheduler "
+                                      "went away); it resumes when the scheduler is back")
+
+    def _complete(self, attempt: Attempt) -> None:
+        job, spec = attempt.job, attempt.job.spec
+        why, run = f"all {attempt.total} source events done", None
+        try:
+            if spec.end_run and self.live.has_events(spec.experiment, spec.stream):
+                ended = self.live.end_stream(spec.experiment, spec.stream)
+                run = ended["run"]
+                why += f"; the stream became run {run} of {spec.experiment}"
+            elif spec.end_run:
+                why += "; no event passed, so no run was made"
+        except (InvalidArgument, NotFound, OSError) as exc:
+            self._fail(attempt, f"its results are in the stream, but ending the stream as a "
+                                f"run failed: {_describe(exc)}")
+            return
+        del self._running[job.id]
+        self._release(attempt)
+        self.store.transition(job.id, COMPLETED, why, run=run)
+        log.info("job %s: completed (%s)", job.id, why)
+
+    def _fail(self, attempt: Attempt, error: str) -> None:
+        self._stop_tasks(attempt)
+        del self._running[attempt.job.id]
+        self.store.transition(attempt.job.id, FAILED, "a task failed after its retries",
+                              error=error)
+        log.warning("job %s failed: %s", attempt.job.id, error)
+
+    def _stop_tasks(self, attempt: Attempt) -> None:
+        attempt.cancelling = True  # the gate refuses its workers from now on
+        self.live.fence(attempt.job.spec.experiment, attempt.job.spec.stream)
+        self._release(attempt, cancel=True)
+
+    def _release(self, attempt: Attempt, cancel: bool = False) -> None:
+        futures, attempt.futures, attempt.writes = attempt.futures, [], []
+        if cancel and futures:
+            try:
+                futures[0].client.cancel(futures, force=True)
+            except Exception as exc:  # the scheduler is gone: so are the tasks
+                log.info("job %s: cancelling its tasks: %s", attempt.job.id, exc)
+        for future in futures:
+            future.release()
+
+    # -- what the service asks ---------------------------------------------------------------
+
+    def cancel(self, job_id: str, who: str) -> None:
+        """Stop the job; once this returns, its stream takes nothing more from it."""
+        with self._lock:
+            job = self.store.get(job_id, None)
+            if job is None or job.state not in (QUEUED, RUNNING):
+                return
+            self.store.request_cancel(job_id)
+            attempt = self._running.get(job_id)
+            if attempt is not None:
+                self._stop_tasks(attempt)
+                del self._running[job_id]
+                why = (f"cancelled by {who} after {attempt.progress} of {attempt.total} source "
+                       "events")
+            else:
+                why = f"cancelled by {who} while queued"
+            self.store.transition(job_id, CANCELLED, why)
+        self._wake.set()
+
+    def live_progress(self, job_id: str) -> int | None:
+        attempt = self._running.get(job_id)
+        return attempt.progress if attempt is not None else None
+
+    def admit(self, identity: Identity, sub: Subscription, producer: str | None,
+              seq: int | None) -> None:
+        """May this batch be stored? Only a job's current attempt writes into its stream, and
+        only while the job runs; a job's token produces nothing else. Other producers pass."""
+        job_id = identity.job
+        if job_id is None:
+            if producer is None or not producer.startswith("job-"):
+                return
+            job_id = producer[4:].rpartition("-")[0]
+        attempt = self._running.get(job_id)
+        spec = attempt.job.spec if attempt is not None else None
+        if (attempt is None or attempt.cancelling or producer != attempt.producer
+                or (sub.experiment, sub.stream) != (spec.experiment, spec.stream)):
+            raise Forbidden(f"job {job_id} is not running, or this is not its current producer "
+                            "and stream: the batch was not stored (producer names starting "
+                            "with 'job-' are the jobs')")
+        if seq is not None and seq > attempt.seen:
+            attempt.seen = seq
+
+
+def _reachable(location: str) -> str:
+    """The server's own location, with a wildcard address made the host's name, which its
+    workers on other nodes can reach."""
+    for wildcard in ("0.0.0.0", "[::]"):
+        if f"://{wildcard}:" in location:
+            return location.replace(wildcard, socket.getfqdn(), 1)
+    return location

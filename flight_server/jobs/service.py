@@ -1,0 +1,135 @@
+"""The Flight surface of data-request jobs: the actions `submit`, `job`, `jobs` and `cancel`.
+
+`submit` validates the request as GetFlightInfo does (same checks, same messages) and checks
+that its results fit the stream they go into, so nothing is queued that cannot run. A job is
+its owner's: another user asking about it gets NOT_FOUND, as for a job that does not exist,
+unless they administer the experiment it writes into.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.flight as flight
+
+from flight_server.archive import planning
+from flight_server.catalog import Catalog
+from flight_server.config import Settings
+from flight_server.errors import InvalidArgument, NotFound
+from flight_server.jobs.engine import Engine
+from flight_server.jobs.runner import Runner
+from flight_server.jobs.store import Job, JobStore
+from flight_server.live.service import LiveService
+from flight_server.security.middleware import CallRecord
+from flight_server.security.policy import Identity, authorize
+from flight_server.security.tokens import TokenMinter
+from flight_server.sources.streaming import BatchSizing
+from schemas import RequestError
+from schemas.jobs import QUEUED, parse_job_id, parse_listing, parse_submit
+
+ACTIONS = {
+    "submit": "JSON {v, source, into: {experiment, stream}, end_run, key}: queue a data request "
+              "as a job producing into a live stream; answers the job's status",
+    "job": "JSON {job}: a job's status, progress and transitions",
+    "jobs": "JSON {state?, limit?}: your jobs, newest first (an admin sees all)",
+    "cancel": "JSON {job}: cancel a job; answers its status once it has stopped",
+}
+
+ALL_JOBS = 1_000_000  # an admin's listing is filtered after reading: read them all
+
+
+class JobService:
+    def __init__(self, settings: Settings, catalog: Catalog, live: LiveService,
+                 minter: TokenMinter | None, sizing: BatchSizing) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.sizing = sizing
+        self.live = live
+        self.store = JobStore(settings.jobs_path())
+        self.engine = Engine(settings.dask_scheduler, settings.job_workers)
+        self.runner = Runner(settings, self.store, self.engine, catalog, live, minter, sizing)
+        live.admit_job = self.runner.admit
+
+    def start(self, server_location: str) -> None:
+        self.runner.start(server_location)
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def close(self) -> None:
+        self.runner.stop()
+        self.engine.close()
+        self.store.close()
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def do_action(self, call: CallRecord, action: flight.Action) -> Iterator[bytes]:
+        body = action.body.to_pybytes() if action.body is not None else b""
+        try:
+            if action.type == "submit":
+                answer: Any = self._submit(call, body)
+            elif action.type == "jobs":
+                answer = self._jobs(call.identity, body)
+            else:
+                job = self._visible(call.identity, parse_job_id(body, action.type))
+                if action.type == "cancel":
+                    self.runner.cancel(job.id, call.identity.subject)
+                answer = self._status(self.store.get(job.id, None))
+        except RequestError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return iter([json.dumps(answer).encode()])
+
+    def _submit(self, call: CallRecord, body: bytes) -> dict[str, Any]:
+        spec = parse_submit(body)
+        identity = call.identity
+        call.experiment = spec.source.experiment
+        authorize(identity, spec.source.experiment, "read")
+        authorize(identity, spec.experiment, "write")
+        plan = planning.plan(spec.source, self.catalog, self.settings.job_partition_bytes,
+                             lambda e: identity.may(e, "read"), self.sizing.event_budget)
+        self.live.check_into(spec.experiment, spec.stream, plan.schema)
+        job, created = self.store.submit(identity.owner, spec, self.settings.job_limit)
+        if not created and job.spec != spec:
+            raise InvalidArgument(f"key {spec.key!r} was used for another request (job "
+                                  f"{job.id}); use a new key for a new request")
+        self.runner.wake()
+        return {**self._status(job), "created": created}
+
+    def _jobs(self, identity: Identity, body: bytes) -> list[dict[str, Any]]:
+        state, limit = parse_listing(body)
+        if not identity.grants.admin:
+            return [self._summary(j) for j in self.store.jobs(identity.owner, state, limit)]
+        visible = [j for j in self.store.jobs(None, state, ALL_JOBS)
+                   if self._may_see(identity, j)]
+        return [self._summary(j) for j in visible[:limit]]
+
+    # -- whose jobs --------------------------------------------------------------------------
+
+    @staticmethod
+    def _may_see(identity: Identity, job: Job) -> bool:
+        return job.owner == identity.owner or identity.may(job.spec.experiment, "admin")
+
+    def _visible(self, identity: Identity, job_id: str) -> Job:
+        job = self.store.get(job_id, None)
+        if job is None or not self._may_see(identity, job):
+            raise NotFound(f"no job {job_id} (a job is seen by its owner and by admins of the "
+                           "experiment it writes into)")
+        return job
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _status(self, job: Job) -> dict[str, Any]:
+        status = job.status()
+        live = self.runner.live_progress(job.id)
+        if live is not None:
+            status["progress"]["events"] = max(status["progress"]["events"], live)
+        if job.state == QUEUED and self.runner.waiting:
+            status["waiting"] = self.runner.waiting
+        return status
+
+    def _summary(self, job: Job) -> dict[str, Any]:
+        status = self._status(job)
+        del status["transitions"]
+        return status
