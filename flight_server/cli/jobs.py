@@ -61,7 +61,8 @@ def _runs(text: str) -> list[int]:
     try:
         return [int(r) for r in text.split(",") if r.strip()]
     except ValueError:
-        raise ValueError(f"runs must be numbers separated by commas, e.g. 12,13; got {text!r}") from None
+        raise ValueError(f"runs must be numbers separated by commas, e.g. 12,13; "
+                         f"got {text!r}") from None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
