@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from flight_server.errors import InvalidArgument
 from flight_server.fsutil import atomic_h5
-from flight_server.sources.columns import Kind
+from flight_server.sources.columns import RAGGED_MARK, Kind
 from flight_server.sources.layouts import LCLS1, LCLS2, LCLS2_EPOCH
 from schemas import metadata as md
 
@@ -31,7 +31,7 @@ CONFIG_GROUP = LCLS2.config_groups[0]
 NS_PER_S = 1_000_000_000
 ACCEPTED = (
     "accepted: int8..int64, uint8..uint64 and float16/32/64 scalars; fixed_size_list or "
-    "arrow.fixed_shape_tensor of those; list of those named '<group>/var_<name>'"
+    "arrow.fixed_shape_tensor of those; list of those"
 )
 
 
@@ -75,6 +75,8 @@ def write_run(
         datasets = {c.name: _create(f, c.name, c.dtype, c.shape, c.units) for c in plan.columns}
         lengths = {c.name: _create(f, c.name + "_len", np.dtype(np.int64), (), None)
                    for c in plan.columns if c.kind is Kind.RAGGED}
+        for name in lengths:
+            datasets[name].attrs[RAGGED_MARK] = True
         events = 0
         for i, (batch, append_ns) in enumerate(batches):
             if not batch.schema.equals(schema, check_metadata=False):
@@ -125,8 +127,8 @@ def _plan(schema: pa.Schema) -> _Plan:
     owners = {RAW_TIME: "the raw time 'timestamp'"}
     for col in columns:
         paths = [(col.name, f"column '{col.name}'")]
-        if col.name.rsplit("/", 1)[-1].startswith("var_"):
-            # The reader takes X_len as the per-event lengths of a ragged X, whatever X is.
+        if col.kind is Kind.RAGGED or col.name.rsplit("/", 1)[-1].startswith("var_"):
+            # The reader takes X_len as the per-event lengths of a ragged X.
             paths.append((col.name + "_len", f"the lengths of ragged '{col.name}'"))
         for p, owner in paths:
             if p in owners:
@@ -162,10 +164,8 @@ def _column(index: int, field: pa.Field) -> _Column:
             raise _refused(field, "tensors are stored in row-major order; send it without a "
                                   "permutation")
     elif (pa.types.is_list(t) or pa.types.is_large_list(t)) and _numeric(t.value_type):
-        if not parts[-1].startswith("var_"):
-            group = "/".join(parts[:-1]) or "<group>"
-            raise _refused(field, "ragged per-event arrays are LCLS2 'var_' datasets; rename it "
-                                  f"'{group}/var_{parts[-1]}'")
+        # psana names ragged datasets var_NAME; other names are marked RAGGED_MARK, so that a
+        # step's lists (peaks' x, y, intensity) keep their names in the run.
         return _Column(index, name, Kind.RAGGED, _dtype(t.value_type), (), units)
     else:
         raise _refused(field, _hint(field))

@@ -14,6 +14,10 @@ import pyarrow as pa
 
 from schemas import metadata as md
 
+# An attribute on a ragged dataset not named var_NAME (a processing step's lists, stored by a
+# live stream's run writer): its per-event lengths are in NAME_len, as for var_NAME.
+RAGGED_MARK = "lclstream_ragged"
+
 
 class Kind(Enum):
     SCALAR = "scalar"

@@ -22,6 +22,7 @@ import pyarrow as pa
 from flight_server.errors import NotFound, RunUnreadable, close_matches
 from flight_server.sources import layouts
 from flight_server.sources.columns import (
+    RAGGED_MARK,
     Column,
     dataset_column,
     ragged_column,
@@ -315,12 +316,12 @@ def _is_ragged(path: str, datasets: dict[str, h5py.Dataset], n: int) -> bool:
     base = path.rsplit("/", 1)[-1]
     ds, lens = datasets[path], datasets.get(f"{path}_len")
     return (
-        base.startswith("var_")
-        and ds.ndim == 1
+        ds.ndim == 1
         and ds.dtype.kind in "biuf"
         and lens is not None
         and lens.shape == (n,)
         and lens.dtype.kind in "iu"
+        and (base.startswith("var_") or bool(ds.attrs.get(RAGGED_MARK, False)))
     )
 
 
