@@ -71,6 +71,7 @@ class Settings:
     live_retention_bytes: int = 16 * 1024**3  # per stream, unless its producer sets its own
     live_retention_seconds: float = 24 * 3600.0
     # -- data-request jobs (see README "Data requests and jobs") --
+    jobs_database: Path | None = None  # the job table; default <state_dir>/jobs.sqlite
     dask_scheduler: str | None = None  # a Dask scheduler's address; None: an embedded LocalCluster
     job_workers: int = 2  # worker processes of the embedded LocalCluster
     job_limit: int = 8  # queued plus running jobs per user
@@ -99,7 +100,7 @@ class Settings:
                             self.live_retention_seconds)
 
     def jobs_path(self) -> Path:
-        return self.state_path() / "jobs.sqlite"
+        return self.jobs_database or self.state_path() / "jobs.sqlite"
 
     def users_path(self) -> Path:
         return self.users_file if self.users_file is not None else self.state_path() / "users.json"

@@ -60,7 +60,9 @@ def start_server(data: Path, **overrides) -> LclstreamServer:
     """A server on a free loopback port with the session's state directory (so the session's
     admin token is valid on it), with Settings fields overridden."""
     state_dir = Path(os.environ["LCLSTREAM_STATE_DIR"])
-    settings = replace(Settings(data=data, port=0, state_dir=state_dir), **overrides)
+    # The job table is the data root's: servers of other roots must not run each other's jobs.
+    settings = replace(Settings(data=data, port=0, state_dir=state_dir,
+                                jobs_database=data / ".jobs.sqlite"), **overrides)
     return LclstreamServer(settings)
 
 

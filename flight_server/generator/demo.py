@@ -1,4 +1,4 @@
-"""The demo data root: a few LCLS2 runs of one experiment plus a CXI run of another.
+"""The demo data root: a few LCLS2 runs of one experiment plus CXI runs of another.
 
 Generation is idempotent so ``lclstream demo`` can be started repeatedly without rewriting
 gigabytes: files are written atomically, so a file that exists is complete and is kept.
@@ -12,8 +12,11 @@ from .cxi import generate_cxi_run
 from .lcls2 import generate_lcls2_run
 
 CXI_EXPERIMENT = "cxilu9218"
-CXI_RUN = 12
+CXI_RUN = 12  # the crystallography notebook's run
 CXI_EVENTS = 240
+# Every CXI run: number -> events. Numbered below CXI_RUN, so that a stream ended as a run of
+# the experiment (which takes the next number after the highest) never takes one of theirs.
+CXI_RUNS = {10: 300, 11: 180, CXI_RUN: CXI_EVENTS}
 
 
 def demo_run_length(seed: int, run: int, events_per_run: int) -> int:
@@ -43,8 +46,9 @@ def generate_demo(
         if not path.exists():
             generate_lcls2_run(path, run, demo_run_length(seed, run, events_per_run), seed=seed)
         paths.append(path)
-    cxi = data_dir / CXI_EXPERIMENT / "cxi" / f"run_{CXI_RUN}.cxi"
-    if not cxi.exists():
-        generate_cxi_run(cxi, CXI_RUN, CXI_EVENTS, seed=seed)
-    paths.append(cxi)
+    for run, events in CXI_RUNS.items():
+        cxi = data_dir / CXI_EXPERIMENT / "cxi" / f"run_{run}.cxi"
+        if not cxi.exists():
+            generate_cxi_run(cxi, run, events, seed=seed)
+        paths.append(cxi)
     return paths
