@@ -84,10 +84,18 @@ class Job:
             raise JobFailed(status)
         return status
 
-    def stream(self, **options: Any) -> Iterator[pa.RecordBatch]:
+    def stream(self, poll: float = 0.1, **options: Any) -> Iterator[pa.RecordBatch]:
         """The results as they are produced: the job's live stream from its first event (a
         `Subscription`; options as for `Client.subscribe`). With end_run, the iteration ends
-        when the job completes."""
+        when the job completes. Waits for the job's first results if there are none yet; a job
+        that ends without any gives an empty iteration (JobFailed if it failed)."""
+        while not any(s["stream"] == self.into[1] for s in self._client.streams(self.into[0])):
+            status = self.status()
+            if status["state"] in FINAL:
+                if status["state"] != "completed":
+                    raise JobFailed(status)
+                return iter(())
+            time.sleep(poll)
         return self._client.subscribe(*self.into, **{"from_": "earliest", **options})
 
     def read(self, columns: list[str] | None = None, timeout: float | None = None) -> pa.Table:
@@ -97,7 +105,9 @@ class Job:
         if status["run"] is not None:
             return self._client.read(self.into[0], status["run"], columns)
         end = next((s["events"] for s in self._client.streams(self.into[0])
-                    if s["stream"] == self.into[1]), 0)
+                    if s["stream"] == self.into[1]), None)
+        if end is None:
+            return pa.table({})  # no event passed the job's filter: no stream was made
         with self.stream(columns=columns) as sub:
             batches = []
             for batch in sub:
