@@ -115,8 +115,14 @@ Live stream: a simulated acquisition sends {{rate}} events/s to {{experiment}}/{
         print(batch.num_rows, batch.column("gmd/energy"))
 
 SQL tools (ADBC, JDBC, Polars, Pandas): Flight SQL at {{location}}; see README "SQL and BI tools"
-Walkthroughs: notebooks/01_quickstart.ipynb, 02_sql.ipynb, 03_live.ipynb (a live monitor)
-Command line: .venv/bin/lclstream ls | streams (live streams: rate, size, consumer lag)
+Data requests run as jobs on Dask, their results a live stream, then a run:
+
+    job = c.submit("tmox42619", 1, ["gmd/energy"], into=("tmox42619", "energies"))
+    job.wait(); job.read()
+
+Walkthroughs: notebooks/01_quickstart.ipynb, 02_sql.ipynb, 03_live.ipynb (a live monitor),
+07_requests.ipynb (peak finding as a job)
+Command line: .venv/bin/lclstream ls | streams (live streams: rate, size, consumer lag) | jobs
 Stop with Ctrl-C.
 """
 
@@ -148,7 +154,8 @@ def _demo_credentials(server: LclstreamServer, location: str) -> dict[str, str]:
 
     if server.security.minter is None:
         return {"credentials": "Authentication is OFF."}
-    grants = Grants.build(read=["*"])
+    # write too: the demo's notebooks submit jobs and produce live streams into its experiments
+    grants = Grants.build(read=["*"], write=["*"])
     password_file = server.settings.state_path() / "demo-password"
     users = UsersFile(server.settings.users_path())
     if DEMO_USER not in users.users() or not password_file.exists():
@@ -157,7 +164,7 @@ def _demo_credentials(server: LclstreamServer, location: str) -> dict[str, str]:
     token = server.security.minter.mint(DEMO_USER, grants, DEMO_TOKEN_TTL)
     try:
         credentials.store_token(location, token)
-        kept = f"Token (read all, 7 days) kept in {credentials.keyring_description()}:"
+        kept = f"Token (read and write all, 7 days) kept in {credentials.keyring_description()}:"
     except Exception as exc:  # no usable keyring: the printed token still works
         kept = f"No keyring ({exc}); export LCLSTREAM_TOKEN with this token:"
     return {"credentials": f"{kept}\n    {token}\nPassword login (ADBC, `lclstream login "

@@ -152,7 +152,7 @@ class Runner:
             room = self.settings.jobs_running - len(self._running)
             if room <= 0:
                 return
-            queued = self.store.in_state(QUEUED)
+            queued = self.store.in_state(QUEUED, room)
             if not queued:
                 self.waiting = None
                 return
@@ -162,7 +162,7 @@ class Runner:
                 self.waiting = str(exc)
                 return
             self.waiting = None
-            for job in queued[:room]:
+            for job in queued:
                 if job.cancel_requested:
                     self.store.transition(job.id, CANCELLED, "cancelled before it started")
                     continue

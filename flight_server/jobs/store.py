@@ -239,12 +239,13 @@ class JobStore:
             ids = [r[0] for r in self._con.execute(sql, (*args, limit))]
             return [self._load(self._con, i) for i in ids]
 
-    def in_state(self, state: str) -> list[Job]:
-        """Every job in `state`, oldest first (at start: the running jobs a restart
-        interrupted, and the queue)."""
+    def in_state(self, state: str, limit: int = -1) -> list[Job]:
+        """The jobs in `state`, oldest first, at most `limit` (-1: all): at start, the running
+        jobs a restart interrupted; then the head of the queue."""
         with self._lock:
             ids = [r[0] for r in self._con.execute(
-                "SELECT id FROM jobs WHERE state = ? ORDER BY created, rowid", (state,))]
+                "SELECT id FROM jobs WHERE state = ? ORDER BY created, rowid LIMIT ?",
+                (state, limit))]
             return [self._load(self._con, i) for i in ids]
 
     @staticmethod
