@@ -94,7 +94,7 @@ class Job:
             if status["state"] in FINAL:
                 if status["state"] != "completed":
                     raise JobFailed(status)
-                return iter(())
+                return _NoResults()
             time.sleep(poll)
         return self._client.subscribe(*self.into, **{"from_": "earliest", **options})
 
@@ -115,6 +115,25 @@ class Job:
                 if sub.next is not None and sub.next >= end:
                     break
         return pa.Table.from_batches(batches, schema=sub.schema)
+
+
+class _NoResults:
+    """What `stream` gives for a job that completed without results: an empty iteration that
+    can be used as a Subscription is (`with`, `next`, `schema`)."""
+
+    next = offset = schema = None
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoResults:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _advance(bar: Any, status: dict[str, Any], job_id: str) -> Any:

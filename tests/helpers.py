@@ -7,6 +7,7 @@ environment (set by the `credentials_sandbox` fixture), so CLI subprocesses see 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -60,9 +61,12 @@ def start_server(data: Path, **overrides) -> LclstreamServer:
     """A server on a free loopback port with the session's state directory (so the session's
     admin token is valid on it), with Settings fields overridden."""
     state_dir = Path(os.environ["LCLSTREAM_STATE_DIR"])
-    # The job table is the data root's: servers of other roots must not run each other's jobs.
-    settings = replace(Settings(data=data, port=0, state_dir=state_dir,
-                                jobs_database=data / ".jobs.sqlite"), **overrides)
+    # A job table per data root (servers of other roots must not run each other's jobs), kept
+    # outside it (tests count the files open under a data root).
+    root = hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()
+    table = state_dir / "jobs" / f"{root}.sqlite"
+    settings = replace(Settings(data=data, port=0, state_dir=state_dir, jobs_database=table),
+                       **overrides)
     return LclstreamServer(settings)
 
 

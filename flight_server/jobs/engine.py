@@ -57,9 +57,13 @@ class Engine:
             return Client(self.scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
         if self._cluster is None:
             log.info("jobs: starting %s", self.describe())
+            # The scheduler's HTTP server (health, Prometheus metrics, the dashboard when
+            # bokeh is installed) on a free loopback port: never a clash with another Dask.
             self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=2,
-                                         processes=True, dashboard_address=None,
-                                         scheduler_port=0)
+                                         processes=True, host="127.0.0.1",
+                                         dashboard_address="127.0.0.1:0", scheduler_port=0)
+            log.info("jobs: Dask scheduler %s, HTTP (health, metrics) at %s",
+                     self._cluster.scheduler_address, self._cluster.dashboard_link)
         return Client(self._cluster, set_as_default=False)
 
     def close(self) -> None:

@@ -95,7 +95,7 @@ class JobService:
             raise InvalidArgument(f"key {spec.key!r} was used for another request (job "
                                   f"{job.id}); use a new key for a new request")
         self.runner.wake()
-        return {**self._status(job), "created": created}
+        return {**self._status(job), "new": created}  # False: the key's earlier job
 
     def _jobs(self, identity: Identity, body: bytes) -> list[dict[str, Any]]:
         state, limit = parse_listing(body)

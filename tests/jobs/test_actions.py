@@ -56,7 +56,7 @@ def test_a_job_produces_what_doget_returns_and_becomes_a_run(jobs_client, client
     shape = {"columns": ["gmd/energy", "pnccd/image"], "filter": "gmd/energy > 0.2",
              "processing": [ROI]}
     status = act(jobs_client, "submit", submit_body("roi-1", **shape))
-    assert status["state"] == "queued" and status["created"] is True
+    assert status["state"] == "queued" and status["new"] is True
     done = wait_for(jobs_client, status["job"])
 
     assert done["state"] == "completed" and done["error"] is None
@@ -199,7 +199,7 @@ def test_the_same_key_returns_the_same_job(jobs_client) -> None:
     body = submit_body("keyed", columns=["gmd/energy"], key="nightly-7")
     first = act(jobs_client, "submit", body)
     again = act(jobs_client, "submit", body)
-    assert again["job"] == first["job"] and again["created"] is False
+    assert again["job"] == first["job"] and again["new"] is False
     other = submit_body("keyed-2", columns=["gmd/energy"], key="nightly-7")
     with pytest.raises(pa.ArrowInvalid, match="used for another request"):
         act(jobs_client, "submit", other)
