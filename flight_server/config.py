@@ -80,6 +80,8 @@ class Settings:
     job_retries: int = 2  # a task's retries after an error (a lost worker is re-run by Dask)
     job_server_location: str | None = None  # how workers reach this server; default: its own
     job_tls_roots: Path | None = None  # CA workers trust for job_server_location; default tls_cert
+    job_tls_cert: Path | None = None  # the certificate workers present to a mutual-TLS server
+    job_tls_key: Path | None = None  # and its private key
 
     @property
     def tls(self) -> bool:

@@ -163,7 +163,9 @@ class LclstreamServer(flight.FlightServerBase):
         call: CallRecord = context.get_middleware(MIDDLEWARE_KEY)
         call.peer = context.peer()
         call.certificate = context.peer_identity().decode("utf-8", "replace")
-        if self.settings.bind_token_to_certificate:
+        if self.settings.bind_token_to_certificate and call.identity.job is None:
+            # A job's token is this server's own, for its workers, whose certificate TLS has
+            # verified already: it names the job, not the certificate's holder.
             bind_to_certificate(call.identity, call.certificate)
         if what != "do_put":
             only_for_jobs(call.identity, what)

@@ -84,6 +84,7 @@ class Runner:
         self.data = str(settings.data.resolve())
         self.location: str | None = None
         self.tls_roots = self._tls_roots(settings)
+        self.tls_identity = self._tls_identity(settings)
         self._lock = threading.RLock()  # the decisions: starting, settling, cancelling
         self._running: dict[str, Attempt] = {}
         self._ended: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
@@ -96,6 +97,17 @@ class Runner:
     def _tls_roots(settings: Settings) -> bytes | None:
         path = settings.job_tls_roots or settings.tls_cert
         return path.read_bytes() if path is not None else None
+
+    @staticmethod
+    def _tls_identity(settings: Settings) -> tuple[bytes, bytes] | None:
+        if (settings.job_tls_cert is None) != (settings.job_tls_key is None):
+            raise ValueError("job_tls_cert needs job_tls_key, and the other way round")
+        if settings.job_tls_cert is None:
+            if settings.tls_client_ca is not None:
+                log.warning("jobs: this server requires client certificates, and its workers "
+                            "have none (job_tls_cert, job_tls_key): jobs will fail")
+            return None
+        return settings.job_tls_cert.read_bytes(), settings.job_tls_key.read_bytes()
 
     # -- life --------------------------------------------------------------------------------
 
@@ -203,7 +215,7 @@ class Runner:
             self._complete(attempt)
             return
         target = tasks.Target(self.location, self._token(job), self.tls_roots,
-                              spec.experiment, spec.stream, attempt.producer)
+                              self.tls_identity, spec.experiment, spec.stream, attempt.producer)
         retries = self.settings.job_retries
         key = f"{job.id}-{job.attempt}"
         first = client.submit(tasks.produce, parts[0], target, key=f"produce-{key}-0",

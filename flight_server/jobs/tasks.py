@@ -48,6 +48,7 @@ class Target:
     location: str
     token: str | None
     tls_roots: bytes | None
+    tls_identity: tuple[bytes, bytes] | None  # (certificate, key) for a mutual-TLS server
     experiment: str
     stream: str
     producer: str  # "job-<id>-<attempt>": the server takes batches of the current attempt only
@@ -105,6 +106,8 @@ def _connect(target: Target) -> flight.FlightClient:
         options["middleware"] = [BearerToken(target.token)]
     if target.tls_roots:
         options["tls_root_certs"] = target.tls_roots
+    if target.tls_identity:
+        options["cert_chain"], options["private_key"] = target.tls_identity
     return flight.connect(target.location, **options)
 
 
