@@ -1,5 +1,5 @@
-"""`python -m bench`: throughput, latency, memory, SQL and processing of the server against
-their targets.
+"""`python -m bench`: throughput, latency, memory, SQL, processing, live streams and jobs of the
+server against their targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import latency, live, memory, processing, sql, throughput
+from bench import jobs, latency, live, memory, processing, sql, throughput
 from bench.common import (
     Result,
     environment,
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     sql.NAME: sql.run,
     processing.NAME: processing.run,
     live.NAME: live.run,
+    jobs.NAME: jobs.run,
 }
 
 

@@ -206,8 +206,7 @@ class Runner:
         parts = list(self._parts(plan, done))
         why = (f"started on {self.engine.describe()}: {len(parts)} tasks" if done == 0 else
                f"resumed after {done} of {total} source events: {len(parts)} tasks")
-        job = self.store.transition(job.id, RUNNING, why)
-        self.store.progress(job.id, done, job.bytes, total)
+        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total)
         attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
                           job.bytes)
         self._running[job.id] = attempt  # the gate opens before any worker can write

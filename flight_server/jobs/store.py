@@ -170,7 +170,8 @@ class JobStore:
             return self._load(con, job_id), True
 
     def transition(self, job_id: str, state: str, reason: str, *, error: str | None = None,
-                   run: int | None = None) -> Job:
+                   run: int | None = None, events: int | None = None,
+                   events_total: int | None = None) -> Job:
         """Move the job to `state`, recording when and why; InvalidTransition when its state
         does not allow it (a job that has finished stays finished)."""
         if state not in STATES:
@@ -184,11 +185,12 @@ class JobStore:
             now = time.time()
             con.execute(
                 "UPDATE jobs SET state = ?, error = coalesce(?, error), run = coalesce(?, run), "
-                "attempt = attempt + (? = ?), "
+                "attempt = attempt + (? = ?), events = coalesce(?, events), "
+                "events_total = coalesce(?, events_total), "
                 "started = CASE WHEN ? = ? AND started IS NULL THEN ? ELSE started END, "
                 "finished = CASE WHEN ? THEN ? ELSE finished END WHERE id = ?",
-                (state, error, run, state, RUNNING, state, RUNNING, now, state in FINAL, now,
-                 job_id))
+                (state, error, run, state, RUNNING, events, events_total, state, RUNNING, now,
+                 state in FINAL, now, job_id))
             self._record(con, job_id, state, now, reason)
             return self._load(con, job_id)
 

@@ -66,6 +66,11 @@ class LiveStreams:
                                f"{close_matches(name, names)} Streams: {listing(names)}")
             return stream
 
+    def find(self, experiment: str, name: str) -> Stream | None:
+        """The stream, or None: for callers to whom a missing stream is no error."""
+        with self._lock:
+            return self._streams.get((experiment, name))
+
     def attach(self, experiment: str, name: str, schema: pa.Schema,
                session: AckSession) -> Stream:
         """A producer joins the stream, which is created if it does not exist yet (a producer's

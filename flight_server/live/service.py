@@ -173,9 +173,8 @@ class LiveService:
         check_experiment_name(experiment)
         check_stream_name(name)
         run_writer.check_schema(schema)
-        try:
-            stream = self.streams.get(experiment, name)
-        except NotFound:
+        stream = self.streams.find(experiment, name)
+        if stream is None:
             return
         if stream.ended:
             raise InvalidArgument(f"stream '{name}' of '{experiment}' ended as run "
@@ -188,24 +187,18 @@ class LiveService:
 
     def last_seq(self, experiment: str, name: str, producers: Callable[[str], bool]
                  ) -> int | None:
-        try:
-            return self.streams.get(experiment, name).last_seq(producers)
-        except NotFound:
-            return None
+        stream = self.streams.find(experiment, name)
+        return None if stream is None else stream.last_seq(producers)
 
     def fence(self, experiment: str, name: str) -> None:
         """Once this returns, a producer that `admit_job` now refuses stores nothing more."""
-        try:
-            self.streams.get(experiment, name).fence()
-        except NotFound:
-            pass
+        stream = self.streams.find(experiment, name)
+        if stream is not None:
+            stream.fence()
 
     def has_events(self, experiment: str, name: str) -> bool:
-        try:
-            stream = self.streams.get(experiment, name)
-        except NotFound:
-            return False
-        return stream.schema is not None and stream.log.end > 0
+        stream = self.streams.find(experiment, name)
+        return stream is not None and stream.schema is not None and stream.log.end > 0
 
     # -- consuming ---------------------------------------------------------------------------
 
