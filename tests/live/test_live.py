@@ -379,13 +379,15 @@ def test_group_members_share_the_stream_exactly_once(client: Client) -> None:
     produce(client, "train", 20)
     client.end_run(EXP, "train")
     seen: dict[str, list[int]] = {}
+    together = threading.Barrier(2)
 
     def member(name: str) -> None:
         sub = client.subscribe(EXP, "train", group="ranks")
         seen[name] = []
+        together.wait()
         for batch in sub:
             seen[name] += indices([batch])
-            time.sleep(0.01)
+            time.sleep(0.05)  # slow work: the other member joins before this one is done
             sub.commit()
 
     threads = [threading.Thread(target=member, args=(f"m{i}",)) for i in range(2)]
