@@ -124,7 +124,7 @@ class LclstreamServer(flight.FlightServerBase):
                         spill_limit=settings.sql_spill_limit,
                         spill_root=settings.state_path() / "sql-spill")
         self.sql = SqlService(self.catalog, self.security.seal, self.sizing, self.read_pool,
-                              limits, _version())
+                              limits, _version(), lambda e: self.live.sql_tables(e))
         self.live = LiveService(settings.data, settings.live(), self.catalog,
                                 self.security.seal, self.sizing)
         self.archive = ArchiveService(self.catalog, self.security.seal, self.sizing,

@@ -196,6 +196,13 @@ class LiveService:
         if stream is not None:
             stream.fence()
 
+    def sql_tables(self, experiment: str) -> dict[str, tuple[int, Callable[[], pa.Table]]]:
+        """The experiment's streams that have not ended, each with its bytes and a snapshot of
+        its events (an ended stream is a run, in `events` already). The caller checks read
+        rights."""
+        return {s.name: (s.log.nbytes, s.snapshot) for s in self.streams.streams()
+                if s.experiment == experiment and s.schema is not None and not s.ended}
+
     def has_events(self, experiment: str, name: str) -> bool:
         stream = self.streams.find(experiment, name)
         return stream is not None and stream.schema is not None and stream.log.end > 0

@@ -253,6 +253,19 @@ class Stream:
         if self.settings.fsync == "batch":
             self._wake_flusher()  # group commit: the flusher syncs while this reads on
 
+    def snapshot(self) -> pa.Table:
+        """Every event the stream holds now (for SQL): what retention has dropped meanwhile is
+        left out."""
+        with self.cond:
+            entries, schema = list(self.log.entries), self.schema
+        batches = []
+        for entry in entries:
+            try:
+                batches.append(self.batch_at(entry))
+            except Dropped:
+                continue
+        return pa.Table.from_batches(batches, schema=schema)
+
     def fence(self) -> None:
         """Return once every append that started before the call has finished."""
         with self._write_lock:

@@ -158,6 +158,7 @@ PARSE_CACHE = 512
 @dataclass(frozen=True)
 class Parsed:
     schemas: frozenset[str]  # schema names of the tables the query names
+    tables: frozenset[tuple[str, str]]  # (schema, table) of those, lower case
     parameters: int  # `?` / `$name` placeholders
     tree: dict  # DuckDB's parse tree (json_serialize_sql)
 
@@ -185,7 +186,10 @@ def _parse(con: duckdb.DuckDBPyConnection, query: str) -> Parsed:
     if tree.get("error"):
         raise InvalidArgument(f"{tree.get('error_type', 'parser')} error: "
                               f"{tree.get('error_message')}")
-    return Parsed(frozenset(_checked_tables(tree)), len(statements[0].named_parameters), tree)
+    tables = _checked_tables(tree)
+    return Parsed(frozenset(schema for schema, _ in tables), frozenset(
+        (schema.lower(), table.lower()) for schema, table in tables),
+        len(statements[0].named_parameters), tree)
 
 
 # Table functions a query may call: those that make rows from their arguments, and those that
@@ -201,10 +205,10 @@ HIDDEN_PREFIXES = ("duckdb_", "pragma_", "sqlite_", "pg_")
 HIDDEN_FUNCTIONS = frozenset({"current_setting", "getvariable", "getenv"})
 
 
-def _checked_tables(tree: dict) -> set[str]:
-    """The schema names of the tables a query names, once it is known to call no function
-    that reaches beyond its own experiments' data."""
-    found: set[str] = set()
+def _checked_tables(tree: dict) -> set[tuple[str, str]]:
+    """(schema, table) of the qualified tables a query names, once it is known to call no
+    function that reaches beyond its own experiments' data."""
+    found: set[tuple[str, str]] = set()
     todo: list[object] = [tree]
     while todo:
         node = todo.pop()
@@ -218,7 +222,7 @@ def _checked_tables(tree: dict) -> set[str]:
             name = str(node.get("table_name", ""))
             qualified = bool(node.get("schema_name"))
             if qualified:
-                found.add(node["schema_name"])
+                found.add((node["schema_name"], name))
             hidden = name.lower().startswith(HIDDEN_PREFIXES) and name.lower() not in INTROSPECTION
             if hidden or (not qualified and ("/" in name or "." in name)):  # a file's name
                 raise InvalidArgument(f"the table {excerpt(name, 60)} is not available: queries "

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.catalog import Catalog
+from flight_server.config import parse_size
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.sources import Run
-from flight_server.sql.databases import DatabasePool, quote
+from flight_server.sql.databases import DatabasePool, Limits, quote
 from flight_server.sql.errors import translate
 from flight_server.sql.tables import ReadContext, RunSource, runs_table
 
@@ -28,28 +29,51 @@ log = logging.getLogger(__name__)
 TABLES = {
     "events": "one row per event of every run, with its `run` and `event` (index in the run)",
     "runs": "one row per run: events, bytes, start and end time, layout, columns",
-}
+}  # and "live/<stream>" for each live stream: the events it holds when the query starts
+LIVE_PREFIX = "live/"
+
+# experiment -> {stream: (its bytes, a snapshot of its events)}: the live streams a query may
+# read; only those a query names are taken, for that query
+LiveTables = Callable[[str], dict[str, tuple[int, Callable[[], pa.Table]]]]
 
 
 class Session:
     """One query's database, holding exactly the experiments the query may use."""
 
     def __init__(self, pool: DatabasePool, experiments: dict[str, tuple[object, Loader]],
-                 context: ReadContext) -> None:
-        """`experiments`: name -> (its files as the catalog saw them, a loader of its runs)."""
+                 context: ReadContext,
+                 live: dict[str, dict[str, Callable[[], pa.Table]]] | None = None) -> None:
+        """`experiments`: name -> (its files as the catalog saw them, a loader of its runs);
+        `live`: experiment -> {stream: its events now}, snapshots taken for this query."""
         self.pool = pool
         self.limits = pool.limits
         self._database = pool.take(set(experiments))
         self.con = self._database.con
         self._watchdogs: list[Watchdog] = []
+        self._live: list[tuple[str, str]] = []  # (view, registered name), dropped at close
         self._healthy = False
+        live_key = []
         try:
             self._sync(experiments, context)
+            for experiment, streams in (live or {}).items():
+                for stream, snapshot in sorted(streams.items()):
+                    live_key.append((experiment, stream, self._add_live(experiment, stream,
+                                                                        snapshot())))
             self._healthy = True
         finally:
             if not self._healthy:
                 self.close()
-        self.key = tuple(sorted((e, files) for e, (files, _) in experiments.items()))
+        self.key = (tuple(sorted((e, files) for e, (files, _) in experiments.items())),
+                    tuple(live_key))
+
+    def _add_live(self, experiment: str, stream: str, table: pa.Table) -> str:
+        """`<experiment>."live/<stream>"`: a snapshot of the stream's events, for this query."""
+        registered = f"{experiment}/{LIVE_PREFIX}{stream}"
+        view = f"{quote(experiment)}.{quote(LIVE_PREFIX + stream)}"
+        self.con.register(registered, table)
+        self._live.append((view, registered))
+        self.con.execute(f"CREATE VIEW {view} AS SELECT * FROM {quote(registered)}")
+        return table.schema.to_string(show_schema_metadata=False)
 
     def _sync(self, experiments: dict[str, tuple[object, Loader]], context: ReadContext) -> None:
         attached = self._database.attached
@@ -71,6 +95,14 @@ class Session:
     def close(self) -> None:
         for watchdog in self._watchdogs:
             watchdog.stop()
+        if self.con is not None and self._live:
+            try:  # a database lent again holds no other query's snapshot
+                for view, registered in self._live:
+                    self.con.execute(f"DROP VIEW IF EXISTS {view}")
+                    self.con.unregister(registered)
+            except duckdb.Error:
+                self._healthy = False
+            self._live = []
         if self.con is not None:
             self.con = None  # type: ignore[assignment]
             self.pool.give_back(self._database, self._healthy)
@@ -222,18 +254,37 @@ def _source_name(experiment: str, run: int) -> str:
 
 
 def open_session(catalog: Catalog, pool: DatabasePool, query: str,
-                 may_read: Callable[[str], bool], context: ReadContext) -> Session:
+                 may_read: Callable[[str], bool], context: ReadContext,
+                 live_tables: LiveTables | None = None) -> Session:
     """A session with every readable experiment the query names (case-insensitive, as DuckDB
-    resolves names). Names the caller may not read are left out, so they fail exactly as
-    names that do not exist."""
-    wanted = {name.lower() for name in pool.parse(query).schemas}
-    experiments = {}
+    resolves names), and their live streams. Names the caller may not read are left out, so
+    they fail exactly as names that do not exist."""
+    parsed = pool.parse(query)
+    wanted = {name.lower() for name in parsed.schemas}
+    experiments, live = {}, {}
     for name in catalog.experiments():
         if name.lower() in wanted and may_read(name):
             files = catalog.scan_experiment(name)
             experiments[name] = (tuple(sorted(files.items())),
                                  functools.partial(_runs, catalog, name, files))
-    return Session(pool, experiments, context)
+            streams = live_tables(name) if live_tables is not None else {}
+            taken = {s: _within(pool.limits, name, s, *table) for s, table in streams.items()
+                     if (name.lower(), (LIVE_PREFIX + s).lower()) in parsed.tables}
+            if taken:
+                live[name] = taken
+    return Session(pool, experiments, context, live)
+
+
+def _within(limits: Limits, experiment: str, stream: str, nbytes: int,
+            snapshot: Callable[[], pa.Table]) -> Callable[[], pa.Table]:
+    """The snapshot, if the stream fits in a query's memory: a live table is read whole."""
+    most = parse_size(limits.memory_limit)
+    if nbytes > most:
+        raise InvalidArgument(
+            f'{experiment}."{LIVE_PREFIX}{stream}" holds {nbytes / 2**20:.0f} MiB, more than a '
+            f"query may hold in memory ({limits.memory_limit}); subscribe to the stream with a "
+            "filter instead, or query it once it has ended as a run")
+    return snapshot
 
 
 def _runs(catalog: Catalog, experiment: str, files: dict[int, object]) -> list[Run]:

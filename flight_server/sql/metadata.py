@@ -85,12 +85,14 @@ def db_schemas(experiments: list[str], pattern: str | None) -> pa.Table:
 
 
 def tables(experiments: list[str], schema_pattern: str | None, table_pattern: str | None,
-           table_types: list[str], table_schemas: dict[str, pa.Schema] | None) -> pa.Table:
-    """`table_schemas` maps "experiment.table" to its Arrow schema when include_schema is set."""
+           table_types: list[str], table_schemas: dict[str, pa.Schema] | None,
+           live: dict[str, list[str]] | None = None) -> pa.Table:
+    """`table_schemas` maps "experiment.table" to its Arrow schema when include_schema is set;
+    `live` an experiment to its live streams' tables ("live/<stream>")."""
     schema_match, table_match = Like(schema_pattern), Like(table_pattern)
     wanted_type = not table_types or TABLE_TYPE in table_types
     rows = [(e, t) for e in experiments if schema_match.fullmatch(e) and wanted_type
-            for t in TABLES if table_match.fullmatch(t)]
+            for t in [*TABLES, *(live or {}).get(e, [])] if table_match.fullmatch(t)]
     columns = {
         "catalog_name": pa.nulls(len(rows), pa.string()),
         "db_schema_name": [e for e, _ in rows],

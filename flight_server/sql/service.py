@@ -28,7 +28,7 @@ from flight_server.security.tickets import TicketSeal
 from flight_server.sources.streaming import BatchSizing
 from flight_server.sql import direct, handles, metadata
 from flight_server.sql.databases import DatabasePool, Limits, quote
-from flight_server.sql.engine import TABLES, Session, open_session
+from flight_server.sql.engine import LIVE_PREFIX, TABLES, LiveTables, Session, open_session
 from flight_server.sql.handles import Statement
 from flight_server.sql.tables import ReadContext
 from schemas.json_input import excerpt
@@ -71,8 +71,9 @@ def sql_command(payload: bytes) -> Message | None:
 
 class SqlService:
     def __init__(self, catalog: Catalog, seal: TicketSeal, sizing: BatchSizing, pool: Executor,
-                 limits: Limits, version: str) -> None:
+                 limits: Limits, version: str, live_tables: LiveTables | None = None) -> None:
         self.catalog = catalog
+        self.live_tables = live_tables
         self.seal = seal
         self.sizing = sizing
         self.read_pool = pool
@@ -180,7 +181,7 @@ class SqlService:
     def _session(self, who: Identity, query: str, is_cancelled: Callable[[], bool]) -> Session:
         context = ReadContext(self.sizing, self.read_pool, is_cancelled)
         return open_session(self.catalog, self.databases, query, lambda e: who.may(e, "read"),
-                            context)
+                            context, self.live_tables)
 
     # -- prepared statements: DoAction / DoPut -----------------------------------------------
 
@@ -232,12 +233,14 @@ class SqlService:
         if name == "CommandGetTables":
             schema_pattern = _optional(command, "db_schema_filter_pattern")
             table_pattern = _optional(command, "table_name_filter_pattern")
+            live = {e: self._live_tables(e) for e in readable}
             schemas = None
             if command.include_schema:
                 match = metadata.Like(schema_pattern)
-                schemas = self._table_schemas(who, [e for e in readable if match.fullmatch(e)])
+                schemas = self._table_schemas(who, [e for e in readable if match.fullmatch(e)],
+                                              live)
             return metadata.tables(readable, schema_pattern, table_pattern,
-                                   list(command.table_types), schemas)
+                                   list(command.table_types), schemas, live)
         if name == "CommandGetTableTypes":
             return metadata.table_types()
         if name == "CommandGetSqlInfo":
@@ -246,11 +249,17 @@ class SqlService:
             return metadata.xdbc_type_info(_optional(command, "data_type"))
         raise pa.ArrowNotImplementedError(UNSUPPORTED.format(name))
 
-    def _table_schemas(self, who: Identity, experiments: list[str]) -> dict[str, pa.Schema]:
+    def _live_tables(self, experiment: str) -> list[str]:
+        if self.live_tables is None:
+            return []
+        return [LIVE_PREFIX + name for name in sorted(self.live_tables(experiment))]
+
+    def _table_schemas(self, who: Identity, experiments: list[str],
+                       live: dict[str, list[str]]) -> dict[str, pa.Schema]:
         schemas = {}
         for experiment in experiments:
-            for table in TABLES:
-                query = f"SELECT * FROM {quote(experiment)}.{table}"
+            for table in [*TABLES, *live.get(experiment, [])]:
+                query = f"SELECT * FROM {quote(experiment)}.{quote(table)}"
                 with self._session(who, query, lambda: False) as session:
                     schemas[f"{experiment}.{table}"] = session.schema(query)
         return schemas

@@ -44,6 +44,8 @@ def test_read_without_a_run_reads_the_stream(location: str) -> None:
                        into=(LCLS2_EXP, "client-2"), end_run=False)
         got = job.read()
         assert job.last["run"] is None
+        counted = c.sql(f'SELECT count(*) AS n FROM {LCLS2_EXP}."live/client-2"')
+        assert counted.column("n").to_pylist() == [50]  # the job's stream is a SQL table
         assert got.column("gmd/energy").equals(
             c.read(LCLS2_EXP, SMALL_RUN, ["gmd/energy"], events=slice(10, 60))
             .column("gmd/energy"))
