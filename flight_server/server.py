@@ -256,7 +256,7 @@ class LclstreamServer(flight.FlightServerBase):
             only_for_jobs(call.identity, "Flight SQL")
             return self.sql.do_put(call.identity, what, reader, writer)
         if kind == "live" and descriptor.descriptor_type == flight.DescriptorType.PATH:
-            return self.live.do_put(call, what, reader, writer)
+            return self.live.do_put(call, what, reader, writer, context.is_cancelled)
         raise pa.ArrowNotImplementedError(
             "DoPut takes a live stream's path [experiment, 'live', stream], or Flight SQL "
             "prepared-statement parameters")

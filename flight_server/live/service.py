@@ -127,12 +127,13 @@ class LiveService:
 
     def do_put(self, call: CallRecord, sub: Subscription,
                reader: flight.MetadataRecordBatchReader,
-               writer: flight.FlightMetadataWriter) -> None:
+               writer: flight.FlightMetadataWriter,
+               is_cancelled: Callable[[], bool] = lambda: False) -> None:
         check_experiment_name(sub.experiment)
         call.experiment = sub.experiment
         authorize(call.identity, sub.experiment, "write")
         run_writer.check_schema(reader.schema)
-        session = AckSession(writer)
+        session = AckSession(writer, is_cancelled)
         stream = self.streams.attach(sub.experiment, sub.stream, reader.schema, session)
         try:
             while True:

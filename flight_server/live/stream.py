@@ -43,8 +43,12 @@ class AckSession:
     The flusher thread writes acks while the handler thread reads the next batch (gRPC allows
     one reader and one writer at a time); `close` stops all writing before the call ends."""
 
-    def __init__(self, writer: flight.FlightMetadataWriter) -> None:
+    def __init__(self, writer: flight.FlightMetadataWriter,
+                 is_cancelled: Callable[[], bool] = lambda: False) -> None:
         self._writer = writer
+        # A producer that died mid-call (a killed worker): its call is cancelled before its
+        # handler notices; nothing is written to it then.
+        self._is_cancelled = is_cancelled
         self._owed: deque[tuple[int, Ack]] = deque()  # (durable end needed, ack)
         self._lock = threading.Lock()
         self._closed = False
@@ -56,6 +60,9 @@ class AckSession:
     def settle(self, durable: int) -> None:
         with self._lock:
             while self._owed and self._owed[0][0] <= durable and not self._closed:
+                if self._is_cancelled():
+                    self._closed = True
+                    return
                 self._writer.write(pa.py_buffer(self._owed.popleft()[1].encode()))
 
     def close(self) -> None:
@@ -66,7 +73,7 @@ class AckSession:
         """Ask the producer to finish its call: an idle producer otherwise keeps the server's
         shutdown waiting, blocked as it is in reading the producer's next batch."""
         with self._lock:
-            if not self._closed:
+            if not self._closed and not self._is_cancelled():
                 self._writer.write(pa.py_buffer(GOING_AWAY))
 
     @property
