@@ -295,6 +295,8 @@ class Stream:
 
     def sync(self) -> None:
         """Make everything appended so far durable, then write the acks that settles."""
+        if not self.sessions and self.durable >= self.log.end:
+            return  # no producer, nothing unsynced: the flusher passes idle streams by cheaply
         with self._sync_lock:
             with self._write_lock:
                 work, target = self.log.take_unsynced(), self.log.end
