@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -104,6 +105,18 @@ def run_cli(*args: str, timeout: float = 120, input: str | None = None,
             **env: str | None) -> subprocess.CompletedProcess:
     return subprocess.run([*LCLSTREAM, *args], capture_output=True, text=True, timeout=timeout,
                           env=cli_env(**env), input=input)
+
+
+def interrupt(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process as Ctrl-C would; kill it if it has not stopped after `timeout` s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_for_location(proc: subprocess.Popen) -> str:

@@ -12,7 +12,15 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import LCLS2_EXP, LCLSTREAM, cli_env, open_h5, run_cli, wait_for_location
+from tests.helpers import (
+    LCLS2_EXP,
+    LCLSTREAM,
+    cli_env,
+    interrupt,
+    open_h5,
+    run_cli,
+    wait_for_location,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +31,7 @@ def served(data_root: Path) -> Iterator[str]:
     try:
         yield wait_for_location(proc)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)
 
 
 def test_ls_lists_experiments_and_runs(served: str) -> None:

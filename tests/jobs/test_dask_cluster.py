@@ -18,7 +18,7 @@ import pytest
 from distributed import Client as DaskClient
 
 from clients import connect
-from tests.helpers import LCLS2_EXP, free_port, raw_client, start_server
+from tests.helpers import LCLS2_EXP, free_port, interrupt, raw_client, start_server
 from tests.jobs.conftest import JOB_SETTINGS, LONG_RUN, act, submit_body, wait_for
 
 pytestmark = pytest.mark.slow  # starts a scheduler and two workers: ~10 s
@@ -51,13 +51,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
         yield address, procs[1:]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            interrupt(p, timeout=15)
 
 
 def test_jobs_run_on_an_existing_cluster_and_survive_a_killed_worker(

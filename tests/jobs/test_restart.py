@@ -21,6 +21,7 @@ from tests.helpers import (
     LCLS2_EXP,
     LCLSTREAM,
     cli_env,
+    interrupt,
     raw_client,
     start_server,
     wait_for_location,
@@ -72,11 +73,7 @@ def test_a_killed_server_resumes_its_jobs_exactly_once(jobs_data: Path, tmp_path
         np.testing.assert_array_equal(result.column("gmd/energy").to_numpy(),
                                       source.column("gmd/energy").to_numpy())
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc, timeout=30)
 
 
 def test_a_job_being_cancelled_when_the_server_stopped_stays_cancelled(

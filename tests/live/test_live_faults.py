@@ -20,6 +20,7 @@ from tests.helpers import (
     events,
     free_port,
     indices,
+    interrupt,
     start_server,
     wait_for_location,
 )
@@ -47,12 +48,8 @@ class Server:
         self.proc.wait(timeout=20)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc:
+            interrupt(self.proc)
 
 
 @pytest.fixture
