@@ -299,6 +299,26 @@ class Client:
                                  columns=columns, filter=filter, processing=processing,
                                  **options)
 
+    def read_stream(self, experiment: str, stream: str,
+                    columns: Sequence[str] | None = None) -> pa.Table:
+        """Every event a live stream holds now, in order: what arrives meanwhile is left out
+        (`subscribe` follows it instead)."""
+        described = next((s for s in self.streams(experiment) if s["stream"] == stream), None)
+        if described is None:
+            raise pa.ArrowKeyError(f"experiment '{experiment}' has no live stream '{stream}' "
+                                   "that you may read")
+        with self.subscribe(experiment, stream, columns=columns) as sub:
+            if described["events"] <= described["first_offset"]:
+                descriptor = flight.FlightDescriptor.for_path(experiment, "live", stream)
+                with _clean_errors():
+                    return self._flight.get_schema(descriptor).schema.empty_table()
+            batches = []
+            for batch in sub:
+                batches.append(batch)
+                if sub.next >= described["events"]:
+                    break
+            return pa.Table.from_batches(batches, schema=sub.schema)
+
     def streams(self, experiment: str = "*") -> list[dict[str, Any]]:
         """Live streams you may read: events, rate, bytes on disk, consumer group lag."""
         with _clean_errors():

@@ -104,17 +104,9 @@ class Job:
         status = self.wait(timeout=timeout, progress=False)
         if status["run"] is not None:
             return self._client.read(self.into[0], status["run"], columns)
-        end = next((s["events"] for s in self._client.streams(self.into[0])
-                    if s["stream"] == self.into[1]), None)
-        if end is None:
+        if not any(s["stream"] == self.into[1] for s in self._client.streams(self.into[0])):
             return pa.table({})  # no event passed the job's filter: no stream was made
-        with self.stream(columns=columns) as sub:
-            batches = []
-            for batch in sub:
-                batches.append(batch)
-                if sub.next is not None and sub.next >= end:
-                    break
-        return pa.Table.from_batches(batches, schema=sub.schema)
+        return self._client.read_stream(*self.into, columns)
 
 
 class _NoResults:

@@ -33,18 +33,6 @@ def client(jobs_server: LclstreamServer):
         yield c
 
 
-def stream_table(client: Client, experiment: str, stream: str) -> pa.Table:
-    """Everything a live stream holds now, in order."""
-    end = next(s["events"] for s in client.streams(experiment) if s["stream"] == stream)
-    batches = []
-    with client.subscribe(experiment, stream) as sub:
-        for batch in sub:
-            batches.append(batch)
-            if sub.next >= end:
-                break
-    return pa.Table.from_batches(batches, schema=sub.schema)
-
-
 def message(exc: BaseException) -> str:
     return str(exc).split(". Detail:")[0]
 
@@ -69,7 +57,7 @@ def test_a_job_produces_what_doget_returns_and_becomes_a_run(jobs_client, client
     expected = client.read(LCLS2_EXP, SMALL_RUN, shape["columns"], filter=shape["filter"],
                            processing=shape["processing"])
     assert 0 < expected.num_rows < 200  # the filter kept some, not all
-    streamed = stream_table(client, LCLS2_EXP, "roi-1")
+    streamed = client.read_stream(LCLS2_EXP, "roi-1")
     assert streamed.select(expected.column_names).equals(expected)  # every event, in order
     run = client.read(LCLS2_EXP, done["run"], expected.column_names)
     assert run.equals(expected)
@@ -249,9 +237,9 @@ def test_cancel_while_running_keeps_an_acknowledged_prefix(jobs_client, client) 
     assert stopped["transitions"][-1]["reason"].startswith("cancelled by tester after")
     assert stopped["progress"]["events"] < stopped["progress"]["events_total"]
 
-    held = stream_table(client, LCLS2_EXP, "cancelled")
+    held = client.read_stream(LCLS2_EXP, "cancelled")
     time.sleep(1.0)  # workers still running are refused: nothing is added after cancel
-    assert stream_table(client, LCLS2_EXP, "cancelled").num_rows == held.num_rows
+    assert client.read_stream(LCLS2_EXP, "cancelled").num_rows == held.num_rows
     source = client.read(LCLS2_EXP, LONG_RUN, ["gmd/energy"])
     n = held.num_rows
     assert 0 < n < source.num_rows
