@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.config import Settings
-from flight_server.sources import Run, RunReader, describe
+from flight_server.sources import Run, describe
 from flight_server.sources.streaming import BatchSizing, batch_ranges
 from schemas.live import Ack, Delivery, ProducerMeta, parse_subscription
 
@@ -48,7 +48,7 @@ RELAY_KEPT = 64  # batches kept per live stream for its subscribers
 def load_table(run: Run, sizing: BatchSizing) -> pa.Table:
     """All columns of the run as the server's batch sequence (small first batches included)."""
     columns = list(run.columns.values())
-    with RunReader(run) as reader:
+    with run.reader() as reader:
         batches = [reader.read(columns, lo, hi) for lo, hi in
                    batch_ranges(columns, 0, run.num_events, 1, sizing)]
     return pa.Table.from_batches(batches, schema=run.schema(columns))

@@ -177,30 +177,33 @@ class Client:
 
     def request(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                 events: Events = None, *, filter: str | None = None,
-                processing: Sequence[dict[str, Any]] | None = None) -> Request:
+                processing: Sequence[dict[str, Any]] | None = None,
+                table: str | None = None) -> Request:
         """The v1 request. `filter` keeps the events where a condition on scalar columns holds
         ("gmd/energy > 0.5 and evr/code_40 = 1"); `processing` lists steps the server applies
         before sending ([{"step": "roi", "column": "pnccd/image", "y": [0, 64], "x": [0, 64]}];
-        see README "Filters and server-side processing")."""
+        see README "Filters and server-side processing"); `table` names one of the runs' other
+        tables (a European XFEL detector's pulse-resolved frames, an NXmx run's "config"; the
+        schema metadata key `lclstream.tables` lists them)."""
         cols = None if columns is None else tuple([columns] if isinstance(columns, str)
                                                   else columns)
         steps = None if processing is None else tuple(dict(s) for s in processing)
-        return Request(experiment, _runs(runs), cols, _events(events), filter, steps)
+        return Request(experiment, _runs(runs), cols, _events(events), filter, steps, table)
 
     def plan(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
              events: Events = None, **shape: Any) -> flight.FlightInfo:
         """GetFlightInfo: the result schema (after any processing), sizes and one endpoint per
-        partition. `shape`: `filter=` and `processing=`, as for `request`."""
+        partition. `shape`: `filter=`, `processing=` and `table=`, as for `request`."""
         descriptor = flight.FlightDescriptor.for_command(
             self.request(experiment, runs, columns, events, **shape).encode()
         )
         with _clean_errors():
             return self._flight.get_flight_info(descriptor)
 
-    def schema(self, experiment: str, runs: Runs,
-               columns: Sequence[str] | None = None) -> pa.Schema:
+    def schema(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
+               table: str | None = None) -> pa.Schema:
         descriptor = flight.FlightDescriptor.for_command(
-            self.request(experiment, runs, columns).encode()
+            self.request(experiment, runs, columns, table=table).encode()
         )
         with _clean_errors():
             return self._flight.get_schema(descriptor).schema
@@ -211,7 +214,7 @@ class Client:
              events: Events = None, *, parallel: int = 4, progress: bool = False,
              **shape: Any) -> pa.Table:
         """All requested events as one Table; endpoints fetched in parallel, order preserved.
-        `shape`: `filter=` and `processing=`, as for `request`."""
+        `shape`: `filter=`, `processing=` and `table=`, as for `request`."""
         info = self.plan(experiment, runs, columns, events, **shape)
         bar = progress_bar(info.total_bytes, f"{experiment} {runs}") if progress else None
         try:

@@ -1,9 +1,14 @@
 """Experiments and runs discovered under the data root.
 
-Layout on disk: DATA_ROOT/<experiment>/**/<file>, with the run number taken from the file name
-(`tmox42619_Run0007.h5`, `r0007.h5`, `run_7.cxi`). The tree is rescanned whenever a listing is
-asked for, so files that appear or disappear are seen without a restart; a described run is
-cached until its file's size or modification time changes.
+Layout on disk: DATA_ROOT/<experiment>/**/, where a run is
+- an HDF5 file with the run number in its name (`tmox42619_Run0007.h5`, `r0007.h5`, `run_7.cxi`);
+- an NXmx master file, the number being the one before `_master` (DECTRIS names a series
+  `<sample>_<N>_master.h5`; `<name>_master.h5` without a number takes the HDF5 rule on `<name>`,
+  and is left out with a warning where that finds none). Its data files are not runs;
+- a European XFEL run directory `raw/r<RUN:04d>/` of sequence files (`RAW-R0238-AGIPD00-S00000.h5`),
+  together with `proc/r<RUN:04d>/` where there is one (the experiment is the proposal directory).
+The tree is rescanned whenever a listing is asked for, so runs that appear or disappear are seen
+without a restart; a described run is cached until its files' sizes or modification times change.
 
 Names sent by clients are only ever used as keys into what the scan found, never joined into a
 path, so no request can open a file outside the data root.
@@ -32,6 +37,12 @@ from schemas.json_input import excerpt
 log = logging.getLogger(__name__)
 
 RUN_FILE = re.compile(r"(?:^|[_\-.])(?:run|r)[_\-]?0*(\d+)\.(?:h5|hdf5|cxi)$", re.IGNORECASE)
+NXMX_MASTER = re.compile(r"^(.+?)_master\.(?:h5|hdf5|nxs)$", re.IGNORECASE)
+NXMX_SERIES = re.compile(r"_0*(\d+)$")  # DECTRIS's `<sample>_<N>` series prefix
+NXMX_DATA = re.compile(r"_data_\d{6}\.(?:h5|hdf5|nxs)$", re.IGNORECASE)
+XFEL_RUN_DIR = re.compile(r"^r(\d{4,})$")
+XFEL_SEQUENCE_FILE = re.compile(r"^[A-Z]+-R\d{4,}-.+-S\d{5}\.h5$")
+XFEL_DATA_DIRS = ("raw", "proc")  # raw first: it names the run (proc is merged in, see euxfel)
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -44,19 +55,56 @@ def everyone(experiment: str) -> bool:
 
 @dataclass(frozen=True)
 class ScannedFile:
-    """A run's file as the last scan found it (a described `sources.Run` is cached against it:
-    a changed size or mtime means the file changed)."""
+    """A run as the last scan found it (a described `sources.Run` is cached against it: a changed
+    signature, the sizes and mtimes of its files, means the run changed)."""
 
     experiment: str
     number: int
-    path: Path
-    size: int
-    mtime_ns: int
+    path: Path  # the run's file, or its directory (European XFEL)
+    kind: str  # a key of sources.KINDS
+    signature: tuple
 
 
 def run_number(filename: str) -> int | None:
     match = RUN_FILE.search(filename)
     return int(match.group(1)) if match else None
+
+
+def nxmx_run_number(filename: str) -> int | None:
+    """The run number of an NXmx master file, None when it is not one."""
+    master = NXMX_MASTER.match(filename)
+    if master is None:
+        return None
+    prefix = master.group(1)
+    series = NXMX_SERIES.search(prefix)
+    if series:
+        return int(series.group(1))
+    return run_number(prefix + ".h5")
+
+
+def signature(path: Path, kind: str) -> tuple:
+    """What changes when the run changes: its files' sizes and mtimes (raises OSError if gone)."""
+    if kind == "euxfel":
+        files = [p for d in xfel_run_dirs(path) for p in sorted(d.iterdir())
+                 if XFEL_SEQUENCE_FILE.match(p.name)]
+    elif kind == "nxmx":
+        prefix = NXMX_MASTER.match(path.name).group(1)
+        files = [path, *sorted(p for p in path.parent.glob(glob_escape(prefix) + "_data_*")
+                               if NXMX_DATA.search(p.name))]
+    else:
+        files = [path]
+    stats = [p.stat() for p in files]
+    return tuple((p.name, st.st_size, st.st_mtime_ns) for p, st in zip(files, stats, strict=True))
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
+
+
+def xfel_run_dirs(raw: Path) -> list[Path]:
+    """A European XFEL run's directories: raw/rNNNN and, where there is one, proc/rNNNN."""
+    proc = raw.parent.parent / "proc" / raw.name
+    return [raw, proc] if raw.parent.name == "raw" and proc.is_dir() else [raw]
 
 
 def check_experiment_name(name: str) -> None:
@@ -119,24 +167,55 @@ class Catalog:
         top = self.root / experiment
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
             dirnames.sort()
+            here = Path(dirpath)
+            if self._is_xfel_run(here, filenames):
+                dirnames.clear()  # sequence files are parts of this run, never runs themselves
+                if here.parent.name == "proc" and (here.parent.parent / "raw" / here.name).is_dir():
+                    continue  # merged into the raw run of the same number
+                self._add(runs, experiment, int(XFEL_RUN_DIR.match(here.name).group(1)), here,
+                          "euxfel")
+                continue
             for name in sorted(filenames):
-                number = run_number(name)
+                if NXMX_DATA.search(name):
+                    continue  # an NXmx data file: part of its master's run
+                kind, number = "nxmx", nxmx_run_number(name)
+                if number is None and NXMX_MASTER.match(name):
+                    log.warning("not serving %s: an NXmx master file with no run number in its "
+                                "name (expected <sample>_<N>_master.h5)", here / name)
+                    continue
+                if number is None:
+                    kind, number = "hdf5", run_number(name)
                 if number is None:
                     continue
-                path = Path(dirpath) / name
+                path = here / name
                 try:
-                    st = path.stat()
                     if path.is_symlink() and not path.resolve().is_relative_to(top):
                         self._refuse_link(path, experiment)
                         continue
                 except OSError:
                     continue  # vanished while scanning, or a dangling link
-                if number in runs:
-                    log.warning("run %d of %s: %s shadows %s", number, experiment,
-                                runs[number].path, path)
-                    continue
-                runs[number] = ScannedFile(experiment, number, path, st.st_size, st.st_mtime_ns)
+                self._add(runs, experiment, number, path, kind)
         return runs
+
+    @staticmethod
+    def _is_xfel_run(path: Path, filenames: list[str]) -> bool:
+        return (XFEL_RUN_DIR.match(path.name) is not None
+                and path.parent.name in XFEL_DATA_DIRS
+                and not path.is_symlink()
+                and any(XFEL_SEQUENCE_FILE.match(f) for f in filenames))
+
+    @staticmethod
+    def _add(runs: dict[int, ScannedFile], experiment: str, number: int, path: Path,
+             kind: str) -> None:
+        if number in runs:
+            log.warning("run %d of %s: %s shadows %s", number, experiment, runs[number].path,
+                        path)
+            return
+        try:
+            sig = signature(path, kind)
+        except OSError:
+            return  # vanished while scanning, or a dangling link
+        runs[number] = ScannedFile(experiment, number, path, kind, sig)
 
     def _refuse_link(self, path: Path, experiment: str) -> None:
         with self._lock:
@@ -160,8 +239,10 @@ class Catalog:
 
     # -- runs --------------------------------------------------------------------------------
 
-    def run(self, experiment: str, number: int, visible: Visible = everyone) -> Run:
-        """The described run; rescans when it is not known yet or its file changed."""
+    def run(self, experiment: str, number: int, visible: Visible = everyone,
+            table: str | None = None) -> Run:
+        """The described run (or its table of that name); rescans when it is not known yet or
+        its files changed."""
         check_experiment_name(experiment)
         with self._lock:
             known = self._files.get(experiment, {}).get(number)
@@ -177,8 +258,8 @@ class Catalog:
             cached = self._runs.get(rf.path)
             if cached and cached[0] == rf:
                 self._runs.move_to_end(rf.path)
-                return cached[1]
-        run = describe(rf.path, experiment, number)
+                return cached[1].table(table)
+        run = describe(rf.path, experiment, number, rf.kind, self.root / experiment)
         with self._lock:
             old = self._runs.pop(rf.path, None)
             if old is not None:
@@ -186,7 +267,7 @@ class Catalog:
             self._runs[rf.path] = (rf, run)
             while len(self._runs) > self.max_open_runs:
                 self._runs.popitem(last=False)[1][1].retire()
-        return run
+        return run.table(table)
 
     def close(self) -> None:
         """Close every file handle (once their streams end)."""
@@ -199,7 +280,7 @@ class Catalog:
     def _fresh(rf: ScannedFile) -> ScannedFile | None:
         """The same file with its current size and mtime, or None if it is gone."""
         try:
-            st = rf.path.stat()
+            return ScannedFile(rf.experiment, rf.number, rf.path, rf.kind,
+                               signature(rf.path, rf.kind))
         except OSError:
             return None
-        return ScannedFile(rf.experiment, rf.number, rf.path, st.st_size, st.st_mtime_ns)

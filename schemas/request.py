@@ -42,9 +42,12 @@ class Request:
     events: EventSlice = EventSlice()
     filter: str | None = None  # keep only events where this holds (see flight_server/filters)
     processing: tuple[dict[str, Any], ...] | None = None  # steps applied on the server, in order
+    table: str | None = None  # one of the runs' other tables (None = their main table)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"v": VERSION, "experiment": self.experiment, "runs": list(self.runs)}
+        if self.table is not None:
+            doc["table"] = self.table
         if self.columns is not None:
             doc["columns"] = list(self.columns)
         if self.events != EventSlice():
@@ -71,6 +74,7 @@ class Ticket:
     step: int = 1
     filter: str | None = None
     processing: tuple[dict[str, Any], ...] | None = None
+    table: str | None = None
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {
@@ -82,6 +86,8 @@ class Ticket:
             "stop": self.stop,
             "step": self.step,
         }
+        if self.table is not None:
+            doc["table"] = self.table
         if self.filter is not None:
             doc["filter"] = self.filter
         if self.processing is not None:
@@ -144,6 +150,7 @@ def parse_request(raw: bytes | str) -> Request:
         events=EventSlice(start, stop, step),
         filter=doc.get("filter"),
         processing=None if processing is None else tuple(processing),
+        table=doc.get("table"),
     )
 
 
@@ -161,4 +168,5 @@ def parse_ticket(raw: bytes) -> Ticket:
         step=doc["step"],
         filter=doc.get("filter"),
         processing=None if doc.get("processing") is None else tuple(doc["processing"]),
+        table=doc.get("table"),
     )

@@ -30,7 +30,6 @@ from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.processing import PROCESSING, build_pipeline
 from flight_server.server import LclstreamServer
-from flight_server.sources import RunReader
 
 # -- the generated test data (see conftest.data_root) --------------------------------------------
 
@@ -157,7 +156,7 @@ IMAGE, WAVES, ENERGY = "pnccd/image", "tof/waveforms", "gmd/energy"
 def read_run(root: Path, experiment: str, number: int) -> pa.RecordBatch:
     """A whole run as one batch, read directly (no server)."""
     run = Catalog(root).run(experiment, number)
-    with RunReader(run) as reader:
+    with run.reader() as reader:
         return reader.read(list(run.columns.values()), 0, run.num_events)
 
 

@@ -57,13 +57,15 @@ def request_from_descriptor(descriptor: flight.FlightDescriptor) -> Request:
             texts = [p.decode() if isinstance(p, bytes) else p for p in parts]
         except UnicodeDecodeError:
             raise InvalidArgument("path descriptor is not UTF-8") from None
-        if (len(texts) != 2 or not texts[1].isdigit() or not texts[1].isascii()
-                or len(texts[1]) > MAX_RUN_DIGITS):
+        if (len(texts) not in (2, 3) or not texts[1].isdigit() or not texts[1].isascii()
+                or len(texts[1]) > MAX_RUN_DIGITS or (len(texts) == 3 and not texts[2])):
             raise InvalidArgument(
-                f"path descriptor must be [experiment, run] with run a decimal number of at most "
-                f"{MAX_RUN_DIGITS} digits, e.g. ['tmox42619', '7']; got {excerpt(texts)}"
+                f"path descriptor must be [experiment, run] or [experiment, run, table] with run "
+                f"a decimal number of at most {MAX_RUN_DIGITS} digits, e.g. ['tmox42619', '7']; "
+                f"got {excerpt(texts)}"
             )
-        return Request(experiment=texts[0], runs=(int(texts[1]),))
+        return Request(experiment=texts[0], runs=(int(texts[1]),),
+                       table=texts[2] if len(texts) == 3 else None)
     if descriptor.descriptor_type == flight.DescriptorType.CMD:
         try:
             return parse_request(descriptor.command)
@@ -110,7 +112,8 @@ def resolve_columns(runs: list[Run], names: tuple[str, ...] | None) -> list[Colu
 
 def plan(request: Request, catalog: Catalog, partition_bytes: int,
          visible: Visible = everyone, event_budget: int | None = None) -> Plan:
-    runs = [catalog.run(request.experiment, number, visible) for number in request.runs]
+    runs = [catalog.run(request.experiment, number, visible, request.table)
+            for number in request.runs]
     columns = resolve_columns(runs, request.columns)
     names = tuple(c.name for c in columns)
     shaped = [transform.build(run, columns, request.filter, request.processing, event_budget)
@@ -125,7 +128,7 @@ def plan(request: Request, catalog: Catalog, partition_bytes: int,
         for lo, hi in ranges.split(start, stop, step, iter([span])):
             records = ranges.count(lo, hi, step)
             ticket = Ticket(request.experiment, run.number, names, lo, hi, step,
-                            request.filter, request.processing)
+                            request.filter, request.processing, request.table)
             partitions.append(Partition(ticket, records, int(records * sent_per_event)))
     fields = [c.field for c in columns] if shaped[0] is None else list(shaped[0].schema)
     return Plan(request, pa.schema(fields, metadata=_metadata(runs)), partitions)
@@ -135,7 +138,8 @@ def _metadata(runs: list[Run]) -> dict[bytes, bytes]:
     if len(runs) == 1:
         return runs[0].schema_metadata()
     layouts = sorted({r.layout.name for r in runs})
-    return {
+    table = {} if runs[0].table_name is None else {md.TABLE: runs[0].table_name.encode()}
+    return table | {
         md.EXPERIMENT: runs[0].experiment.encode(),
         md.RUNS: json.dumps([r.number for r in runs]).encode(),
         md.LAYOUT: ",".join(layouts).encode(),

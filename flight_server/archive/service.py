@@ -93,12 +93,12 @@ class ArchiveService:
         """The schema and batches of a ticket the caller may (still) read."""
         self._may_read(call, ticket.experiment, ticket.run)
         run = self.catalog.run(ticket.experiment, ticket.run,
-                               lambda e: call.identity.may(e, "read"))
+                               lambda e: call.identity.may(e, "read"), ticket.table)
         columns = run.resolve(ticket.columns)
         if ticket.stop > run.num_events:
-            raise InvalidArgument(f"ticket range [{ticket.start}:{ticket.stop}] is beyond run "
-                                  f"{ticket.run}'s {run.num_events} events; plan again with "
-                                  "GetFlightInfo")
+            raise InvalidArgument(f"ticket range [{ticket.start}:{ticket.stop}] is beyond the "
+                                  f"{run.num_events} events of {run.describe()}; plan again "
+                                  "with GetFlightInfo")
         shaped = transform.build(run, columns, ticket.filter, ticket.processing,
                                  self.sizing.event_budget)
         if shaped is None:  # the common case: batches go out exactly as read

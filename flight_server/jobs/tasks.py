@@ -26,7 +26,7 @@ from clients.credentials import BearerToken
 from clients.live import Producer
 from flight_server.catalog import Catalog
 from flight_server.processing import transform
-from flight_server.sources import RunReader, ranges
+from flight_server.sources import ranges
 from flight_server.sources.streaming import BatchSizing, batch_ranges
 from schemas import Ticket
 
@@ -78,12 +78,12 @@ def _catalog(data: str) -> Catalog:
 def batches(part: Part) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(seq, batch) of the part, read and processed; batches a filter emptied are left out."""
     t = part.ticket
-    run = _catalog(part.data).run(t.experiment, t.run)
+    run = _catalog(part.data).run(t.experiment, t.run, table=t.table)
     columns = run.resolve(t.columns)
     shaped = transform.build(run, columns, t.filter, t.processing, part.sizing.event_budget)
     read = columns if shaped is None else shaped.read
     work = 0.0 if shaped is None else shaped.work_per_event
-    reader = RunReader(run)
+    reader = run.reader()
     try:
         for lo, hi in batch_ranges(read, t.start, t.stop, t.step, part.sizing, work):
             batch = reader.read(read, lo, hi, t.step)

@@ -1,7 +1,7 @@
 """Finish a live stream as an HDF5 run file in the LCLS2 smalldata layout.
 
 The inverse of sources/columns.py: every stored column becomes the dataset `describe()` and
-`RunReader` turn back into the same column, so a finished stream is served as an ordinary run.
+`Hdf5Reader` turn back into the same column, so a finished stream is served as an ordinary run.
 Column names are dataset paths; nulls are stored as the layout's missing-value sentinels; the
 derived `run` and `time` columns are not stored, the reader derives them from the file again.
 """

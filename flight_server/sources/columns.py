@@ -42,7 +42,7 @@ class Column:
     chunk_events: int = 1  # events per HDF5 chunk along the event axis (1 if contiguous)
     sentinel: float | None = None  # the writer's missing value, served as null
     lengths_path: str | None = None  # ragged: the `_len` dataset
-    whole_chunks: bool = False  # chunks can be copied raw (see RunReader._read_fixed)
+    whole_chunks: bool = False  # chunks can be copied raw (see Hdf5Reader._read_fixed)
 
     @property
     def stored_event_bytes(self) -> int:

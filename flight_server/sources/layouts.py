@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import h5py
+import numpy as np
 
 UNIX_EPOCH = 0
 LCLS2_EPOCH = 631_152_000  # 1990-01-01T00:00:00Z in Unix seconds: LCLS2 timestamps count from it
@@ -82,3 +83,9 @@ def detect(f: h5py.File) -> Layout | None:
         if layout.matches(f):
             return layout
     return None
+
+
+def raw_time_to_ns(raw: np.ndarray, epoch_unix: int) -> np.ndarray:
+    """Facility time (seconds << 32 | ns) -> Unix nanoseconds."""
+    raw = raw.astype(np.int64, copy=False)
+    return ((raw >> 32) + epoch_unix) * 1_000_000_000 + (raw & 0xFFFFFFFF)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from flight_server.sources import Run, RunReader, ranges
+from flight_server.sources import ranges
 from flight_server.sources.columns import Column
+from flight_server.sources.run import Reader, Run
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def stream_batches(run: Run, columns: list[Column], start: int, stop: int, step:
     `transform` (a request's filter and processing) runs on the pool with the read, so batches
     are processed on several cores and while earlier ones are on the wire."""
     pieces = batch_ranges(columns, start, stop, step, sizing, work_per_event)
-    reader = RunReader(run)
+    reader = run.reader()
     read = reader.read if transform is None else _then(reader.read, transform)
     batches = _read_ahead(reader, read, columns, pieces, step, sizing.prefetch, pool,
                           is_cancelled)
@@ -80,7 +81,7 @@ def _then(read: Callable[..., pa.RecordBatch],
     return read_and_transform
 
 
-def _read_ahead(reader: RunReader, read: Callable[..., pa.RecordBatch], columns: list[Column],
+def _read_ahead(reader: Reader, read: Callable[..., pa.RecordBatch], columns: list[Column],
                 pieces: list[tuple[int, int]], step: int, prefetch: int, pool: Executor,
                 is_cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
     todo = iter(pieces)

@@ -133,12 +133,19 @@ def test_path_tricks_in_experiment_names(flight_client, sign, experiment) -> Non
 
 
 @pytest.mark.parametrize("path", [
-    [LCLS2_EXP], [LCLS2_EXP, "7", "extra"], [LCLS2_EXP, "../7"], [LCLS2_EXP, "-7"],
+    [LCLS2_EXP], [LCLS2_EXP, "7", ""], [LCLS2_EXP, "7", "a", "b"], [LCLS2_EXP, "../7"],
+    [LCLS2_EXP, "-7"],
     [LCLS2_EXP, "7\x00"], [LCLS2_EXP, "/etc/passwd"], [LCLS2_EXP, "seven"], [LCLS2_EXP, "٧"],
 ])
 def test_bad_path_descriptors(flight_client, path) -> None:
     d = flight.FlightDescriptor.for_path(*path)
     refused(lambda: flight_client.get_flight_info(d), INVALID, "[experiment, run]")
+
+
+def test_unknown_table_of_a_run(flight_client) -> None:
+    """A third path element names one of the run's other tables; an LCLS2 run has none."""
+    d = flight.FlightDescriptor.for_path(LCLS2_EXP, "7", "extra")
+    refused(lambda: flight_client.get_flight_info(d), NOT_FOUND, "no table 'extra'")
 
 
 def test_list_flights_criteria_not_utf8(flight_client) -> None:

@@ -84,9 +84,15 @@ def test_a_path_descriptor_names_one_run(path: list, run: int) -> None:
     assert request.filter is None and request.processing is None
 
 
+def test_a_third_path_element_names_a_table() -> None:
+    request = request_from_descriptor(flight.FlightDescriptor.for_path("p002012", "238", "X:xtdf"))
+    assert request.runs == (238,) and request.table == "X:xtdf"
+
+
 @pytest.mark.parametrize("path", [
     ["tmox42619"],
-    ["tmox42619", "7", "extra"],
+    ["tmox42619", "7", ""],
+    ["tmox42619", "7", "a", "b"],
     ["tmox42619", "seven"],
     ["tmox42619", "-7"],
     ["tmox42619", "+7"],
@@ -100,7 +106,7 @@ def test_bad_path_descriptors_say_what_is_valid(path: list[str]) -> None:
     with pytest.raises(InvalidArgument) as info:
         request_from_descriptor(flight.FlightDescriptor.for_path(*path))
     message = str(info.value)
-    assert "path descriptor must be [experiment, run]" in message
+    assert "path descriptor must be [experiment, run] or [experiment, run, table]" in message
     assert f"at most {MAX_RUN_DIGITS} digits" in message and "['tmox42619', '7']" in message
     assert "; got ['tmox42619'" in message  # what was sent, quoted
 

@@ -12,7 +12,7 @@ import pytest
 
 from flight_server.errors import InvalidArgument
 from flight_server.live.run_writer import check_schema, write_run
-from flight_server.sources import RunReader, describe
+from flight_server.sources import describe
 from flight_server.sources.layouts import LCLS2_EPOCH
 from schemas import metadata as md
 
@@ -64,7 +64,7 @@ def full_batch(n: int, seed: int = 0) -> pa.RecordBatch:
 
 def read_all(path: Path) -> tuple:
     run = describe(path, "live", 7)
-    with RunReader(run) as reader:
+    with run.reader() as reader:
         return run, reader.read(run.resolve(None), 0, run.num_events)
 
 
@@ -94,7 +94,7 @@ def test_round_trip_every_kind(tmp_path: Path) -> None:
     assert md.UNITS not in (got.schema.field("small/i8").metadata or {})
     assert got.column(md.RUN_COLUMN).to_pylist() == [7] * 45
 
-    with RunReader(run) as reader:  # an event range in the middle, ragged offsets and all
+    with run.reader() as reader:  # an event range in the middle, ragged offsets and all
         part = reader.read(run.resolve(["peaks/var_x", "pnccd/image"]), 9, 30)
     assert part.column("peaks/var_x").equals(expected.column("peaks/var_x").chunk(0)[9:30])
     assert part.column("pnccd/image").equals(expected.column("pnccd/image").chunk(0)[9:30])

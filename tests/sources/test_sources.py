@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from flight_server.errors import RunUnreadable
-from flight_server.sources import RunReader, describe
+from flight_server.sources import describe
 from schemas import metadata as md
 from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
@@ -24,7 +24,7 @@ def lcls2_path(root: Path, run: int = 7) -> Path:
 
 def read_all(run, names=None, start=0, stop=None, step=1) -> pa.RecordBatch:
     cols = run.resolve(names)
-    with RunReader(run) as reader:
+    with run.reader() as reader:
         return reader.read(cols, start, run.num_events if stop is None else stop, step)
 
 

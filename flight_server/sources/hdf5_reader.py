@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -18,13 +19,16 @@ from h5py import h5s
 from flight_server.buffers import allocate
 from flight_server.errors import RunUnreadable
 from flight_server.sources.columns import TIME_TYPE, Column, Kind
-from flight_server.sources.run import Run, raw_time_to_ns
+from flight_server.sources.layouts import raw_time_to_ns
+
+if TYPE_CHECKING:
+    from flight_server.sources.hdf5 import Hdf5Run
 
 
-class RunReader:
+class Hdf5Reader:
     """Reads one stream's batches through the run's shared file handle; close when done."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Hdf5Run) -> None:
         self.run = run
         try:
             run.acquire()
@@ -37,7 +41,7 @@ class RunReader:
             self._closed = True
             self.run.release()
 
-    def __enter__(self) -> RunReader:
+    def __enter__(self) -> Hdf5Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
