@@ -120,8 +120,12 @@ Data requests run as jobs on Dask, their results a live stream, then a run:
     job = c.submit("tmox42619", 1, ["gmd/energy"], into=("tmox42619", "energies"))
     job.wait(); job.read()
 
+Other facilities' files: mx31245 is a DECTRIS Eiger NXmx series (bitshuffle-LZ4 frames):
+
+    frames = c.numpy("mx31245", 1, "entry/data/data")   # (180, 512, 512) uint16
+
 Walkthroughs: notebooks/01_quickstart.ipynb, 02_sql.ipynb, 03_live.ipynb (a live monitor),
-07_requests.ipynb (peak finding as a job)
+05_crystallography.ipynb (peaks on CXI and Eiger frames), 07_requests.ipynb (peaks as a job)
 Command line: .venv/bin/lclstream ls | streams (live streams: rate, size, consumer lag) | jobs
 Stop with Ctrl-C.
 """
@@ -265,6 +269,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.data)
     if args.layout == "demo":
         paths = generator.generate_demo(out, seed=args.seed)
+    elif args.layout == "nxmx":
+        paths = [generator.generate_nxmx_series(out / args.experiment, args.run, args.events,
+                                                seed=args.seed)]
     elif args.layout == "bench":
         paths = [generator.generate_bench_run(out / args.experiment / f"run_{args.run}.h5",
                                               parse_size(args.size), seed=args.seed)]

@@ -18,6 +18,8 @@ Layouts:
   per frame, soft-linked from ``/entry_1/data_1/data``; dense peak tables under
   ``/entry_1/result_1`` padded with zeros past ``nPeaks``; per-shot beam values under ``/LCLS``;
   per-run geometry as scalars.
+* NXmx (DECTRIS Eiger): ``<sample>_<N>_master.h5`` with the NXmx metadata and external links
+  to ``<sample>_<N>_data_000001.h5 ...``, frames compressed with bitshuffle-LZ4 or LZ4.
 """
 
 from .bench import generate_bench_run
@@ -25,6 +27,7 @@ from .cxi import generate_cxi_run
 from .demo import generate_demo
 from .lcls1 import generate_lcls1_run
 from .lcls2 import generate_lcls2_run
+from .nxmx import generate_nxmx_series
 
 __all__ = [
     "generate_bench_run",
@@ -32,4 +35,5 @@ __all__ = [
     "generate_demo",
     "generate_lcls1_run",
     "generate_lcls2_run",
+    "generate_nxmx_series",
 ]

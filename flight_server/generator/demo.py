@@ -1,4 +1,5 @@
-"""The demo data root: a few LCLS2 runs of one experiment plus CXI runs of another.
+"""The demo data root: a few LCLS2 runs of one experiment, CXI runs of another, and an NXmx
+(DECTRIS Eiger) rotation series of a third.
 
 Generation is idempotent so ``lclstream demo`` can be started repeatedly without rewriting
 gigabytes: files are written atomically, so a file that exists is complete and is kept.
@@ -10,6 +11,7 @@ from pathlib import Path
 from . import physics as ph
 from .cxi import generate_cxi_run
 from .lcls2 import generate_lcls2_run
+from .nxmx import generate_nxmx_series
 
 CXI_EXPERIMENT = "cxilu9218"
 CXI_RUN = 12  # the crystallography notebook's run
@@ -17,6 +19,10 @@ CXI_EVENTS = 240
 # Every CXI run: number -> events. Numbered below CXI_RUN, so that a stream ended as a run of
 # the experiment (which takes the next number after the highest) never takes one of theirs.
 CXI_RUNS = {10: 300, 11: 180, CXI_RUN: CXI_EVENTS}
+NXMX_EXPERIMENT = "mx31245"
+NXMX_SERIES = 1  # lysozyme_1_master.h5: the crystallography notebook's Eiger series
+NXMX_FRAMES = 180  # two data files of 100 and 80 frames, bitshuffle-LZ4
+NXMX_SHAPE = (512, 512)
 
 
 def demo_run_length(seed: int, run: int, events_per_run: int) -> int:
@@ -51,4 +57,9 @@ def generate_demo(
         if not cxi.exists():
             generate_cxi_run(cxi, run, events, seed=seed)
         paths.append(cxi)
+    eiger = data_dir / NXMX_EXPERIMENT / "eiger"
+    master = eiger / f"lysozyme_{NXMX_SERIES}_master.h5"
+    if not master.exists():  # written last, so it exists only once its data files do
+        generate_nxmx_series(eiger, NXMX_SERIES, NXMX_FRAMES, frame_shape=NXMX_SHAPE, seed=seed)
+    paths.append(master)
     return paths

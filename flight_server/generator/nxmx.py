@@ -32,6 +32,11 @@ OMEGA_START_DEG = 0.0
 OMEGA_STEP_DEG = 0.1
 GAP_EVERY = (64, 128)  # a module gap row/column this often (pixels), as on a multi-module Eiger
 COMPRESSIONS = ("bslz4", "lz4", "none")
+# Expected photons per pixel = PHOTONS_PER_UNIT x (BACKGROUND + RING x ring profile + spots):
+# about 0.15 of background, a faint solvent ring, and tens of photons per Bragg spot.
+PHOTONS_PER_UNIT = 0.03
+BACKGROUND = 5.0
+RING = 10.0
 
 
 def series_prefix(directory: str | os.PathLike[str], sample: str, series: int) -> Path:
@@ -95,9 +100,9 @@ def generate_nxmx_series(
             ds.attrs["image_nr_low"] = np.int32(first + 1)
             ds.attrs["image_nr_high"] = np.int32(last)
             for i in range(first, last):
-                mean = ph.render_frames(photons, (h, w), pulse[i : i + 1], spots, i, 0.05, 0.0,
-                                        0.5)[0]
-                frame = photons.poisson(np.clip(mean * 0.02, 0.0, None)).astype(dt)
+                mean = ph.render_frames(photons, (h, w), pulse[i : i + 1], spots, i,
+                                        BACKGROUND, 0.0, RING)[0]
+                frame = photons.poisson(np.clip(mean * PHOTONS_PER_UNIT, 0.0, None)).astype(dt)
                 frame[masked] = saturation
                 ds[i - first] = frame
         links.append((f"data_{k:06d}", name))

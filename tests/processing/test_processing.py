@@ -4,6 +4,8 @@ message that names the step and the parameter."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -134,6 +136,39 @@ def test_threshold_integers(lcls2: pa.RecordBatch) -> None:
     assert (out.column(IMAGE).to_numpy_ndarray() == 3).all()
     out = run_steps(lcls2, {"step": "threshold", "column": IMAGE, "below": -5})
     np.testing.assert_array_equal(out.column(IMAGE).to_numpy_ndarray(), frames)
+
+
+def test_threshold_above_blanks_overloads_and_masked_pixels(lcls2: pa.RecordBatch) -> None:
+    frames = lcls2.column(IMAGE).to_numpy_ndarray()
+    low, high = (int(v) for v in np.percentile(frames, [20, 80]))
+    out = run_steps(lcls2, {"step": "threshold", "column": IMAGE, "above": high})
+    np.testing.assert_array_equal(out.column(IMAGE).to_numpy_ndarray(),
+                                  np.where(frames > high, 0, frames))
+    assert note(out, IMAGE) == f"threshold above {high} -> 0"
+    # both levels; a fractional `above` on integers: 10.5 replaces 11 and keeps 10
+    out = run_steps(lcls2, {"step": "threshold", "column": IMAGE, "below": low,
+                            "above": high + 0.5, "value": 1})
+    np.testing.assert_array_equal(out.column(IMAGE).to_numpy_ndarray(),
+                                  np.where((frames < low) | (frames > high), 1, frames))
+    # floats: exact, NaN untouched; levels past the type's range
+    waves = lcls2.column(WAVES).to_numpy_ndarray()
+    level = float(np.median(waves)) + 1e-12
+    out = run_steps(lcls2, {"step": "threshold", "column": WAVES, "above": level})
+    np.testing.assert_array_equal(out.column(WAVES).to_numpy_ndarray(),
+                                  np.where(waves.astype(np.float64) > level, 0, waves))
+    out = run_steps(lcls2, {"step": "threshold", "column": IMAGE, "above": 1e9})
+    np.testing.assert_array_equal(out.column(IMAGE).to_numpy_ndarray(), frames)
+    out = run_steps(lcls2, {"step": "threshold", "column": IMAGE, "above": -1, "value": 2})
+    assert (out.column(IMAGE).to_numpy_ndarray() == 2).all()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({}, "give 'below', 'above' or both"),
+    ({"below": 10, "above": 5}, "'above' (5) is less than 'below' (10)"),
+])
+def test_threshold_levels_are_checked(lcls2: pa.RecordBatch, params: dict, message: str) -> None:
+    with pytest.raises(StepError, match=re.escape(message)):
+        build_pipeline([{"step": "threshold", "column": IMAGE, **params}], lcls2.schema)
 
 
 def test_threshold_floats_compare_exactly(lcls2: pa.RecordBatch) -> None:
