@@ -13,6 +13,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (the reference reads through HDF5's own filter pipeline)
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.flight as flight
 import pytest
 
@@ -24,7 +25,7 @@ from flight_server.server import LclstreamServer
 from flight_server.sources import describe
 from flight_server.sources.nxmx import CONFIG_TABLE, FRAMES
 from schemas import metadata as md
-from tests.helpers import admin_token, raw_client, start_server
+from tests.helpers import admin_token, raw_client, run_cli, start_server
 
 EXP = "mx2026"
 OMEGA = "entry/sample/goniometer/omega"
@@ -160,6 +161,18 @@ def test_path_descriptor_names_the_table(mx_server: LclstreamServer) -> None:
         table = raw.do_get(info.endpoints[0].ticket).read_all()
     assert table.num_rows == 1 and MASK in table.column_names
     assert info.schema.metadata[md.TABLE] == CONFIG_TABLE.encode()
+
+
+def test_cli_gets_a_runs_table(mx_server: LclstreamServer, mx_root: Path,
+                               tmp_path: Path) -> None:
+    out = tmp_path / "mask.arrow"
+    res = run_cli("get", EXP, "1", "--table", CONFIG_TABLE, "-c", MASK, "-o", str(out), "-q",
+                  "--server", f"grpc://127.0.0.1:{mx_server.port}")
+    assert res.returncode == 0, res.stderr
+    with h5py.File(master(mx_root, 1)) as f:
+        mask = f[MASK][()]
+    table = ipc.open_file(out).read_all()
+    np.testing.assert_array_equal(table.column(MASK).combine_chunks().to_numpy_ndarray()[0], mask)
 
 
 def test_filter_and_peaks_on_eiger_frames(mx_client: Client, mx_root: Path) -> None:
