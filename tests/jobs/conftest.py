@@ -13,13 +13,14 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.config import Settings
-from flight_server.generator import generate_cxi_run, generate_lcls2_run
+from flight_server.generator import generate_cxi_run, generate_lcls2_run, generate_nxmx_series
 from flight_server.security.assembly import minter_for
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from tests.helpers import CXI_EXP, LCLS2_EXP, raw_client, start_server
 
 SMALL_RUN, LONG_RUN, LONG_EVENTS = 7, 9, 1500  # the long run: ~60 tasks of 1 MiB
+MX_EXP, MX_SERIES = "mx2026", 4  # an NXmx Eiger series: 30 frames in 3 data files
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def jobs_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_lcls2_run(smalldata / f"{LCLS2_EXP}_Run{LONG_RUN:04d}.h5", LONG_RUN,
                        n_events=LONG_EVENTS, seed=9, chunk_events=25)
     generate_cxi_run(root / CXI_EXP / "cxi" / "run_12.cxi", 12, n_events=40, seed=12)
+    generate_nxmx_series(root / MX_EXP / "eiger", MX_SERIES, n_frames=30, frames_per_file=10)
     return root
 
 

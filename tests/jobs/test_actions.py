@@ -17,6 +17,8 @@ from flight_server.server import LclstreamServer
 from tests.helpers import CXI_EXP, LCLS2_EXP, free_port, raw_client, start_server
 from tests.jobs.conftest import (
     LONG_RUN,
+    MX_EXP,
+    MX_SERIES,
     SMALL_RUN,
     act,
     submit_body,
@@ -77,6 +79,28 @@ def test_peak_finding_and_hits_are_kept_as_a_run(jobs_client, client) -> None:
     run = client.read(CXI_EXP, done["run"])
     for name in (f"{data}/peaks/x", f"{data}/peaks/intensity", f"{data}/n_peaks"):
         assert run.column(name).equals(expected.column(name)), name  # lists keep their names
+
+
+def test_jobs_read_nxmx_frames_and_a_runs_other_table(jobs_client, client) -> None:
+    frames = "entry/data/data"
+    steps = [{"step": "threshold", "column": frames, "above": 65534},
+             {"step": "peaks", "column": frames, "snr": 12, "min_pixels": 3}]
+    body = submit_body("eiger-peaks", experiment=MX_EXP, runs=(MX_SERIES,), into=MX_EXP,
+                       columns=["run", frames], processing=steps)
+    done = wait_for(jobs_client, act(jobs_client, "submit", body)["job"])
+    assert done["state"] == "completed", done
+    expected = client.read(MX_EXP, MX_SERIES, ["run", frames], processing=steps)
+    assert expected.num_rows == 30 and expected.column(f"{frames}/n_peaks").to_numpy().sum() > 0
+    names = [n for n in expected.column_names if n != "run"]  # a run's `run` is its own number
+    assert client.read(MX_EXP, done["run"]).select(names).equals(expected.select(names))
+
+    mask = "entry/instrument/detector/detectorSpecific/pixel_mask"
+    body = submit_body("eiger-mask", experiment=MX_EXP, runs=(MX_SERIES,), into=MX_EXP,
+                       end_run=False, columns=[mask], table="config")
+    done = wait_for(jobs_client, act(jobs_client, "submit", body)["job"])
+    assert done["state"] == "completed", done
+    expected = client.read(MX_EXP, MX_SERIES, [mask], table="config")
+    assert client.read_stream(MX_EXP, "eiger-mask").select([mask]).equals(expected)
 
 
 # -- bad input: refused, with nothing queued ---------------------------------------------------
