@@ -88,6 +88,7 @@ class Segment:
     count: int
     chunk_frames: int  # frames per chunk (whole frames), 0 when chunks cut frames
     decoder: str  # "raw" | "bitshuffle-lz4" | "bitshuffle-zstd" | "lz4" | "hdf5"
+    fill: int | float = 0  # the dataset's fill value: what a chunk never written holds
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _segments(master: h5py.File, data: h5py.Group, path: Path, within: Path,
                     raise RunUnreadable(f"{where}: {file.name} has no frame dataset /{dataset}")
                 low = int(ds.attrs.get("image_nr_low", 0))
                 found.append((low, len(found), file, dataset, ds.shape, ds.dtype, ds.chunks,
-                              _decoder(ds, file, where)))
+                              _decoder(ds, file, where), ds.fillvalue))
         except OSError as exc:
             raise RunUnreadable(f"{where}: data file {file.name} cannot be read: it is truncated "
                                 f"or corrupted ({exc})") from None
@@ -223,13 +224,13 @@ def _segments(master: h5py.File, data: h5py.Group, path: Path, within: Path,
     found.sort(key=lambda s: (s[0], s[1]))  # image number, then link order
     shape, stored = found[0][4][1:], found[0][5]
     segments, first = [], 0
-    for _, _, file, dataset, ds_shape, dtype, chunks, decoder in found:
+    for _, _, file, dataset, ds_shape, dtype, chunks, decoder, fill in found:
         if ds_shape[1:] != shape or dtype != stored:
             raise RunUnreadable(f"{where}: {file.name} holds {dtype} frames of {ds_shape[1:]}, "
                                 f"but {found[0][2].name} holds {stored} frames of {shape}")
         whole = chunks is not None and tuple(chunks[1:]) == tuple(shape)
         segments.append(Segment(file, dataset, first, ds_shape[0], chunks[0] if whole else 0,
-                                decoder if whole else "hdf5"))
+                                decoder if whole else "hdf5", fill.item()))
         first += ds_shape[0]
     return segments, tuple(int(v) for v in shape), stored
 
@@ -395,13 +396,12 @@ class NxmxReader:
             f = local + k * step
             if f // c != chunk:
                 chunk = f // c
-                frames_here = min(c, seg.count - chunk * c)
-                if offsets[chunk] < 0:  # never written: HDF5 would give the fill value, 0
-                    decoded = np.zeros(frames_here * frame_bytes, dtype=np.uint8)
-                else:
+                if offsets[chunk] < 0:  # never written: HDF5 gives the fill value
+                    decoded = np.full(c * frame_bytes // self.run.stored_dtype.itemsize,
+                                      seg.fill, dtype=self.run.stored_dtype).view(np.uint8)
+                else:  # a chunk is stored whole, even the last one past the dataset's end
                     decoded = self._decode(seg, fd, chunk, int(offsets[chunk]),
-                                           int(sizes[chunk]), int(masks[chunk]),
-                                           frames_here * frame_bytes)
+                                           int(sizes[chunk]), int(masks[chunk]), c * frame_bytes)
             within = (f - chunk * c) * frame_bytes
             dest_bytes = dest[k].reshape(-1).view(np.uint8)
             if self.run.stored_dtype.byteorder not in "=|" and \

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
-import hdf5plugin  # noqa: F401  (the reference reads through HDF5's own filter pipeline)
+import hdf5plugin
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.flight as flight
+import pyarrow.ipc as ipc
 import pytest
 
 from clients import Client, connect
@@ -89,6 +89,30 @@ def test_frames_equal_hdf5plugin_in_image_order(mx_root: Path, series: int) -> N
                                                                               len(ref), 1)]:
             got = reader.read([col], start, min(stop, len(ref)), step).column(0)
             np.testing.assert_array_equal(got.to_numpy_ndarray(), ref[start:stop:step])
+
+
+@pytest.mark.parametrize("filters", [{}, dict(hdf5plugin.Bitshuffle(nelems=0, cname="lz4")),
+                                     dict(hdf5plugin.LZ4()), {"compression": "gzip"}],
+                         ids=["raw", "bitshuffle-lz4", "lz4", "gzip-through-hdf5"])
+def test_big_endian_frames_and_several_frames_a_chunk(tmp_path: Path, filters: dict) -> None:
+    """Byte order and chunking as HDF5 would apply them: big-endian uint32 values, three frames
+    a chunk, a last chunk only partly filled."""
+    frames = np.random.default_rng(5).integers(0, 70000, (8, 6, 10)).astype(">u4")
+    data = tmp_path / "be_1_data_000001.h5"
+    frames[6:] = 7  # the last chunk is never written: it reads as the fill value
+    with h5py.File(data, "w") as f:
+        ds = f.create_dataset("entry/data/data", shape=frames.shape, dtype=frames.dtype,
+                              chunks=(3, 6, 10), fillvalue=7, **filters)
+        ds[:6] = frames[:6]
+    with h5py.File(tmp_path / "be_1_master.h5", "w") as f:
+        f["entry/data/data_000001"] = h5py.ExternalLink(data.name, "/entry/data/data")
+    run = describe(tmp_path / "be_1_master.h5", EXP, 1, "nxmx", tmp_path)
+    col = run.columns[FRAMES]
+    assert col.dtype == np.dtype("=u4") and col.chunk_events == 3
+    with run.reader() as reader:
+        for start, stop, step in [(0, 8, 1), (1, 8, 3), (4, 6, 1), (7, 8, 1)]:
+            got = reader.read([col], start, stop, step).column(0).to_numpy_ndarray()
+            np.testing.assert_array_equal(got, frames[start:stop:step])
 
 
 def test_decoders_follow_the_stored_filters(mx_root: Path) -> None:
