@@ -1,5 +1,5 @@
-"""`python -m bench`: throughput, latency, memory, SQL, processing, live streams and jobs of the
-server against their targets.
+"""`python -m bench`: throughput, latency, memory, SQL, processing, live streams, jobs and other
+facilities' formats (NXmx, European XFEL) of the server against their targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import jobs, latency, live, memory, processing, sql, throughput
+from bench import formats, jobs, latency, live, memory, processing, sql, throughput
 from bench.common import (
     Result,
     environment,
@@ -31,14 +31,16 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     processing.NAME: processing.run,
     live.NAME: live.run,
     jobs.NAME: jobs.run,
+    formats.NXMX: formats.run_nxmx,
+    formats.EUXFEL: formats.run_euxfel,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--size", type=parse_size, default=None,
-                   help="run size for throughput and latency, and the size of sql's large "
-                        "result (default 1GiB)")
+                   help="run size for throughput and latency, the size of sql's large "
+                        "result and of the nxmx series (default 1GiB)")
     p.add_argument("--big-size", type=parse_size, default=None,
                    help="run size for the memory benchmark (default 4GiB)")
     p.add_argument("--only", choices=list(BENCHMARKS), help="run only this benchmark")

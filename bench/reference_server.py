@@ -16,6 +16,7 @@ Flight requires, serving the roles its options select (one or both):
   relay from DoPut to DoGet.
 
     python -m bench.reference_server --file RUN.h5 [--experiment EXP] [--run N] [--port 0]
+    python -m bench.reference_server --file SAMPLE_N_master.h5 --kind nxmx --run N
     python -m bench.reference_server --live [--port 0]
 """
 
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", type=Path, help="a run file to hold in memory and serve by DoGet")
     p.add_argument("--experiment", default="bench", help="the experiment of --file's run")
     p.add_argument("--run", type=int, default=1, help="the run number of --file")
+    p.add_argument("--kind", choices=["hdf5", "nxmx"], default="hdf5",
+                   help="how --file is read: one HDF5 file (default), or an NXmx master file "
+                        "and its data files beside it")
     p.add_argument("--live", action="store_true",
                    help="serve live streams: DoPut acked at once, relayed to subscriptions")
     p.add_argument("--host", default=defaults.host)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     roles = []
     if args.file is not None:
         sizing = BatchSizing(args.batch_bytes, args.first_batch_bytes, defaults.prefetch)
-        run = describe(args.file, args.experiment, args.run)
+        run = describe(args.file, args.experiment, args.run, args.kind)
         table = load_table(run, sizing)
         held = HeldRun(run, table, sizing)
         print(f"loaded {table.num_rows} events, {table.nbytes} bytes in {table.num_columns} "

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
-from flight_server.sources import Run, describe
+from flight_server.sources import Run, describe, euxfel
 from schemas.json_input import excerpt
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ NXMX_MASTER = re.compile(r"^(.+?)_master\.(?:h5|hdf5|nxs)$", re.IGNORECASE)
 NXMX_SERIES = re.compile(r"_0*(\d+)$")  # DECTRIS's `<sample>_<N>` series prefix
 NXMX_DATA = re.compile(r"_data_\d{6}\.(?:h5|hdf5|nxs)$", re.IGNORECASE)
 XFEL_RUN_DIR = re.compile(r"^r(\d{4,})$")
-XFEL_SEQUENCE_FILE = re.compile(r"^[A-Z]+-R\d{4,}-.+-S\d{5}\.h5$")
 XFEL_DATA_DIRS = ("raw", "proc")  # raw first: it names the run (proc is merged in, see euxfel)
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -82,11 +81,12 @@ def nxmx_run_number(filename: str) -> int | None:
     return run_number(prefix + ".h5")
 
 
-def signature(path: Path, kind: str) -> tuple:
-    """What changes when the run changes: its files' sizes and mtimes (raises OSError if gone)."""
+def signature(path: Path, kind: str, within: Path) -> tuple:
+    """What changes when the run changes: its files' sizes and mtimes (raises OSError if gone).
+    `within`: the experiment's tree, which a run's files never leave."""
     if kind == "euxfel":
-        files = [p for d in xfel_run_dirs(path) for p in sorted(d.iterdir())
-                 if XFEL_SEQUENCE_FILE.match(p.name)]
+        files = [p for d in euxfel.run_dirs(path, within) for p in sorted(d.iterdir())
+                 if euxfel.SEQUENCE_FILE.match(p.name)]
     elif kind == "nxmx":
         prefix = NXMX_MASTER.match(path.name).group(1)
         files = [path, *sorted(p for p in path.parent.glob(glob_escape(prefix) + "_data_*")
@@ -99,12 +99,6 @@ def signature(path: Path, kind: str) -> tuple:
 
 def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
-
-
-def xfel_run_dirs(raw: Path) -> list[Path]:
-    """A European XFEL run's directories: raw/rNNNN and, where there is one, proc/rNNNN."""
-    proc = raw.parent.parent / "proc" / raw.name
-    return [raw, proc] if raw.parent.name == "raw" and proc.is_dir() else [raw]
 
 
 def check_experiment_name(name: str) -> None:
@@ -173,7 +167,7 @@ class Catalog:
                 if here.parent.name == "proc" and (here.parent.parent / "raw" / here.name).is_dir():
                     continue  # merged into the raw run of the same number
                 self._add(runs, experiment, int(XFEL_RUN_DIR.match(here.name).group(1)), here,
-                          "euxfel")
+                          "euxfel", top)
                 continue
             for name in sorted(filenames):
                 if NXMX_DATA.search(name):
@@ -194,7 +188,7 @@ class Catalog:
                         continue
                 except OSError:
                     continue  # vanished while scanning, or a dangling link
-                self._add(runs, experiment, number, path, kind)
+                self._add(runs, experiment, number, path, kind, top)
         return runs
 
     @staticmethod
@@ -202,17 +196,17 @@ class Catalog:
         return (XFEL_RUN_DIR.match(path.name) is not None
                 and path.parent.name in XFEL_DATA_DIRS
                 and not path.is_symlink()
-                and any(XFEL_SEQUENCE_FILE.match(f) for f in filenames))
+                and any(euxfel.SEQUENCE_FILE.match(f) for f in filenames))
 
     @staticmethod
     def _add(runs: dict[int, ScannedFile], experiment: str, number: int, path: Path,
-             kind: str) -> None:
+             kind: str, top: Path) -> None:
         if number in runs:
             log.warning("run %d of %s: %s shadows %s", number, experiment, runs[number].path,
                         path)
             return
         try:
-            sig = signature(path, kind)
+            sig = signature(path, kind, top)
         except OSError:
             return  # vanished while scanning, or a dangling link
         runs[number] = ScannedFile(experiment, number, path, kind, sig)
@@ -276,11 +270,10 @@ class Catalog:
                 run.retire()
             self._runs.clear()
 
-    @staticmethod
-    def _fresh(rf: ScannedFile) -> ScannedFile | None:
-        """The same file with its current size and mtime, or None if it is gone."""
+    def _fresh(self, rf: ScannedFile) -> ScannedFile | None:
+        """The same run with its files' current sizes and mtimes, or None if it is gone."""
         try:
             return ScannedFile(rf.experiment, rf.number, rf.path, rf.kind,
-                               signature(rf.path, rf.kind))
+                               signature(rf.path, rf.kind, self.root / rf.experiment))
         except OSError:
             return None

@@ -24,22 +24,20 @@ import bisect
 import datetime as dt
 import json
 import os
-import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bitshuffle
 import h5py
 import hdf5plugin  # noqa: F401  (registers the facility filters with HDF5 for the fallback path)
-import lz4.block
 import numpy as np
 import pyarrow as pa
 from h5py import h5z
 
 from flight_server.buffers import allocate
 from flight_server.errors import NotFound, RunUnreadable
+from flight_server.sources import chunk_codecs
 from flight_server.sources.columns import Column, Kind, dataset_column, run_column
 from flight_server.sources.hdf5 import config_value, dataset_units, native_dtype, walk_links
 from flight_server.sources.hdf5_reader import _pread_exactly, _read_slab, _wrap_fixed
@@ -262,7 +260,7 @@ def _decoder(ds: h5py.Dataset, file: Path, where: str) -> str:
         if fid == BITSHUFFLE and len(options) > 4 and options[4] == BSHUF_LZ4:
             return "bitshuffle-lz4"
         if fid == BITSHUFFLE and len(options) > 4 and options[4] == BSHUF_ZSTD:
-            return "bitshuffle-zstd" if hasattr(bitshuffle, "decompress_zstd") else "hdf5"
+            return "bitshuffle-zstd" if chunk_codecs.bitshuffle_available("zstd") else "hdf5"
         if fid == LZ4:
             return "lz4"
     return "hdf5"
@@ -385,45 +383,52 @@ class NxmxReader:
         return out
 
     def _via_chunks(self, i: int, seg: Segment, dest: np.ndarray, local: int, step: int) -> None:
-        """Frames local, local+step, ... of a segment, each from its stored chunk."""
+        """Frames local, local+step, ... of a segment, each from its stored chunk: decoded
+        straight into `dest` when a chunk is one frame in native byte order, else into a
+        scratch buffer first."""
         offsets, sizes, masks = self.run.chunk_index(i)
         fd = self._fd(i, seg)
-        c = seg.chunk_frames
+        c, stored_dtype = seg.chunk_frames, self.run.stored_dtype
+        swap = stored_dtype != dest.dtype  # big-endian in the file
         frame_bytes = dest[0].nbytes if len(dest) else 0
         chunk: int | None = None
-        decoded: np.ndarray | None = None
+        scratch: np.ndarray | None = None
         for k in range(len(dest)):
             f = local + k * step
+            target = dest[k].reshape(-1).view(np.uint8)
             if f // c != chunk:
                 chunk = f // c
+                direct = c == 1 and not swap
+                scratch = target if direct else np.empty(c * frame_bytes, dtype=np.uint8)
                 if offsets[chunk] < 0:  # never written: HDF5 gives the fill value
-                    decoded = np.full(c * frame_bytes // self.run.stored_dtype.itemsize,
-                                      seg.fill, dtype=self.run.stored_dtype).view(np.uint8)
+                    scratch.view(stored_dtype)[:] = seg.fill
                 else:  # a chunk is stored whole, even the last one past the dataset's end
-                    decoded = self._decode(seg, fd, chunk, int(offsets[chunk]),
-                                           int(sizes[chunk]), int(masks[chunk]), c * frame_bytes)
-            within = (f - chunk * c) * frame_bytes
-            dest_bytes = dest[k].reshape(-1).view(np.uint8)
-            if self.run.stored_dtype.byteorder not in "=|" and \
-                    self.run.stored_dtype != dest.dtype:
-                stored = decoded[within : within + frame_bytes].view(self.run.stored_dtype)
-                dest[k].reshape(-1)[:] = stored.astype(dest.dtype)
+                    self._decode(seg, fd, chunk, int(offsets[chunk]), int(sizes[chunk]),
+                                 int(masks[chunk]), scratch)
+                if direct:
+                    continue
+            piece = scratch[(f - chunk * c) * frame_bytes : (f - chunk * c + 1) * frame_bytes]
+            if swap:
+                dest[k].reshape(-1)[:] = piece.view(stored_dtype)
             else:
-                dest_bytes[:] = decoded[within : within + frame_bytes]
+                target[:] = piece
 
     def _decode(self, seg: Segment, fd: int, chunk: int, offset: int, size: int, mask: int,
-                expected: int) -> np.ndarray:
+                out: np.ndarray) -> None:
         stored = np.empty(size, dtype=np.uint8)
         _pread_exactly(fd, stored, offset)
-        if seg.decoder == "raw" or mask:  # a filter the writer skipped for this chunk
-            out = stored
-        elif seg.decoder.startswith("bitshuffle"):
-            out = _bitshuffle(stored, self.run.stored_dtype, seg.decoder)
-        else:
-            out = _lz4_blocks(stored)
-        if out.nbytes != expected:
-            raise OSError(f"chunk {chunk} decodes to {out.nbytes} bytes, expected {expected}")
-        return out.reshape(-1).view(np.uint8)
+        try:
+            if seg.decoder == "raw" or mask:  # a filter the writer skipped for this chunk
+                if size != out.nbytes:
+                    raise chunk_codecs.ChunkError(f"holds {size} bytes, expected {out.nbytes}")
+                out[:] = stored
+            elif seg.decoder.startswith("bitshuffle"):
+                chunk_codecs.decode_bitshuffle(stored, out, self.run.stored_dtype.itemsize,
+                                               seg.decoder.removeprefix("bitshuffle-"))
+            else:
+                chunk_codecs.decode_lz4(stored, out)
+        except chunk_codecs.ChunkError as exc:
+            raise OSError(f"chunk {chunk}: {exc}") from None
 
     def _via_hdf5(self, seg: Segment, dest: np.ndarray, local: int, step: int) -> None:
         with h5py.File(seg.path, "r", locking=False) as f:
@@ -463,57 +468,6 @@ class NxmxReader:
     def _unreadable(self, seg: Segment, exc: Exception) -> RunUnreadable:
         return RunUnreadable(f"{self.run.describe()}: data file {seg.path.name} cannot be read: "
                              f"it is truncated or corrupted ({exc})")
-
-
-def _bitshuffle(stored: np.ndarray, dtype: np.dtype, decoder: str) -> np.ndarray:
-    """A bitshuffle chunk as the HDF5 filter writes it: uncompressed size (u64, big-endian),
-    block size in bytes (u32, big-endian), then the compressed blocks."""
-    if stored.nbytes < 12:
-        raise OSError(f"a bitshuffle chunk of {stored.nbytes} bytes has no header")
-    total, block = struct.unpack(">QI", stored[:12].tobytes())
-    if total % dtype.itemsize or block % dtype.itemsize:
-        raise OSError(f"bitshuffle header ({total} bytes, blocks of {block}) does not fit "
-                      f"{dtype} values")
-    decompress = bitshuffle.decompress_lz4 if decoder == "bitshuffle-lz4" \
-        else bitshuffle.decompress_zstd
-    try:
-        return decompress(stored[12:], (total // dtype.itemsize,), dtype, block // dtype.itemsize)
-    except (RuntimeError, ValueError) as exc:
-        raise OSError(f"bitshuffle decompression failed ({exc})") from None
-
-
-def _lz4_blocks(stored: np.ndarray) -> np.ndarray:
-    """An LZ4 chunk as the HDF5 LZ4 filter (32004) writes it: total size (u64, big-endian),
-    block size (u32, big-endian), then per block its stored size (u32, big-endian) and bytes,
-    a block stored as is when compression would not shrink it."""
-    raw = memoryview(stored)
-    if len(raw) < 12:
-        raise OSError(f"an LZ4 chunk of {len(raw)} bytes has no header")
-    total, block = struct.unpack(">QI", raw[:12])
-    out = np.empty(total, dtype=np.uint8)
-    pos, done = 12, 0
-    while done < total:
-        want = min(block, total - done)
-        if pos + 4 > len(raw):
-            raise OSError("LZ4 chunk ends inside a block header")
-        (size,) = struct.unpack(">I", raw[pos : pos + 4])
-        pos += 4
-        piece = raw[pos : pos + size]
-        if len(piece) != size:
-            raise OSError("LZ4 chunk ends inside a block")
-        if size == want:
-            out[done : done + want] = np.frombuffer(piece, dtype=np.uint8)
-        else:
-            try:
-                plain = lz4.block.decompress(piece, uncompressed_size=want)
-            except lz4.block.LZ4BlockError as exc:
-                raise OSError(f"LZ4 decompression failed ({exc})") from None
-            if len(plain) != want:
-                raise OSError(f"an LZ4 block decodes to {len(plain)} bytes, expected {want}")
-            out[done : done + want] = np.frombuffer(plain, dtype=np.uint8)
-        pos += size
-        done += want
-    return out
 
 
 # -- the "config" table: one row of the master's per-run numeric datasets --------------------

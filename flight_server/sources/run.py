@@ -96,7 +96,7 @@ class Run:
                 raise NotFound(
                     f"{self.describe()} has no column "
                     f"'{raw}'.{close_matches(name, self.columns)} "
-                    f"Columns: {', '.join(self.columns)}"
+                    f"Columns: {listing(self.columns, limit=40)}"
                 )
             resolved.append(col)
         return resolved

@@ -108,10 +108,12 @@ def test_demo_generates_and_serves(tmp_path: Path, monkeypatch) -> None:
 
         with connect(location) as c:  # no token given: the keyring has the demo's
             assert c.whoami()["subject"] == "demo"
-            assert c.experiments() == ["cxilu9218", "tmox42619"]
+            assert c.experiments() == ["cxilu9218", "mx31245", "tmox42619"]
             runs = c.runs("tmox42619")
             assert runs.height >= 4 and (runs["events"] > 1000).all()
             assert c.read("cxilu9218", 12, ["entry_1/data_1/data"]).num_rows > 0
+            frames = c.numpy("mx31245", 1, "entry/data/data")  # the NXmx Eiger series
+            assert frames.shape == (180, 512, 512) and frames.dtype == "uint16"
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
