@@ -69,6 +69,8 @@ from bench.common import (
     warm_cache,
 )
 from bench.reference_server import columns_ticket
+from flight_server.sources import describe
+from flight_server.sources.streaming import BatchSizing, stream_batches
 
 NXMX = "nxmx"
 EUXFEL = "euxfel"
@@ -254,6 +256,17 @@ def run_nxmx(args: argparse.Namespace) -> list[Result]:
                 table = ref_client.do_get(info.endpoints[0].ticket).read_all()
                 return table.num_rows * FRAME_BYTES
 
+            read_pool = ThreadPoolExecutor(2, thread_name_prefix="read")
+            described = describe(series.master, series.experiment, series.number, "nxmx",
+                                 series.master.parent)
+
+            def read_path() -> int:
+                """The server's read path in this process, no network: the nxmx source's
+                batches (stored chunks read and decompressed on a pool of 2 threads)."""
+                frames = described.resolve([FRAMES])
+                return sum(b.nbytes for b in stream_batches(
+                    described, frames, 0, described.num_events, 1, BatchSizing(), read_pool))
+
             def in_threads() -> int:
                 return sum(threads.map(lambda half: h5py_read(master, half), halves))
 
@@ -277,6 +290,8 @@ def run_nxmx(args: argparse.Namespace) -> list[Result]:
                           clients=[psutil.Process(p.process.pid) for p in procs]),
                 Contender("in-memory Flight server, the frames decompressed at its start, "
                           "1 DoGet", in_memory, psutil.Process(ref.pid)),
+                Contender("our read path in-process (source + decompression on 2 threads, "
+                          "no network)", read_path),
             ]
             for rep in range(args.reps + 1):  # round 0 warms up and is not counted
                 for c in contenders:
@@ -287,10 +302,11 @@ def run_nxmx(args: argparse.Namespace) -> list[Result]:
                         c.server_cpu.clear()
         finally:
             ref_client.close()
+            read_pool.shutdown()
             for p in procs:
                 p.close()
 
-    ours_c, single_c, ref_c, threads_c, procs_c, memory_c = contenders
+    ours_c, single_c, ref_c, threads_c, procs_c, memory_c, path_c = contenders
     print(f"  {args.reps} rounds, taking turns, after one unmeasured; GB/s = 1e9 bytes/s of "
           f"decompressed frames; CPU = median CPU seconds per GiB of frames")
     rows = []
@@ -315,6 +331,9 @@ def run_nxmx(args: argparse.Namespace) -> list[Result]:
         Result(NXMX, "ours / in-memory Flight server (median GB/s)",
                f"{ours_c.median():.2f}/{memory_c.median():.2f} = "
                f"{ours_c.median() / memory_c.median():.2f}"),
+        Result(NXMX, "our read path, no network / h5py (median GB/s)",
+               f"{path_c.median():.2f}/{ref_c.median():.2f} = "
+               f"{path_c.median() / ref_c.median():.2f}"),
         Result(NXMX, "h5py 2 threads / 2 processes (median GB/s)",
                f"{threads_c.median():.2f} / {procs_c.median():.2f}"),
         Result(NXMX, "compression ratio of the stored frames", f"{series.nbytes / stored:.2f}"),
