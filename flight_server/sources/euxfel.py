@@ -48,7 +48,7 @@ from flight_server.sources.columns import (
     run_column,
 )
 from flight_server.sources.hdf5 import CONFIG_MAX_ELEMENTS, native_dtype
-from flight_server.sources.hdf5_reader import _read_slab, _wrap_fixed
+from flight_server.sources.hdf5_reader import read_slab, wrap_fixed
 from flight_server.sources.layouts import Layout
 from flight_server.sources.run import Run
 from schemas import metadata as md
@@ -974,9 +974,9 @@ class EuxfelReader:
                     raise self._unreadable(no, col, exc) from None
             present[k] = True
         if present.all():
-            return _wrap_fixed(col, values, n)
+            return wrap_fixed(col, values, n)
         values[~present] = 0  # deterministic bytes under the nulls
-        return _with_nulls(_wrap_fixed(col, values, n), present)
+        return _with_nulls(wrap_fixed(col, values, n), present)
 
     def _strings(self, col: Column, pieces: list, n: int) -> pa.Array:
         texts: list[str | None] = [None] * n
@@ -1061,10 +1061,10 @@ def _gather(ds: h5py.Dataset, out: np.ndarray, k: np.ndarray, e: np.ndarray) -> 
     """out[k[i]] = ds[e[i]] for all i, in as few strided reads as the pattern allows."""
     for k0, dk, e0, de, m in _runs(k, e):
         if dk == 1:
-            _read_slab(ds, out[k0 : k0 + m], e0, de)
+            read_slab(ds, out[k0 : k0 + m], e0, de)
         else:
             tmp = np.empty((m, *out.shape[1:]), dtype=out.dtype)
-            _read_slab(ds, tmp, e0, de)
+            read_slab(ds, tmp, e0, de)
             out[k0 : k0 + (m - 1) * dk + 1 : dk] = tmp
 
 

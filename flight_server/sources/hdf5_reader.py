@@ -76,14 +76,14 @@ class Hdf5Reader:
             values = self._read_fixed(col, start, stop, step, n)
             if col.path == self.run.layout.time_path:
                 raw_time[col.path] = values
-        return _wrap_fixed(col, values, n)
+        return wrap_fixed(col, values, n)
 
     def _raw_time(self, path: str, start: int, stop: int, step: int, n: int,
                   cache: dict[str, np.ndarray]) -> np.ndarray:
         if path not in cache:
             buf = allocate((n,), np.dtype(np.int64))
             if n:
-                _read_slab(self.run.dataset(path), buf, start, step)
+                read_slab(self.run.dataset(path), buf, start, step)
             cache[path] = buf
         return cache[path]
 
@@ -94,7 +94,7 @@ class Hdf5Reader:
         if col.whole_chunks and step == 1:
             self._pread_events(col, start, stop, buf)
         else:
-            _read_slab(self.run.dataset(col.path), buf, start, step)
+            read_slab(self.run.dataset(col.path), buf, start, step)
         return buf
 
     def _pread_events(self, col: Column, start: int, stop: int, buf: np.ndarray) -> None:
@@ -110,7 +110,7 @@ class Hdf5Reader:
             chunk = lo // c
             hi = min((chunk + 1) * c, stop)
             dest = out[(lo - start) * event_bytes : (hi - start) * event_bytes]
-            _pread_exactly(self.run.fd, dest, int(offsets[chunk]) + (lo - chunk * c) * event_bytes)
+            pread_exactly(self.run.fd, dest, int(offsets[chunk]) + (lo - chunk * c) * event_bytes)
             lo = hi
 
     def _read_ragged(self, col: Column, start: int, stop: int, step: int) -> pa.Array:
@@ -121,7 +121,7 @@ class Hdf5Reader:
                                 "fewer events per request")
         values = allocate((hi - lo,), col.dtype)
         if hi > lo:
-            _read_slab(self.run.dataset(col.path), values, lo, 1)
+            read_slab(self.run.dataset(col.path), values, lo, 1)
         value_type = col.field.type.value_type
         arr = pa.ListArray.from_buffers(
             col.field.type,
@@ -141,7 +141,7 @@ class Hdf5Reader:
         )
 
 
-def _read_slab(ds: h5py.Dataset, buf: np.ndarray, start: int, step: int) -> None:
+def read_slab(ds: h5py.Dataset, buf: np.ndarray, start: int, step: int) -> None:
     """Events start, start+step, ... (as many as `buf` holds) into `buf`, through h5py's
     low-level API: half the per-call cost of Dataset.read_direct, which matters for the many
     small reads of a small first batch."""
@@ -152,7 +152,7 @@ def _read_slab(ds: h5py.Dataset, buf: np.ndarray, start: int, step: int) -> None
     ds.id.read(h5s.create_simple(buf.shape), file_space, buf)
 
 
-def _pread_exactly(fd: int, dest: np.ndarray, offset: int) -> None:
+def pread_exactly(fd: int, dest: np.ndarray, offset: int) -> None:
     view = memoryview(dest)
     while len(view):
         got = os.preadv(fd, [view], offset)
@@ -161,7 +161,7 @@ def _pread_exactly(fd: int, dest: np.ndarray, offset: int) -> None:
         view, offset = view[got:], offset + got
 
 
-def _wrap_fixed(col: Column, values: np.ndarray, n: int) -> pa.Array:
+def wrap_fixed(col: Column, values: np.ndarray, n: int) -> pa.Array:
     """Wrap a numpy buffer as the column's Arrow type, zero-copy (booleans are bit-packed)."""
     value_type = col.field.type.storage_type if col.kind is Kind.TENSOR else col.field.type
     if col.kind is Kind.SCALAR:

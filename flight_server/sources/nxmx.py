@@ -40,7 +40,7 @@ from flight_server.errors import NotFound, RunUnreadable
 from flight_server.sources import chunk_codecs
 from flight_server.sources.columns import Column, Kind, dataset_column, run_column
 from flight_server.sources.hdf5 import config_value, dataset_units, native_dtype, walk_links
-from flight_server.sources.hdf5_reader import _pread_exactly, _read_slab, _wrap_fixed
+from flight_server.sources.hdf5_reader import pread_exactly, read_slab, wrap_fixed
 from flight_server.sources.layouts import Layout
 from flight_server.sources.run import Run
 from schemas import metadata as md
@@ -355,9 +355,9 @@ class NxmxReader:
             if col.kind is Kind.RUN:
                 arrays.append(pa.array(np.full(n, self.run.number, dtype=np.int32)))
             elif col.name == FRAMES:
-                arrays.append(_wrap_fixed(col, self._frames(col, start, stop, step, n), n))
+                arrays.append(wrap_fixed(col, self._frames(col, start, stop, step, n), n))
             else:
-                arrays.append(_wrap_fixed(col, self._per_frame(col, start, step, n), n))
+                arrays.append(wrap_fixed(col, self._per_frame(col, start, step, n), n))
         return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([c.field for c in columns]))
 
     # -- frames -------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ class NxmxReader:
     def _decode(self, seg: Segment, fd: int, chunk: int, offset: int, size: int, mask: int,
                 out: np.ndarray) -> None:
         stored = np.empty(size, dtype=np.uint8)
-        _pread_exactly(fd, stored, offset)
+        pread_exactly(fd, stored, offset)
         try:
             if seg.decoder == "raw" or mask:  # a filter the writer skipped for this chunk
                 if size != out.nbytes:
@@ -434,7 +434,7 @@ class NxmxReader:
         with h5py.File(seg.path, "r", locking=False) as f:
             ds = f[seg.dataset]
             if ds.dtype == dest.dtype:
-                _read_slab(ds, dest, local, step)
+                read_slab(ds, dest, local, step)
             else:
                 dest[...] = ds[local : local + len(dest) * step : step]
 
@@ -453,7 +453,7 @@ class NxmxReader:
         out = allocate((n, *col.shape), col.dtype)
         if n:
             try:
-                _read_slab(self._master_file()[col.path], out, start, step)
+                read_slab(self._master_file()[col.path], out, start, step)
             except OSError as exc:
                 raise RunUnreadable(f"{self.run.describe()} ({self.run.path.name}): /{col.path} "
                                     f"cannot be read ({exc})") from None
@@ -518,5 +518,5 @@ class ConfigReader:
                 out = allocate((n, *col.shape), col.dtype)
                 if n:
                     out[0] = f[col.path][()]
-                arrays.append(_wrap_fixed(col, out, n))
+                arrays.append(wrap_fixed(col, out, n))
         return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([c.field for c in columns]))
