@@ -704,6 +704,21 @@ def test_served_pulse_table(xfel_client: Client, xfel_server: LclstreamServer,
         xfel_client.read(EXP, 238, table="SPB_DET_AGIPD1M-1/DET/0CH0")
 
 
+def test_processing_and_filters_on_detector_frames(xfel_client: Client,
+                                                   refs: dict[int, Reference]) -> None:
+    """Steps and filters work on a pulse table's frames as on any tensor column."""
+    data, cell = f"{AGIPD0}/image.data", f"{AGIPD0}/image.cellId"
+    window = refs[238].table_window[AGIPD0][data][:64]
+    level = int(np.median(window))
+    got = xfel_client.read(EXP, 238, [data], (0, 64), table=AGIPD0, processing=[
+        {"step": "threshold", "column": data, "below": level}])
+    np.testing.assert_array_equal(got.column(0).combine_chunks().to_numpy_ndarray(),
+                                  np.where(window < level, 0, window))
+    cells = refs[238].tables[AGIPD0][cell][:64]
+    some = xfel_client.read(EXP, 238, [cell], (0, 64), table=AGIPD0, filter=f'"{cell}" < 10')
+    np.testing.assert_array_equal(some.column(0).to_numpy(), cells[cells < 10])
+
+
 def test_filter_on_a_control_key(xfel_client: Client, refs: dict[int, Reference]) -> None:
     present, flux = refs[3].main[FLUX]
     kept = xfel_client.read(EXP, 3, ["trainId", FLUX], filter=f'"{FLUX}" > 60')
