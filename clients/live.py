@@ -94,6 +94,10 @@ class Producer:
         self._schema: pa.Schema | None = None
         self.last_ack: Ack | None = None
         self.duplicates = 0  # resends the server recognised and did not store again
+        # What the caller dropped before sending (a bridge's full queue): set it, and the next
+        # batch tells the server, which lists it with the stream.
+        self.dropped = 0
+        self._sent_dropped = 0
         self.reconnects = 0
 
     @property
@@ -135,7 +139,10 @@ class Producer:
     def _meta(self, seq: int) -> pa.Buffer:
         retention = self._retention if seq == 1 or not self._sent_retention else None
         self._sent_retention = True
-        return pa.py_buffer(ProducerMeta(self.producer_id, seq, retention or None).encode())
+        dropped = self.dropped if self.dropped != self._sent_dropped else None
+        self._sent_dropped = self.dropped
+        return pa.py_buffer(ProducerMeta(self.producer_id, seq, retention or None,
+                                         dropped).encode())
 
     def _write(self, seq: int, batch: pa.RecordBatch) -> None:
         try:
@@ -159,6 +166,7 @@ class Producer:
         self._schema = schema
         self._released = False
         self._sent_retention = False
+        self._sent_dropped = 0  # a new call: tell the server again
         writer, reader = self._flight.do_put(self.descriptor, schema)
         self._writer = writer
         self._acks = threading.Thread(target=self._read_acks, args=(reader,), daemon=True,
@@ -270,6 +278,20 @@ class Producer:
                 self._check_answer(exc)
             self._reconnect()
             self.flush(timeout)
+
+    def discard_refused(self) -> None:
+        """After the server refused a batch (raised by `send` or `flush`): forget what it did
+        not acknowledge and the error, so that batches the stream does take can follow (a
+        bridge whose source changed its schema goes on). Flush before sending a batch the
+        stream may refuse, so that nothing else is forgotten with it."""
+        with self._cond:
+            self._error = None
+            self._unacked.clear()
+            self._unacked_bytes = 0
+        self._close_connection(quiet=True)
+        self._schema = None
+        with self._cond:
+            self._error = None
 
     def close(self) -> None:
         """Send what is queued, wait for every acknowledgement, end the connection."""

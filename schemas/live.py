@@ -123,11 +123,14 @@ def check_retention(retention: object) -> dict[str, float]:
 class ProducerMeta:
     """Sent with every batch. `producer` and `seq` make resends idempotent: a batch whose seq is
     not above the last one stored for its producer is a duplicate, acknowledged and not stored.
-    `retention` (optional) sets the stream's retention: {"bytes": int, "seconds": float}."""
+    `retention` (optional) sets the stream's retention: {"bytes": int, "seconds": float}.
+    `dropped` (optional): how many messages the producer has had to drop before sending so far
+    (a bridge whose bounded queue overflowed), reported in the stream's listing."""
 
     producer: str | None = None
     seq: int | None = None
     retention: dict[str, float] | None = None
+    dropped: int | None = None
 
     def encode(self) -> bytes:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None},
@@ -136,11 +139,16 @@ class ProducerMeta:
     @classmethod
     def decode(cls, raw: bytes | None) -> ProducerMeta:
         doc = decode_object(raw, "producer metadata")
-        unknown = set(doc) - {"producer", "seq", "retention"}
+        unknown = set(doc) - {"producer", "seq", "retention", "dropped"}
         if unknown:
             raise RequestError(f"unknown producer metadata {sorted(unknown)}; known: producer, "
-                               "seq, retention")
+                               "seq, retention, dropped")
         producer, seq, retention = doc.get("producer"), doc.get("seq"), doc.get("retention")
+        dropped = doc.get("dropped")
+        if dropped is not None and (not isinstance(dropped, int) or isinstance(dropped, bool)
+                                    or not 0 <= dropped <= MAX_SEQ):
+            raise RequestError(f"'dropped' must be an integer from 0 to {MAX_SEQ}, got "
+                               f"{excerpt(dropped)}")
         if (producer is None) != (seq is None):
             raise RequestError("producer metadata needs both 'producer' and 'seq', or neither")
         if producer is not None and not (isinstance(producer, str) and 0 < len(producer) <= 128):
@@ -150,7 +158,7 @@ class ProducerMeta:
             raise RequestError(f"'seq' must be an integer from 0 to {MAX_SEQ}, got {excerpt(seq)}")
         if retention is not None:
             retention = check_retention(retention)
-        return cls(producer, seq, retention)
+        return cls(producer, seq, retention, dropped)
 
 
 @dataclass(frozen=True)

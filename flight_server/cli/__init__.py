@@ -1,5 +1,5 @@
-"""`lclstream serve | demo | generate | ls | get | sql | produce | streams | submit | jobs |
-job | cancel | user | token | login | logout | certs`: the parser and the entry point; the
+"""`lclstream serve | demo | generate | ls | get | sql | produce | bridge | streams | submit |
+jobs | job | cancel | user | token | login | logout | certs`: the parser and the entry point; the
 commands live beside it."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flight_server.cli import bridge as cli_bridge
 from flight_server.cli import jobs as cli_jobs
 from flight_server.cli import security as cli_security
 from flight_server.cli.common import DEFAULT_SERVER, brief, event_slice
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--server", default=DEFAULT_SERVER)
     _client_arguments(pr)
     pr.set_defaults(func=cmd_produce)
+
+    cli_bridge.register(sub, _client_arguments)
 
     st = sub.add_parser("streams", help="list live streams: rate, size, consumer groups' lag")
     st.add_argument("experiment", nargs="?", help="an experiment name or glob (default: all)")

@@ -109,12 +109,13 @@ def streams_frame(rows: list[dict]):
     schema = {"experiment": pl.String, "stream": pl.String, "live": pl.Boolean,
               "run": pl.Int64, "events": pl.Int64, "events/s": pl.Float64, "MB/s": pl.Float64,
               "bytes_on_disk": pl.Int64, "producers": pl.Int64, "consumers": pl.Int64,
-              "groups": pl.String}
+              "dropped": pl.Int64, "groups": pl.String}
     return pl.DataFrame([{
         "experiment": r["experiment"], "stream": r["stream"], "live": r["live"],
         "run": r.get("run"), "events": r["events"], "events/s": r["events_per_s"],
         "MB/s": round(r["bytes_per_s"] / 1e6, 2), "bytes_on_disk": r["bytes_on_disk"],
-        "producers": r["producers"], "consumers": r["consumers"], "groups": groups(r),
+        "producers": r["producers"], "consumers": r["consumers"],
+        "dropped": r.get("dropped_upstream", 0), "groups": groups(r),
     } for r in rows], schema=schema).sort("experiment", "stream")
 
 

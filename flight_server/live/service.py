@@ -149,6 +149,8 @@ class LiveService:
                     raise _request_error(exc) from None
                 if meta.retention:
                     stream.set_retention(meta.retention)
+                if meta.dropped is not None:
+                    stream.note_dropped(meta.producer or "anonymous", meta.dropped)
                 if chunk.data is not None:
                     batch = validated(chunk.data, "the batch")
                     run_writer.check_nulls(batch)

@@ -159,6 +159,15 @@ class Stream:
         return (int(kept.get("bytes", self.settings.retention_bytes)),
                 float(kept.get("seconds", self.settings.retention_seconds)))
 
+    def note_dropped(self, producer: str, dropped: int) -> None:
+        """A producer's count of what it dropped before sending (a bridge's overflowing queue),
+        kept with the stream's state; written only when it grows, which is rare."""
+        with self.cond:
+            counts = self.state.setdefault("dropped", {})
+            if dropped > counts.get(producer, 0):
+                counts[producer] = dropped
+                self._save_state()
+
     def set_retention(self, retention: dict[str, float]) -> None:
         with self.cond:
             self.state["retention"] = {**self.state.get("retention", {}), **retention}
@@ -508,6 +517,7 @@ class Stream:
                 "events_per_s": round(events / window, 2) if self._arrivals else 0.0,
                 "bytes_per_s": round(nbytes / window) if self._arrivals else 0,
                 "producers": self.connected_producers, "consumers": self.consumers,
+                "dropped_upstream": sum(self.state.get("dropped", {}).values()),
                 "retention": {"bytes": keep_bytes, "seconds": keep_seconds},
                 "groups": [{"group": g.name, "committed": g.watermark(),
                             "lag": self.log.end - g.watermark(), "members": g.members}

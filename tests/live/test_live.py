@@ -427,3 +427,24 @@ def test_member_that_restarts_resumes_after_the_last_commit(client: Client) -> N
     again = collect(client.subscribe(EXP, "resume", group="g"), 80)
     assert indices(got) == list(range(40))
     assert indices(again) == list(range(20, 100))  # at least once: 20..39 come again
+
+
+def test_what_producers_dropped_upstream_is_listed_and_kept(client: Client,
+                                                           server: LclstreamServer) -> None:
+    """A bridge tells the server how many messages its full queue dropped; the listing sums the
+    producers' latest counts; a count that is not one is refused."""
+    with client.producer(EXP, "lossy", producer_id="bridge-a") as a, \
+            client.producer(EXP, "lossy", producer_id="bridge-b") as b:
+        a.send(events(0))
+        a.dropped = 3
+        a.send(events(10))
+        b.dropped = 4
+        b.send(events(20))
+        a.dropped = 5
+        a.send(events(30))
+    assert client.streams(EXP)[0]["dropped_upstream"] == 9
+    with pytest.raises(pa.ArrowInvalid, match="'dropped' must be an integer"):
+        writer, reader = raw_client(server.port).do_put(
+            flight.FlightDescriptor.for_path(EXP, "live", "lossy"), events(0).schema)
+        writer.write_with_metadata(events(40), pa.py_buffer(b'{"dropped": -1}'))
+        writer.close()

@@ -1,0 +1,288 @@
+"""A bridge: a facility stream (ZMQ, in its own format) turned into one of our live streams.
+
+Two threads. The receiver owns the ZMQ socket and does nothing but receive into a bounded queue
+(messages and bytes): a sender is never slowed by us, and when the server cannot keep up the
+queue overflows, the newest messages are dropped and counted, and memory stays bounded. The
+main thread decodes (formats.py), gathers rows into batches of `batch_events` or `batch_bytes`
+(or what arrived within `linger` seconds) and sends them with a `Producer`: acknowledged,
+resent after a server restart, de-duplicated by sequence number. A message that is not the
+announced format is counted and skipped; a batch the stream refuses (another schema) is counted
+and dropped, and the stream keeps what it had.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.live.bridges.formats import BadMessage, Decoded, Format
+
+log = logging.getLogger(__name__)
+
+# FORMAT (as `lclstream bridge FORMAT` names it) -> "module:class"; imported when chosen, so a
+# bridge loads only its own format's libraries.
+FORMATS = {
+    "lclstreamer-hdf5": "flight_server.live.bridges.lclstreamer:LclstreamerHdf5",
+    "simplon": "flight_server.live.bridges.dectris:Stream2",
+    "dectris-stream2": "flight_server.live.bridges.dectris:Stream2",
+    "karabo-bridge": "flight_server.live.bridges.karabo:KaraboBridge",
+}
+SOCKET_TYPES = ("PULL", "SUB", "REQ")
+POLL_MS = 100  # how often the receiver looks at the stop flag while nothing arrives
+
+
+def make_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ValueError(f"unknown bridge format {name!r}; known: {', '.join(FORMATS)}")
+    module, _, cls = FORMATS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+@dataclass
+class BridgeStats:
+    """What a bridge did; `dropped` is also reported to the server with the stream."""
+
+    received: int = 0  # messages taken off the socket
+    received_bytes: int = 0
+    dropped: int = 0  # messages the full queue could not take
+    bad: int = 0  # messages that were not the announced format
+    refused: int = 0  # events the stream would not take (another schema)
+    events: int = 0  # events sent and acknowledged
+    batches: int = 0
+    last_error: str | None = None
+    bad_reasons: dict[str, int] = field(default_factory=dict)
+
+    def summary(self, fmt: str) -> str:
+        return (f"{self.received} messages received ({self.received_bytes / 1e6:.1f} MB), "
+                f"{self.events} events sent in {self.batches} batches, {self.dropped} messages "
+                f"dropped (queue full), {self.bad} not {fmt}, {self.refused} events refused by "
+                "the stream")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Queue:
+    """Messages from the receiver to the decoder, bounded in count and in bytes."""
+
+    max_messages: int = 1000
+    max_bytes: int = 512 << 20
+    _items: deque = field(default_factory=deque)
+    _bytes: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def offer(self, parts: list, nbytes: int) -> bool:
+        """Queue a message unless that would pass a bound (then False: the caller drops it)."""
+        with self._cond:
+            if self._items and (len(self._items) >= self.max_messages
+                                or self._bytes + nbytes > self.max_bytes):
+                return False
+            self._items.append((parts, nbytes))
+            self._bytes += nbytes
+            self._cond.notify()
+            return True
+
+    def take(self, timeout: float) -> list | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            parts, nbytes = self._items.popleft()
+            self._bytes -= nbytes
+            self._cond.notify()
+            return parts
+
+    def has_room(self) -> bool:
+        with self._cond:
+            return len(self._items) < self.max_messages and self._bytes < self.max_bytes
+
+    def wait_for_room(self, timeout: float) -> bool:
+        with self._cond:
+            if len(self._items) >= self.max_messages or self._bytes >= self.max_bytes:
+                self._cond.wait(timeout)
+            return len(self._items) < self.max_messages and self._bytes < self.max_bytes
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+class Bridge:
+    """Run with `run()` until `stop()` (or `max_messages`); `stats` says what happened."""
+
+    def __init__(self, fmt: Format, producer, endpoint: str, *, bind: bool = False,
+                 socket_type: str | None = None, batch_events: int | None = None,
+                 batch_bytes: int = 4 << 20, linger: float = 0.2,
+                 queue: Queue | None = None, receive_hwm: int = 1000,
+                 on_batch: Callable[[pa.RecordBatch], None] | None = None) -> None:
+        self.format = fmt
+        self.producer = producer
+        self.endpoint, self.bind = endpoint, bind
+        self.socket_type = (socket_type or fmt.socket_type).upper()
+        if self.socket_type not in SOCKET_TYPES:
+            raise ValueError(f"socket type must be one of {', '.join(SOCKET_TYPES)}")
+        self.batch_events, self.batch_bytes, self.linger = batch_events, batch_bytes, linger
+        self.queue = queue or Queue()
+        self.receive_hwm = receive_hwm
+        self.on_batch = on_batch
+        self.stats = BridgeStats()
+        self._stop = threading.Event()
+        self._receiver_done = threading.Event()
+        self._receiver_error: BaseException | None = None
+        self._metadata: dict[str, str] = {}
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_events = self._pending_bytes = 0
+        self._last_arrival = time.monotonic()
+        self._sent_schema: pa.Schema | None = None
+        self.ready = threading.Event()  # the socket is connected or bound
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- receiving (its own thread: it owns the socket) ---------------------------------------
+
+    def _receive(self, max_messages: int | None) -> None:
+        import zmq
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(getattr(zmq, self.socket_type))
+        try:
+            sock.setsockopt(zmq.RCVHWM, self.receive_hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.socket_type == "SUB":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            if self.socket_type == "REQ":
+                # A peer that goes away mid-request must not wedge the socket: resend on
+                # reconnect, and accept a reply to the latest request only.
+                sock.setsockopt(zmq.REQ_RELAXED, 1)
+                sock.setsockopt(zmq.REQ_CORRELATE, 1)
+            (sock.bind if self.bind else sock.connect)(self.endpoint)
+            self.ready.set()
+            asked = False
+            while not self._stop.is_set():
+                if max_messages is not None and self.stats.received >= max_messages:
+                    break
+                if self.socket_type == "REQ" and not asked:
+                    # Ask only when the queue has room: a requested source is paced by us, so
+                    # nothing needs dropping.
+                    if not self.queue.wait_for_room(POLL_MS / 1000):
+                        continue
+                    sock.send(self.format.request() or b"next")
+                    asked = True
+                if not sock.poll(POLL_MS):
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                asked = False
+                parts = [f.buffer for f in frames]
+                nbytes = sum(len(p) for p in parts)
+                self.stats.received += 1
+                self.stats.received_bytes += nbytes
+                if not self.queue.offer(parts, nbytes):
+                    self.stats.dropped += 1
+        except BaseException as exc:  # reported by run(); the bridge stops
+            self._receiver_error = exc
+            self.ready.set()
+        finally:
+            sock.close(0)
+            self._receiver_done.set()
+
+    # -- decoding and sending (the caller's thread) -------------------------------------------
+
+    def run(self, max_messages: int | None = None) -> BridgeStats:
+        receiver = threading.Thread(target=self._receive, args=(max_messages,), daemon=True,
+                                    name="lclstream-bridge-receive")
+        receiver.start()
+        try:
+            while True:
+                parts = self.queue.take(min(self.linger, POLL_MS / 1000))
+                if parts is None:
+                    if self._receiver_done.is_set() and not len(self.queue):
+                        break
+                    if self._pending and time.monotonic() - self._last_arrival >= self.linger:
+                        self._flush()
+                    continue
+                self._last_arrival = time.monotonic()
+                self._handle(parts)
+            self._flush()
+            self.producer.dropped = self.stats.dropped
+            self.producer.flush()
+        finally:
+            self._stop.set()
+            receiver.join()
+        if self._receiver_error is not None:
+            raise self._receiver_error
+        return self.stats
+
+    def _handle(self, parts: list) -> None:
+        try:
+            decoded: Decoded = self.format.decode(parts)
+        except BadMessage as exc:
+            self.stats.bad += 1
+            reason = str(exc)
+            self.stats.bad_reasons[reason] = self.stats.bad_reasons.get(reason, 0) + 1
+            if self.stats.bad_reasons[reason] == 1:
+                log.warning("bridge: skipping a message that is not %s: %s",
+                            self.format.name, reason)
+            return
+        if decoded.metadata:
+            self._flush()  # rows already gathered keep the metadata they came with
+            self._metadata.update(decoded.metadata)
+        if decoded.batch is not None and decoded.batch.num_rows:
+            if self._pending and not decoded.batch.schema.equals(self._pending[0].schema):
+                self._flush()
+            self._pending.append(decoded.batch)
+            self._pending_events += decoded.batch.num_rows
+            self._pending_bytes += decoded.batch.nbytes
+            if (self._pending_bytes >= self.batch_bytes
+                    or (self.batch_events is not None
+                        and self._pending_events >= self.batch_events)):
+                self._flush()
+        if decoded.end:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        batches, self._pending = self._pending, []
+        self._pending_events = self._pending_bytes = 0
+        batch = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
+        if self._metadata:
+            merged = {**(batch.schema.metadata or {}),
+                      **{k.encode(): v.encode() for k, v in self._metadata.items()}}
+            batch = batch.replace_schema_metadata(merged)
+        self.producer.dropped = self.stats.dropped
+        new_schema = self._sent_schema is None or not batch.schema.equals(self._sent_schema)
+        try:
+            if new_schema:
+                # The stream may refuse another schema: what went before is stored first, and
+                # the answer is awaited, so a refusal costs exactly this batch.
+                self.producer.flush()
+                self.producer.send(batch)
+                self.producer.flush()
+            else:
+                self.producer.send(batch)
+        except (flight.FlightError, pa.ArrowException) as exc:
+            # The stream would not take it (another schema, ended, no right to write): its
+            # events are refused and counted; the stream keeps what it has.
+            self.stats.refused += batch.num_rows
+            self.stats.last_error = str(exc).split(". Detail:")[0]
+            log.error("bridge: the stream refused %d events: %s", batch.num_rows,
+                      self.stats.last_error)
+            self.producer.discard_refused()
+            self._sent_schema = None
+            return
+        self._sent_schema = batch.schema
+        self.stats.events += batch.num_rows
+        self.stats.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(batch)
