@@ -132,7 +132,7 @@ class Bridge:
         if self.socket_type not in SOCKET_TYPES:
             raise ValueError(f"socket type must be one of {', '.join(SOCKET_TYPES)}")
         self.batch_events, self.batch_bytes, self.linger = batch_events, batch_bytes, linger
-        self.queue = queue or Queue()
+        self.queue = queue if queue is not None else Queue()  # (an empty Queue is falsy)
         self.receive_hwm = receive_hwm
         self.on_batch = on_batch
         self.stats = BridgeStats()
