@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_server.errors import InvalidArgument
+from flight_server.live import run_writer
 from flight_server.live.bridges.formats import BadMessage, Decoded, Format
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ FORMATS = {
     "karabo-bridge": "flight_server.live.bridges.karabo:KaraboBridge",
 }
 SOCKET_TYPES = ("PULL", "SUB", "REQ")
+RENAMED_PREFIX = "sent/"  # a column whose name the run layout reserves (`timestamp` as a float)
 POLL_MS = 100  # how often the receiver looks at the stop flag while nothing arrives
 
 
@@ -59,12 +62,14 @@ class BridgeStats:
     batches: int = 0
     last_error: str | None = None
     bad_reasons: dict[str, int] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # text columns a stream cannot store
 
     def summary(self, fmt: str) -> str:
         return (f"{self.received} messages received ({self.received_bytes / 1e6:.1f} MB), "
                 f"{self.events} events sent in {self.batches} batches, {self.dropped} messages "
                 f"dropped (queue full), {self.bad} not {fmt}, {self.refused} events refused by "
-                "the stream")
+                "the stream"
+                + (f"; text columns left out: {', '.join(self.left_out)}" if self.left_out else ""))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -144,6 +149,7 @@ class Bridge:
         self._pending_events = self._pending_bytes = 0
         self._last_arrival = time.monotonic()
         self._sent_schema: pa.Schema | None = None
+        self._adapt: dict[pa.Schema, list] = {}  # per decoded schema: how each column is stored
         self.ready = threading.Event()  # the socket is connected or bound
 
     def stop(self) -> None:
@@ -223,6 +229,49 @@ class Bridge:
             raise self._receiver_error
         return self.stats
 
+    def _storable(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch as a live stream can store it (a stream ends as a run file: numbers only):
+        booleans as uint8, a column whose name the run layout reserves for another type renamed
+        `sent/<name>`, and text left out. What is changed is logged once per column."""
+        key = batch.schema
+        plan = self._adapt.get(key)
+        if plan is None:
+            plan = self._adapt[key] = [self._adapt_field(f) for f in batch.schema]
+        if all(p is None for p in plan):
+            return batch
+        arrays, fields = [], []
+        for column, stored, change in zip(batch.columns, batch.schema, plan, strict=True):
+            if change is None:
+                arrays.append(column)
+                fields.append(stored)
+            elif change != "leave out":
+                arrays.append(column if change.type == stored.type else column.cast(change.type))
+                fields.append(change)
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, batch.schema.metadata))
+
+    def _adapt_field(self, column: pa.Field) -> pa.Field | str | None:
+        """None: stored as it is; a field: stored as that; "leave out": not storable."""
+        if _storable(column):
+            return None
+        t = column.type
+        note = {b"lclstream.bridge": b""}
+        if pa.types.is_boolean(t) or (pa.types.is_list(t) and pa.types.is_boolean(t.value_type)):
+            target = column.with_type(pa.uint8() if pa.types.is_boolean(t)
+                                      else pa.list_(pa.uint8()))
+            why = "booleans stored as uint8 (0/1)"
+        else:
+            renamed = column.with_name(RENAMED_PREFIX + column.name)
+            if _storable(renamed):
+                target, why = renamed, f"renamed {renamed.name}: the run layout reserves its name"
+            else:
+                log.warning("bridge: column '%s' (%s) is left out: a live stream stores numbers "
+                            "only", column.name, t)
+                self.stats.left_out.append(column.name)
+                return "leave out"
+        note[b"lclstream.bridge"] = why.encode()
+        log.info("bridge: column '%s': %s", column.name, why)
+        return target.with_metadata({**(column.metadata or {}), **note})
+
     def _handle(self, parts: list) -> None:
         try:
             decoded: Decoded = self.format.decode(parts)
@@ -238,6 +287,7 @@ class Bridge:
             self._flush()  # rows already gathered keep the metadata they came with
             self._metadata.update(decoded.metadata)
         if decoded.batch is not None and decoded.batch.num_rows:
+            decoded.batch = self._storable(decoded.batch)
             if self._pending and not decoded.batch.schema.equals(self._pending[0].schema):
                 self._flush()
             self._pending.append(decoded.batch)
@@ -286,3 +336,11 @@ class Bridge:
         self.stats.batches += 1
         if self.on_batch is not None:
             self.on_batch(batch)
+
+
+def _storable(field: pa.Field) -> bool:
+    try:
+        run_writer.check_schema(pa.schema([field]))
+    except InvalidArgument:
+        return False
+    return True

@@ -209,3 +209,52 @@ def test_the_command_line_bridge(bridge_server: LclstreamServer, client: Client,
     assert res.returncode == 0, res.stderr
     assert "8 messages received" in res.stdout and "40 events sent" in res.stdout
     assert_stream_holds(client, "cli", expected_table(sent))
+
+
+def test_what_a_stream_cannot_store_is_adapted_or_left_out(client: Client) -> None:
+    """A live stream ends as a run file, which stores numbers: booleans arrive as uint8, a
+    float `timestamp` (the seed's psana time) as `sent/timestamp`, text is left out."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    bridge, out = start_bridge(client, "mixed", endpoint)
+    fields = {"timestamp": np.linspace(1.7e9, 1.7e9 + 1, 4),
+              "laser/on": np.array([True, False, True, True]),
+              "gmd/energy": np.arange(4, dtype=np.float32)}
+    with sender(endpoint) as push:
+        push.send(lclstreamer_message(fields))
+        finish(bridge, out, until=1)
+    table = client.read_stream(EXP, "mixed")
+    assert table.schema.field("laser/on").type == pa.uint8()
+    assert table.column("laser/on").to_pylist() == [1, 0, 1, 1]
+    assert table.column("sent/timestamp").to_pylist() == fields["timestamp"].tolist()
+    assert table.column("gmd/energy").to_pylist() == [0.0, 1.0, 2.0, 3.0]
+    assert out["stats"].events == 4 and out["stats"].refused == 0
+
+
+def test_karabo_trains_through_a_req_bridge(client: Client) -> None:
+    """karabo_bridge's own server (REP, what a Karabo bridge device offers) fed three trains
+    with text, booleans and lists beside the frames; the bridge asks for each, and the stream
+    holds every number as fed, booleans as uint8, text left out."""
+    from karabo_bridge import ServerInThread
+
+    from tests.live.bridges.messages import KARABO_DETECTOR, KARABO_MOTOR, karabo_train
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    trains = [karabo_train(500 + i) for i in range(3)]
+    with ServerInThread(endpoint, sock="REP") as server:
+        for data, meta in trains:
+            server.feed(data, meta)
+        producer = client.producer(EXP, "karabo", producer_id="bridge-karabo")
+        bridge = Bridge(make_format("karabo-bridge"), producer, endpoint, linger=0.05)
+        stats = bridge.run(max_messages=3)
+        producer.close()
+    assert (stats.received, stats.events, stats.refused, stats.bad) == (3, 3, 0, 0)
+    assert f"{KARABO_MOTOR}/state" in stats.left_out
+    table = client.read_stream(EXP, "karabo")
+    assert table.column("trainId").to_pylist() == [500, 501, 502]
+    frames = table.column(f"{KARABO_DETECTOR}/image.data").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_array_equal(frames, np.stack([d[KARABO_DETECTOR]["image.data"]
+                                                    for d, _ in trains]))
+    assert table.column(f"{KARABO_MOTOR}/actualPosition").to_pylist() == \
+        [d[KARABO_MOTOR]["actualPosition"] for d, _ in trains]
+    assert table.column(f"{KARABO_MOTOR}/isMoving").to_pylist() == [0, 0, 0]
+    assert f"{KARABO_MOTOR}/state" not in table.column_names
