@@ -1,5 +1,5 @@
-"""`python -m bench`: throughput, latency, memory, SQL, processing, live streams, jobs and other
-facilities' formats (NXmx, European XFEL) of the server against their targets.
+"""`python -m bench`: throughput, latency, memory, SQL, processing, live streams, jobs, other
+facilities' formats (NXmx, European XFEL) and bridges of the server against their targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import formats, jobs, latency, live, memory, processing, sql, throughput
+from bench import bridges, formats, jobs, latency, live, memory, processing, sql, throughput
 from bench.common import (
     Result,
     environment,
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     jobs.NAME: jobs.run,
     formats.NXMX: formats.run_nxmx,
     formats.EUXFEL: formats.run_euxfel,
+    bridges.NAME: bridges.run,
 }
 
 

@@ -1,19 +1,22 @@
 """A bridge: a facility stream (ZMQ, in its own format) turned into one of our live streams.
 
-Two threads. The receiver owns the ZMQ socket and does nothing but receive into a bounded queue
-(messages and bytes): a sender is never slowed by us, and when the server cannot keep up the
-queue overflows, the newest messages are dropped and counted, and memory stays bounded. The
-main thread decodes (formats.py), gathers rows into batches of `batch_events` or `batch_bytes`
-(or what arrived within `linger` seconds) and sends them with a `Producer`: acknowledged,
-resent after a server restart, de-duplicated by sequence number. A message that is not the
-announced format is counted and skipped; a batch the stream refuses (another schema) is counted
-and dropped, and the stream keeps what it had.
+Three threads:
+- the receiver owns the ZMQ socket and does nothing but receive into a bounded queue (messages
+  and bytes). A sender is never slowed by us: when the server cannot keep up, the queue
+  overflows, the newest messages are dropped and counted, and memory stays bounded;
+- the main thread decodes (formats.py) and gathers rows into batches of `batch_events` or
+  `batch_bytes` (or what arrived within `linger` seconds);
+- the sender joins each batch's rows and sends them with a `Producer` while the next messages
+  are decoded: acknowledged, resent after a server restart, de-duplicated by sequence number.
+A message that is not the announced format is counted and skipped; a batch the stream refuses
+(another schema) is counted and dropped, and the stream keeps what it had.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import queue as queue_module
 import threading
 import time
 from collections import deque
@@ -150,6 +153,8 @@ class Bridge:
         self._last_arrival = time.monotonic()
         self._sent_schema: pa.Schema | None = None
         self._adapt: dict[pa.Schema, list] = {}  # per decoded schema: how each column is stored
+        self._to_send: queue_module.Queue = queue_module.Queue(maxsize=2)
+        self._sender_error: BaseException | None = None
         self.ready = threading.Event()  # the socket is connected or bound
 
     def stop(self) -> None:
@@ -207,7 +212,10 @@ class Bridge:
     def run(self, max_messages: int | None = None) -> BridgeStats:
         receiver = threading.Thread(target=self._receive, args=(max_messages,), daemon=True,
                                     name="lclstream-bridge-receive")
+        sender = threading.Thread(target=self._send_loop, daemon=True,
+                                  name="lclstream-bridge-send")
         receiver.start()
+        sender.start()
         try:
             while True:
                 parts = self.queue.take(min(self.linger, POLL_MS / 1000))
@@ -220,11 +228,15 @@ class Bridge:
                 self._last_arrival = time.monotonic()
                 self._handle(parts)
             self._flush()
-            self.producer.dropped = self.stats.dropped
-            self.producer.flush()
         finally:
             self._stop.set()
+            self._to_send.put(None)
+            sender.join()
             receiver.join()
+        if self._sender_error is not None:
+            raise self._sender_error
+        self.producer.dropped = self.stats.dropped
+        self.producer.flush()
         if self._receiver_error is not None:
             raise self._receiver_error
         return self.stats
@@ -301,14 +313,40 @@ class Bridge:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the gathered rows to the sender thread (waiting while it has two batches in
+        hand: then the message queue fills, and overflows, rather than memory)."""
         if not self._pending:
             return
         batches, self._pending = self._pending, []
         self._pending_events = self._pending_bytes = 0
+        metadata = dict(self._metadata)
+        while not self._to_send_put((batches, metadata)):
+            if self._sender_error is not None:
+                raise self._sender_error
+
+    def _to_send_put(self, item: object) -> bool:
+        try:
+            self._to_send.put(item, timeout=0.5)
+        except queue_module.Full:
+            return False
+        return True
+
+    def _send_loop(self) -> None:
+        """The sender thread: joins each batch's rows and sends them while the main thread
+        decodes the next messages."""
+        try:
+            while (item := self._to_send.get()) is not None:
+                self._send(*item)
+        except BaseException as exc:  # reported by run(); the bridge stops
+            self._sender_error = exc
+            while self._to_send.get() is not None:  # let the main thread finish
+                pass
+
+    def _send(self, batches: list[pa.RecordBatch], metadata: dict[str, str]) -> None:
         batch = batches[0] if len(batches) == 1 else pa.concat_batches(batches)
-        if self._metadata:
+        if metadata:
             merged = {**(batch.schema.metadata or {}),
-                      **{k.encode(): v.encode() for k, v in self._metadata.items()}}
+                      **{k.encode(): v.encode() for k, v in metadata.items()}}
             batch = batch.replace_schema_metadata(merged)
         self.producer.dropped = self.stats.dropped
         new_schema = self._sent_schema is None or not batch.schema.equals(self._sent_schema)
@@ -336,7 +374,6 @@ class Bridge:
         self.stats.batches += 1
         if self.on_batch is not None:
             self.on_batch(batch)
-
 
 def _storable(field: pa.Field) -> bool:
     try:
