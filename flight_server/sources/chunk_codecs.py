@@ -17,8 +17,10 @@ import os
 import struct
 import threading
 
+import h5py
 import lz4.block
 import numpy as np
+from h5py import h5z
 
 _import_lock = threading.Lock()
 with _import_lock:
@@ -47,6 +49,40 @@ for _name, _symbol in (("lz4", "bshuf_decompress_lz4"), ("zstd", "bshuf_decompre
         _DECOMPRESS[_name] = _fn
 
 HEADER = struct.Struct(">QI")  # both filters: uncompressed bytes (u64), block bytes (u32)
+BITSHUFFLE, LZ4 = 32008, 32004  # HDF5 filter ids
+BITSHUFFLE_INNER = {2: "lz4", 3: "zstd"}  # bitshuffle's compression option (cd_values[4])
+FILTER_NAMES = {1: "deflate", 2: "shuffle", 3: "fletcher32", 32001: "blosc", LZ4: "lz4",
+                BITSHUFFLE: "bitshuffle", 32013: "zfp", 32015: "zstd", 32026: "blosc2"}
+
+
+def filters(ds: h5py.Dataset) -> list[tuple]:
+    """The dataset's filter pipeline: (id, flags, options, name) per filter, in order."""
+    plist = ds.id.get_create_plist()
+    return [plist.get_filter(i) for i in range(plist.get_nfilters())]
+
+
+def unavailable_filter(pipeline: list[tuple]) -> str | None:
+    """'HDF5 filter 32099 (unregistered)' when no installed plugin provides a filter of the
+    pipeline (HDF5 could not read the data either), else None."""
+    for fid, _, _, _ in pipeline:
+        if not h5z.filter_avail(fid):
+            return f"HDF5 filter {fid} ({FILTER_NAMES.get(fid, 'unregistered')})"
+    return None
+
+
+def decoder(pipeline: list[tuple]) -> str | None:
+    """Which of our decoders reads chunks of this pipeline: "bitshuffle-lz4",
+    "bitshuffle-zstd" or "lz4" when that filter is the only one; None otherwise."""
+    if len(pipeline) != 1:
+        return None
+    fid, _, options, _ = pipeline[0]
+    if fid == LZ4:
+        return "lz4"
+    if fid == BITSHUFFLE and len(options) > 4:
+        inner = BITSHUFFLE_INNER.get(options[4])
+        if inner is not None and bitshuffle_available(inner):
+            return f"bitshuffle-{inner}"
+    return None
 
 
 class ChunkError(OSError):

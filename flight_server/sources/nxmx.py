@@ -33,7 +33,6 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the facility filters with HDF5 for the fallback path)
 import numpy as np
 import pyarrow as pa
-from h5py import h5z
 
 from flight_server.buffers import allocate
 from flight_server.errors import NotFound, RunUnreadable
@@ -50,10 +49,6 @@ NXMX = Layout(name="nxmx", event_count_path="entry/data/data", time_path=None,
 FRAMES = "entry/data/data"  # the frame column: the dataset path in every data file
 CONFIG_TABLE = "config"
 FRAME_UNITS = "counts"  # detector counts: photons, for a photon-counting Eiger
-BITSHUFFLE, LZ4 = 32008, 32004
-BSHUF_LZ4, BSHUF_ZSTD = 2, 3  # bitshuffle's compression option (cd_values[4])
-FILTER_NAMES = {1: "deflate", 2: "shuffle", 3: "fletcher32", 32001: "blosc", 32004: "lz4",
-                32008: "bitshuffle", 32015: "zstd", 32026: "blosc2"}
 
 # Geometry users look for first, as NXmx names it: (metadata key, paths under /entry tried
 # in order; older DECTRIS firmware keeps the wavelength under the monochromator).
@@ -243,27 +238,17 @@ def _inside(file: Path, within: Path, where: str, name: str) -> Path:
 
 def _decoder(ds: h5py.Dataset, file: Path, where: str) -> str:
     """How this server decodes the dataset's chunks, checking HDF5 could decode them too."""
-    plist = ds.id.get_create_plist()
-    filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
-    for fid, _, _, _ in filters:
-        if not h5z.filter_avail(fid):
-            label = FILTER_NAMES.get(fid, "unregistered")
-            raise RunUnreadable(
-                f"{where}: {file.name} is compressed with HDF5 filter {fid} ({label}), which no "
-                "installed plugin provides (hdf5plugin registers bitshuffle, LZ4, zstd, Blosc)")
+    pipeline = chunk_codecs.filters(ds)
+    missing = chunk_codecs.unavailable_filter(pipeline)
+    if missing:
+        raise RunUnreadable(
+            f"{where}: {file.name} is compressed with {missing}, which no installed plugin "
+            "provides (hdf5plugin registers bitshuffle, LZ4, zstd, Blosc)")
     if not ds.chunks:
         return "hdf5"
-    if not filters:
+    if not pipeline:
         return "raw"
-    if len(filters) == 1:
-        fid, _, options, _ = filters[0]
-        if fid == BITSHUFFLE and len(options) > 4 and options[4] == BSHUF_LZ4:
-            return "bitshuffle-lz4"
-        if fid == BITSHUFFLE and len(options) > 4 and options[4] == BSHUF_ZSTD:
-            return "bitshuffle-zstd" if chunk_codecs.bitshuffle_available("zstd") else "hdf5"
-        if fid == LZ4:
-            return "lz4"
-    return "hdf5"
+    return chunk_codecs.decoder(pipeline) or "hdf5"
 
 
 def _read_chunk_index(run: NxmxRun, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

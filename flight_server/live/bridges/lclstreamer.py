@@ -36,7 +36,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the seed's compression filters with HDF5)
 import numpy as np
 import pyarrow as pa
-from h5py import h5s, h5z
+from h5py import h5s
 
 from flight_server.buffers import allocate
 from flight_server.live.bridges.formats import BadMessage, Decoded
@@ -56,10 +56,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = md.CONFIG.decode()  # scalar datasets: {path: value}
 ATTRS_KEY = "lclstreamer.attrs"  # attributes: {"/" or "/path": {name: value}}
-BITSHUFFLE, LZ4 = 32008, 32004
-BSHUF_LZ4, BSHUF_ZSTD = 2, 3  # bitshuffle's compression option (cd_values[4])
-FILTER_NAMES = {1: "deflate", 2: "shuffle", 3: "fletcher32", 32001: "blosc", 32004: "lz4",
-                32008: "bitshuffle", 32013: "zfp", 32015: "zstd", 32026: "blosc2"}
 _NO_MESSAGE = np.zeros(0, dtype=np.uint8)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_MESSAGE_VALUES = 4 << 30  # bytes: a batch of 10 Jungfrau 4M float64 frames is 1.3 GiB
@@ -195,26 +191,19 @@ def _decoder(ds: h5py.Dataset, path: str) -> str:
     for bitshuffle and LZ4: their HDF5 filters trust the block sizes stored in a chunk, so a
     damaged message made them read past it (a segfault, found by fuzzing), which the checked
     decoders of chunk_codecs (as the NXmx source uses) refuse."""
-    plist = ds.id.get_create_plist()
-    filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
-    for fid, _, _, _ in filters:
-        if not h5z.filter_avail(fid):
-            raise BadMessage(f"dataset /{path} is compressed with HDF5 filter {fid} "
-                             f"({FILTER_NAMES.get(fid, 'unregistered')}), which no installed "
-                             "plugin provides")
-    ids = [f[0] for f in filters]
-    if BITSHUFFLE not in ids and LZ4 not in ids:
+    pipeline = chunk_codecs.filters(ds)
+    missing = chunk_codecs.unavailable_filter(pipeline)
+    if missing:
+        raise BadMessage(f"dataset /{path} is compressed with {missing}, which no installed "
+                         "plugin provides")
+    ids = [f[0] for f in pipeline]
+    if chunk_codecs.BITSHUFFLE not in ids and chunk_codecs.LZ4 not in ids:
         return "hdf5"
-    if len(filters) == 1:
-        fid, _, options, _ = filters[0]
-        if fid == LZ4:
-            return "lz4"
-        inner = {BSHUF_LZ4: "lz4", BSHUF_ZSTD: "zstd"}.get(options[4] if len(options) > 4
-                                                           else None)
-        if inner is None:
-            return "hdf5"  # bitshuffle alone: fixed sizes, nothing stored to trust
-        if chunk_codecs.bitshuffle_available(inner):
-            return f"bitshuffle-{inner}"
+    ours = chunk_codecs.decoder(pipeline)
+    if ours is not None:
+        return ours
+    if ids == [chunk_codecs.BITSHUFFLE] and pipeline[0][2][4:5] in ((), (0,)):
+        return "hdf5"  # bitshuffle alone: fixed sizes, nothing stored to trust
     raise BadMessage(f"dataset /{path} has filters {ids}: bitshuffle and LZ4 are decoded "
                      "only alone in a dataset's pipeline")
 
