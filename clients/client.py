@@ -341,16 +341,16 @@ class Client:
                events: Events = None, *, filter: str | None = None,
                processing: Sequence[dict[str, Any]] | None = None,
                into: tuple[str, str], end_run: bool = True,
-               key: str | None = None) -> jobs.Job:
+               key: str | None = None, table: str | None = None) -> jobs.Job:
         """Submit a data request as a job: the server produces the request's events (filtered
         and processed, as `read` would return them) into the live stream `into` =
         (experiment, stream) on its Dask workers; with `end_run` the stream becomes a run of
         that experiment when the job completes. `key` makes resubmitting safe: the same key
-        returns the same job. Returns a `Job`: `.status()`, `.wait()`, `.stream()`, `.read()`,
-        `.cancel()`."""
+        returns the same job. `table`: one of the runs' other tables, as for `request`.
+        Returns a `Job`: `.status()`, `.wait()`, `.stream()`, `.read()`, `.cancel()`."""
         body: dict[str, Any] = {
             "v": 1, "source": self.request(experiment, runs, columns, events, filter=filter,
-                                           processing=processing).to_json(),
+                                           processing=processing, table=table).to_json(),
             "into": {"experiment": into[0], "stream": into[1]}, "end_run": end_run}
         if key is not None:
             body["key"] = key

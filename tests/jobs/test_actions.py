@@ -95,9 +95,9 @@ def test_jobs_read_nxmx_frames_and_a_runs_other_table(jobs_client, client) -> No
     assert client.read(MX_EXP, done["run"]).select(names).equals(expected.select(names))
 
     mask = "entry/instrument/detector/detectorSpecific/pixel_mask"
-    body = submit_body("eiger-mask", experiment=MX_EXP, runs=(MX_SERIES,), into=MX_EXP,
-                       end_run=False, columns=[mask], table="config")
-    done = wait_for(jobs_client, act(jobs_client, "submit", body)["job"])
+    job = client.submit(MX_EXP, MX_SERIES, [mask], table="config", into=(MX_EXP, "eiger-mask"),
+                        end_run=False)
+    done = wait_for(jobs_client, job.id)
     assert done["state"] == "completed", done
     expected = client.read(MX_EXP, MX_SERIES, [mask], table="config")
     assert client.read_stream(MX_EXP, "eiger-mask").select([mask]).equals(expected)
