@@ -16,6 +16,8 @@ import ctypes
 import os
 import struct
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import h5py
 import lz4.block
@@ -164,3 +166,86 @@ def decode_lz4(stored: np.ndarray, out: np.ndarray) -> None:
             out[done : done + want] = np.frombuffer(plain, dtype=np.uint8)
         pos += 4 + size
         done += want
+
+
+# -- reading events of a chunked dataset, chunk by chunk ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Where a dataset's chunks are stored (chunks span whole events along the first axis, and
+    `chunk_events` events each) and how to decode them."""
+
+    offsets: np.ndarray  # file byte offset of chunk k, -1 if never written
+    sizes: np.ndarray  # stored bytes of chunk k
+    masks: np.ndarray  # HDF5 filter masks: non-zero where the writer skipped a filter
+    chunk_events: int
+    decoder: str  # "raw" or one of `decoder()`'s answers
+    stored: np.dtype  # the values' type in the file (byte order included)
+    fill: int | float  # what a chunk never written holds
+
+
+def chunk_table(ds: h5py.Dataset, decoder_name: str) -> ChunkTable:
+    """The dataset's chunk index, read once (H5Dchunk_iter: one pass over the B-tree)."""
+    c = ds.chunks[0]
+    n = -(-ds.shape[0] // c)
+    offsets = np.full(n, -1, dtype=np.int64)
+    sizes = np.zeros(n, dtype=np.int64)
+    masks = np.zeros(n, dtype=np.uint32)
+
+    def note(info) -> None:
+        k = info.chunk_offset[0] // c
+        offsets[k], sizes[k], masks[k] = info.byte_offset, info.size, info.filter_mask
+
+    ds.id.chunk_iter(note)
+    return ChunkTable(offsets, sizes, masks, c, decoder_name, ds.dtype, ds.fillvalue.item())
+
+
+def read_events(fd: int, table: ChunkTable, dest: np.ndarray, first: int, step: int,
+                pread: Callable[[int, np.ndarray, int], None]) -> None:
+    """Events first, first+step, ... (as many as `dest` holds) from their stored chunks:
+    decoded straight into `dest` when a chunk is one event in native byte order, else into a
+    scratch buffer first. A chunk that does not decode to its size raises OSError."""
+    c, stored = table.chunk_events, table.stored
+    swap = stored != dest.dtype  # big-endian in the file
+    event_bytes = dest[:1].nbytes
+    chunk: int | None = None
+    scratch: np.ndarray | None = None
+    for k in range(len(dest)):
+        e = first + k * step
+        event = dest[k : k + 1]  # a view even for scalar events (dest[k] would be a copy)
+        target = event.reshape(-1).view(np.uint8)
+        if e // c != chunk:
+            chunk = e // c
+            direct = c == 1 and not swap
+            scratch = target if direct else np.empty(c * event_bytes, dtype=np.uint8)
+            if table.offsets[chunk] < 0:  # never written: HDF5 gives the fill value
+                scratch.view(stored)[:] = table.fill
+            else:  # a chunk is stored whole, even the last one past the dataset's end
+                _decode_chunk(fd, table, chunk, scratch, pread)
+            if direct:
+                continue
+        piece = scratch[(e - chunk * c) * event_bytes : (e - chunk * c + 1) * event_bytes]
+        if swap:
+            event.reshape(-1)[:] = piece.view(stored)
+        else:
+            target[:] = piece
+
+
+def _decode_chunk(fd: int, table: ChunkTable, chunk: int, out: np.ndarray,
+                  pread: Callable[[int, np.ndarray, int], None]) -> None:
+    size = int(table.sizes[chunk])
+    raw = np.empty(size, dtype=np.uint8)
+    pread(fd, raw, int(table.offsets[chunk]))
+    try:
+        if table.decoder == "raw" or table.masks[chunk]:  # a filter skipped for this chunk
+            if size != out.nbytes:
+                raise ChunkError(f"holds {size} bytes, expected {out.nbytes}")
+            out[:] = raw
+        elif table.decoder.startswith("bitshuffle"):
+            decode_bitshuffle(raw, out, table.stored.itemsize,
+                              table.decoder.removeprefix("bitshuffle-"))
+        else:
+            decode_lz4(raw, out)
+    except ChunkError as exc:
+        raise OSError(f"chunk {chunk}: {exc}") from None

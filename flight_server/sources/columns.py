@@ -43,6 +43,7 @@ class Column:
     sentinel: float | None = None  # the writer's missing value, served as null
     lengths_path: str | None = None  # ragged: the `_len` dataset
     whole_chunks: bool = False  # chunks can be copied raw (see Hdf5Reader._read_fixed)
+    codec: str | None = None  # chunks decoded by chunk_codecs, not HDF5 (see Hdf5Reader)
 
     @property
     def stored_event_bytes(self) -> int:
@@ -87,6 +88,7 @@ def dataset_column(
     units: str | None,
     sentinel: float | None,
     whole_chunks: bool = False,
+    codec: str | None = None,
 ) -> Column:
     """A fixed-shape per-event dataset: scalar, fixed_size_list or fixed_shape_tensor."""
     value_type = arrow_value_type(dtype)
@@ -101,7 +103,7 @@ def dataset_column(
         event_bytes += 0.125  # validity bitmap
     field = pa.field(name, arrow_type, metadata=field_metadata(path, units, sentinel))
     return Column(name, kind, field, path, dtype, shape, event_bytes, chunk_events, sentinel,
-                  whole_chunks=whole_chunks)
+                  whole_chunks=whole_chunks, codec=codec)
 
 
 def ragged_column(

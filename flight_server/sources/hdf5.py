@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from flight_server.errors import NotFound, RunUnreadable
-from flight_server.sources import layouts
+from flight_server.sources import chunk_codecs, layouts
 from flight_server.sources.columns import (
     RAGGED_MARK,
     Column,
@@ -47,6 +47,7 @@ class Hdf5Run(Run):
     _datasets: dict[str, h5py.Dataset] = field(default_factory=dict, repr=False)
     _fd: int = field(default=-1, repr=False)
     _chunk_offsets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _chunk_tables: dict[str, chunk_codecs.ChunkTable] = field(default_factory=dict, repr=False)
 
     # One HDF5 handle per described run, shared by its streams (h5py serialises access): a
     # fresh handle per request would re-read the chunk index from disk every time, which costs
@@ -93,6 +94,15 @@ class Hdf5Run(Run):
             os.close(self._fd)
             self._handle = None
             self._datasets = {}
+
+    def chunk_table(self, col: Column) -> chunk_codecs.ChunkTable:
+        """Where a `codec` column's chunks are, read from HDF5's chunk index once per run."""
+        with self._offsets_lock:
+            table = self._chunk_tables.get(col.name)
+            if table is None:
+                table = self._chunk_tables[col.name] = chunk_codecs.chunk_table(
+                    self.dataset(col.path), col.codec)
+            return table
 
     def chunk_offsets(self, col: Column) -> np.ndarray:
         """File byte offset of each chunk of a `whole_chunks` column, from HDF5's chunk index,
@@ -237,7 +247,16 @@ def _fixed_column(name: str, path: str, ds: h5py.Dataset, layout: layouts.Layout
             sentinel = layout.int_sentinel
     chunk_events = ds.chunks[0] if ds.chunks else 1
     return dataset_column(name, path, dtype, tuple(ds.shape[1:]), chunk_events, dataset_units(ds),
-                          sentinel, _raw_chunks_readable(ds, dtype))
+                          sentinel, _raw_chunks_readable(ds, dtype), _codec(ds))
+
+
+def _codec(ds: h5py.Dataset) -> str | None:
+    """The checked decoder for a dataset compressed with bitshuffle or LZ4 in chunks of whole
+    events: HDF5's own filters for them trust the block sizes a chunk stores, so a damaged file
+    would make them read past the chunk (and crash the server) where these refuse it."""
+    if not ds.chunks or ds.shape[0] == 0 or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
+        return None
+    return chunk_codecs.decoder(chunk_codecs.filters(ds))
 
 
 def _raw_chunks_readable(ds: h5py.Dataset, dtype: np.dtype) -> bool:

@@ -18,6 +18,7 @@ from h5py import h5s
 
 from flight_server.buffers import allocate
 from flight_server.errors import RunUnreadable
+from flight_server.sources import chunk_codecs
 from flight_server.sources.columns import TIME_TYPE, Column, Kind
 from flight_server.sources.layouts import raw_time_to_ns
 
@@ -91,7 +92,10 @@ class Hdf5Reader:
         buf = allocate((n, *col.shape), col.dtype)
         if not n:
             return buf
-        if col.whole_chunks and step == 1:
+        if col.codec is not None:
+            chunk_codecs.read_events(self.run.fd, self.run.chunk_table(col), buf, start, step,
+                                     pread_exactly)
+        elif col.whole_chunks and step == 1:
             self._pread_events(col, start, stop, buf)
         else:
             read_slab(self.run.dataset(col.path), buf, start, step)

@@ -81,7 +81,6 @@ class Segment:
     count: int
     chunk_frames: int  # frames per chunk (whole frames), 0 when chunks cut frames
     decoder: str  # "raw" | "bitshuffle-lz4" | "bitshuffle-zstd" | "lz4" | "hdf5"
-    fill: int | float = 0  # the dataset's fill value: what a chunk never written holds
 
 
 @dataclass
@@ -93,8 +92,7 @@ class NxmxRun(Run):
     per_run: list[str] = field(default_factory=list)  # numeric master datasets without one
     geometry: dict[str, Any] = field(default_factory=dict)  # schema metadata `nxmx`
     _starts: list[int] = field(default_factory=list, repr=False)
-    _chunks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
-        default_factory=dict, repr=False)
+    _chunks: dict[int, chunk_codecs.ChunkTable] = field(default_factory=dict, repr=False)
     _chunks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _config_table: Run | None = field(default=None, repr=False)
 
@@ -122,9 +120,9 @@ class NxmxRun(Run):
         i = bisect.bisect_right(self._starts, frame) - 1
         return i, self.segments[i]
 
-    def chunk_index(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(byte offset, stored size, filter mask) of each chunk of segment i, in frame order,
-        read from HDF5's chunk index once per run."""
+    def chunk_index(self, i: int) -> chunk_codecs.ChunkTable:
+        """Where segment i's chunks are and how to decode them, read from HDF5's chunk index
+        once per run."""
         with self._chunks_lock:
             index = self._chunks.get(i)
             if index is None:
@@ -208,7 +206,7 @@ def _segments(master: h5py.File, data: h5py.Group, path: Path, within: Path,
                     raise RunUnreadable(f"{where}: {file.name} has no frame dataset /{dataset}")
                 low = int(ds.attrs.get("image_nr_low", 0))
                 found.append((low, len(found), file, dataset, ds.shape, ds.dtype, ds.chunks,
-                              _decoder(ds, file, where), ds.fillvalue))
+                              _decoder(ds, file, where)))
         except OSError as exc:
             raise RunUnreadable(f"{where}: data file {file.name} cannot be read: it is truncated "
                                 f"or corrupted ({exc})") from None
@@ -217,13 +215,13 @@ def _segments(master: h5py.File, data: h5py.Group, path: Path, within: Path,
     found.sort(key=lambda s: (s[0], s[1]))  # image number, then link order
     shape, stored = found[0][4][1:], found[0][5]
     segments, first = [], 0
-    for _, _, file, dataset, ds_shape, dtype, chunks, decoder, fill in found:
+    for _, _, file, dataset, ds_shape, dtype, chunks, decoder in found:
         if ds_shape[1:] != shape or dtype != stored:
             raise RunUnreadable(f"{where}: {file.name} holds {dtype} frames of {ds_shape[1:]}, "
                                 f"but {found[0][2].name} holds {stored} frames of {shape}")
         whole = chunks is not None and tuple(chunks[1:]) == tuple(shape)
         segments.append(Segment(file, dataset, first, ds_shape[0], chunks[0] if whole else 0,
-                                decoder if whole else "hdf5", fill.item()))
+                                decoder if whole else "hdf5"))
         first += ds_shape[0]
     return segments, tuple(int(v) for v in shape), stored
 
@@ -251,23 +249,13 @@ def _decoder(ds: h5py.Dataset, file: Path, where: str) -> str:
     return chunk_codecs.decoder(pipeline) or "hdf5"
 
 
-def _read_chunk_index(run: NxmxRun, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n = -(-seg.count // seg.chunk_frames)
-    offsets = np.full(n, -1, dtype=np.int64)
-    sizes = np.zeros(n, dtype=np.int64)
-    masks = np.zeros(n, dtype=np.uint32)
-
-    def note(info: Any) -> None:
-        k = info.chunk_offset[0] // seg.chunk_frames
-        offsets[k], sizes[k], masks[k] = info.byte_offset, info.size, info.filter_mask
-
+def _read_chunk_index(run: NxmxRun, seg: Segment) -> chunk_codecs.ChunkTable:
     try:
         with h5py.File(seg.path, "r", locking=False) as f:
-            f[seg.dataset].id.chunk_iter(note)
+            return chunk_codecs.chunk_table(f[seg.dataset], seg.decoder)
     except OSError as exc:
         raise RunUnreadable(f"run {run.number} of experiment '{run.experiment}': data file "
                             f"{seg.path.name} cannot be read ({exc})") from None
-    return offsets, sizes, masks
 
 
 def _geometry(master: h5py.File) -> dict[str, Any]:
@@ -368,52 +356,9 @@ class NxmxReader:
         return out
 
     def _via_chunks(self, i: int, seg: Segment, dest: np.ndarray, local: int, step: int) -> None:
-        """Frames local, local+step, ... of a segment, each from its stored chunk: decoded
-        straight into `dest` when a chunk is one frame in native byte order, else into a
-        scratch buffer first."""
-        offsets, sizes, masks = self.run.chunk_index(i)
-        fd = self._fd(i, seg)
-        c, stored_dtype = seg.chunk_frames, self.run.stored_dtype
-        swap = stored_dtype != dest.dtype  # big-endian in the file
-        frame_bytes = dest[0].nbytes if len(dest) else 0
-        chunk: int | None = None
-        scratch: np.ndarray | None = None
-        for k in range(len(dest)):
-            f = local + k * step
-            target = dest[k].reshape(-1).view(np.uint8)
-            if f // c != chunk:
-                chunk = f // c
-                direct = c == 1 and not swap
-                scratch = target if direct else np.empty(c * frame_bytes, dtype=np.uint8)
-                if offsets[chunk] < 0:  # never written: HDF5 gives the fill value
-                    scratch.view(stored_dtype)[:] = seg.fill
-                else:  # a chunk is stored whole, even the last one past the dataset's end
-                    self._decode(seg, fd, chunk, int(offsets[chunk]), int(sizes[chunk]),
-                                 int(masks[chunk]), scratch)
-                if direct:
-                    continue
-            piece = scratch[(f - chunk * c) * frame_bytes : (f - chunk * c + 1) * frame_bytes]
-            if swap:
-                dest[k].reshape(-1)[:] = piece.view(stored_dtype)
-            else:
-                target[:] = piece
-
-    def _decode(self, seg: Segment, fd: int, chunk: int, offset: int, size: int, mask: int,
-                out: np.ndarray) -> None:
-        stored = np.empty(size, dtype=np.uint8)
-        pread_exactly(fd, stored, offset)
-        try:
-            if seg.decoder == "raw" or mask:  # a filter the writer skipped for this chunk
-                if size != out.nbytes:
-                    raise chunk_codecs.ChunkError(f"holds {size} bytes, expected {out.nbytes}")
-                out[:] = stored
-            elif seg.decoder.startswith("bitshuffle"):
-                chunk_codecs.decode_bitshuffle(stored, out, self.run.stored_dtype.itemsize,
-                                               seg.decoder.removeprefix("bitshuffle-"))
-            else:
-                chunk_codecs.decode_lz4(stored, out)
-        except chunk_codecs.ChunkError as exc:
-            raise OSError(f"chunk {chunk}: {exc}") from None
+        """Frames local, local+step, ... of a segment, each from its stored chunk."""
+        chunk_codecs.read_events(self._fd(i, seg), self.run.chunk_index(i), dest, local, step,
+                                 pread_exactly)
 
     def _via_hdf5(self, seg: Segment, dest: np.ndarray, local: int, step: int) -> None:
         with h5py.File(seg.path, "r", locking=False) as f:
