@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,6 +93,42 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
+
+
+@dataclass
+class Contender:
+    """One way of moving the data; `fetch` returns the bytes it delivered. CPU time of the
+    client (the measuring process, or `clients` where the reads run in processes of their own)
+    and of the server is kept per read: on a small machine they compete for the same cores, so
+    CPU seconds per GiB explain the wall-clock figures."""
+
+    label: str
+    fetch: Callable[[], int]
+    server: psutil.Process | None = None
+    clients: list[psutil.Process] = field(default_factory=list)  # [] : the measuring process
+    seconds: list[float] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float] = field(default_factory=list)
+    nbytes: int = 0
+
+    def measure(self, client: psutil.Process) -> None:
+        clients = self.clients or [client]
+        c0, s0 = sum(cpu_seconds(p) for p in clients), cpu_seconds(self.server)
+        seconds, self.nbytes = timed(self.fetch)
+        self.seconds.append(seconds)
+        self.client_cpu.append(sum(cpu_seconds(p) for p in clients) - c0)
+        self.server_cpu.append(cpu_seconds(self.server) - s0)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.client_cpu.clear()
+        self.server_cpu.clear()
+
+    def best(self) -> float:
+        return gbps(self.nbytes, min(self.seconds))
+
+    def median(self) -> float:
+        return gbps(self.nbytes, median(self.seconds))
 
 
 def keep_freed_memory() -> bool:

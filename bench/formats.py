@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -50,15 +50,14 @@ from bench.common import (
     ROOT,
     STATE,
     ClientProcess,
+    Contender,
     GiB,
     MiB,
     Result,
     ServerProcess,
     bench_token,
-    cpu_seconds,
     fmt_bytes,
     gather,
-    gbps,
     median,
     our_server,
     percentile,
@@ -177,37 +176,6 @@ def frames_equal(table: pa.Table, series: Series) -> bool:
     return k == ours.size
 
 
-@dataclass
-class Contender:
-    """One way of reading the frames; `fetch` returns the bytes it delivered. CPU seconds of
-    the client (this process, or the reference's client processes) and of the server."""
-
-    label: str
-    fetch: Callable[[], int]
-    server: psutil.Process | None = None
-    clients: list[psutil.Process] = field(default_factory=list)  # [] : this process
-    seconds: list[float] = field(default_factory=list)
-    client_cpu: list[float] = field(default_factory=list)
-    server_cpu: list[float] = field(default_factory=list)
-    nbytes: int = 0
-
-    def measure(self) -> None:
-        clients = self.clients or [psutil.Process()]
-        c0 = sum(cpu_seconds(p) for p in clients)
-        s0 = cpu_seconds(self.server)
-        t0 = time.perf_counter()
-        self.nbytes = self.fetch()
-        self.seconds.append(time.perf_counter() - t0)
-        self.client_cpu.append(sum(cpu_seconds(p) for p in clients) - c0)
-        self.server_cpu.append(cpu_seconds(self.server) - s0)
-
-    def median(self) -> float:
-        return gbps(self.nbytes, median(self.seconds))
-
-    def best(self) -> float:
-        return gbps(self.nbytes, min(self.seconds))
-
-
 def run_nxmx(args: argparse.Namespace) -> list[Result]:
     series = nxmx_series(args.size)
     section(f"nxmx: the frames of an Eiger series, {series.frames} frames of "
@@ -293,13 +261,12 @@ def run_nxmx(args: argparse.Namespace) -> list[Result]:
                 Contender("our read path in-process (source + decompression on 2 threads, "
                           "no network)", read_path),
             ]
+            me = psutil.Process()
             for rep in range(args.reps + 1):  # round 0 warms up and is not counted
                 for c in contenders:
-                    c.measure()
+                    c.measure(me)
                     if rep == 0:
-                        c.seconds.clear()
-                        c.client_cpu.clear()
-                        c.server_cpu.clear()
+                        c.reset()
         finally:
             ref_client.close()
             read_pool.shutdown()

@@ -11,8 +11,6 @@ within each repetition, and run once unmeasured first (client and server allocat
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -23,18 +21,16 @@ import pyarrow.flight as flight
 from bench.common import (
     HUGE_PARTITION,
     BenchRun,
+    Contender,
     GiB,
     Result,
     bench_run,
-    cpu_seconds,
     fmt_bytes,
-    gbps,
     median,
     our_server,
     print_table,
     reference_server,
     section,
-    timed,
     verdict_line,
     warm_cache,
 )
@@ -44,39 +40,6 @@ from clients import Client
 NAME = "throughput"
 TARGET_RATIO = 0.9
 DATASETS = ("timestamp", "gmd/energy", "epix/image", "tof/waveforms")
-
-
-@dataclass
-class Contender:
-    """One way of moving the run; `fetch` returns the bytes it delivered. CPU time of the
-    client (this process) and of the server is kept per read: on a small machine the two
-    compete for the same cores, so CPU seconds per GiB explain the wall-clock figures."""
-
-    label: str
-    fetch: Callable[[], int]
-    server: psutil.Process | None = None
-    seconds: list[float] = field(default_factory=list)
-    client_cpu: list[float] = field(default_factory=list)
-    server_cpu: list[float] = field(default_factory=list)
-    nbytes: int = 0
-
-    def measure(self, client: psutil.Process) -> None:
-        c0, s0 = cpu_seconds(client), cpu_seconds(self.server)
-        seconds, self.nbytes = timed(self.fetch)
-        self.seconds.append(seconds)
-        self.client_cpu.append(cpu_seconds(client) - c0)
-        self.server_cpu.append(cpu_seconds(self.server) - s0)
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.client_cpu.clear()
-        self.server_cpu.clear()
-
-    def best(self) -> float:
-        return gbps(self.nbytes, min(self.seconds))
-
-    def median(self) -> float:
-        return gbps(self.nbytes, median(self.seconds))
 
 
 class H5pyReader:
