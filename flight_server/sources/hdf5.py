@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,18 +146,25 @@ class Hdf5Run(Run):
 def describe(path: Path, experiment: str, number: int, within: Path | None = None) -> Hdf5Run:
     """Open a run file and describe it; any failure is a RunUnreadable naming the file.
     (`within` is for sources whose runs span files; one HDF5 file opens nothing else.)"""
-    try:
+    with describing(path, experiment, number, "the file is truncated, corrupted or not HDF5"):
         with h5py.File(path, "r", locking=False) as f:
             return _describe(f, path, experiment, number)
+
+
+@contextmanager
+def describing(path: Path, experiment: str, number: int, what: str) -> Iterator[None]:
+    """What h5py raises while a run is described, as the errors clients get: the file gone is
+    NotFound, anything else that is wrong with it a RunUnreadable naming it and `what` could
+    be wrong."""
+    try:
+        yield
     except (RunUnreadable, NotFound):
         raise
     except FileNotFoundError:
         raise NotFound(f"run {number} of experiment '{experiment}' is no longer on disk") from None
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise RunUnreadable(
-            f"run {number} of experiment '{experiment}' ({path.name}) cannot be read: the file "
-            f"is truncated, corrupted or not HDF5 ({exc})"
-        ) from None
+        raise RunUnreadable(f"run {number} of experiment '{experiment}' ({path.name}) cannot "
+                            f"be read: {what} ({exc})") from None
 
 
 def _describe(f: h5py.File, path: Path, experiment: str, number: int) -> Hdf5Run:

@@ -35,10 +35,16 @@ import numpy as np
 import pyarrow as pa
 
 from flight_server.buffers import allocate
-from flight_server.errors import NotFound, RunUnreadable
+from flight_server.errors import RunUnreadable
 from flight_server.sources import chunk_codecs
 from flight_server.sources.columns import Column, Kind, dataset_column, run_column
-from flight_server.sources.hdf5 import config_value, dataset_units, native_dtype, walk_links
+from flight_server.sources.hdf5 import (
+    config_value,
+    dataset_units,
+    describing,
+    native_dtype,
+    walk_links,
+)
 from flight_server.sources.hdf5_reader import pread_exactly, read_slab, wrap_fixed
 from flight_server.sources.layouts import Layout
 from flight_server.sources.run import Run
@@ -131,18 +137,10 @@ class NxmxRun(Run):
 
 
 def describe(path: Path, experiment: str, number: int, within: Path) -> NxmxRun:
-    try:
+    with describing(path, experiment, number,
+                    "the master file is truncated, corrupted or not NXmx"):
         with h5py.File(path, "r", locking=False) as master:
             return _describe(master, path, experiment, number, Path(within))
-    except (RunUnreadable, NotFound):
-        raise
-    except FileNotFoundError:
-        raise NotFound(f"run {number} of experiment '{experiment}' is no longer on disk") from None
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise RunUnreadable(
-            f"run {number} of experiment '{experiment}' ({path.name}) cannot be read: the master "
-            f"file is truncated, corrupted or not NXmx ({exc})"
-        ) from None
 
 
 def _describe(master: h5py.File, path: Path, experiment: str, number: int,
