@@ -21,6 +21,7 @@ would otherwise read another's run. Each refused link is logged once.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -89,16 +90,12 @@ def signature(path: Path, kind: str, within: Path) -> tuple:
                  if euxfel.SEQUENCE_FILE.match(p.name)]
     elif kind == "nxmx":
         prefix = NXMX_MASTER.match(path.name).group(1)
-        files = [path, *sorted(p for p in path.parent.glob(glob_escape(prefix) + "_data_*")
+        files = [path, *sorted(p for p in path.parent.glob(glob.escape(prefix) + "_data_*")
                                if NXMX_DATA.search(p.name))]
     else:
         files = [path]
     stats = [p.stat() for p in files]
     return tuple((p.name, st.st_size, st.st_mtime_ns) for p, st in zip(files, stats, strict=True))
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
 
 
 def check_experiment_name(name: str) -> None:
