@@ -50,7 +50,7 @@ from flight_server.sources.columns import (
 from flight_server.sources.hdf5 import CONFIG_MAX_ELEMENTS, native_dtype
 from flight_server.sources.hdf5_reader import read_slab, wrap_fixed
 from flight_server.sources.layouts import Layout
-from flight_server.sources.run import Run
+from flight_server.sources.run import Reader, Run
 from schemas import metadata as md
 
 EUXFEL = Layout(name="euxfel", event_count_path="INDEX/trainId", time_path=None,
@@ -916,7 +916,7 @@ def _describe_table(run: EuxfelRun, name: str, groups: list[str]) -> EuxfelRun:
 # -- reading ---------------------------------------------------------------------------------
 
 
-class EuxfelReader:
+class EuxfelReader(Reader):
     """One stream's reads of a run or table, through the run's shared file handles."""
 
     def __init__(self, run: EuxfelRun) -> None:
@@ -929,12 +929,6 @@ class EuxfelReader:
         if not self._closed:
             self._closed = True
             self._handles.release()
-
-    def __enter__(self) -> EuxfelReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def read(self, columns: list[Column], start: int, stop: int, step: int = 1
              ) -> pa.RecordBatch:

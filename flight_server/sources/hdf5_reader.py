@@ -21,12 +21,13 @@ from flight_server.errors import RunUnreadable
 from flight_server.sources import chunk_codecs
 from flight_server.sources.columns import TIME_TYPE, Column, Kind
 from flight_server.sources.layouts import raw_time_to_ns
+from flight_server.sources.run import Reader
 
 if TYPE_CHECKING:
     from flight_server.sources.hdf5 import Hdf5Run
 
 
-class Hdf5Reader:
+class Hdf5Reader(Reader):
     """Reads one stream's batches through the run's shared file handle; close when done."""
 
     def __init__(self, run: Hdf5Run) -> None:
@@ -41,12 +42,6 @@ class Hdf5Reader:
         if not self._closed:
             self._closed = True
             self.run.release()
-
-    def __enter__(self) -> Hdf5Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def read(self, columns: list[Column], start: int, stop: int, step: int = 1) -> pa.RecordBatch:
         """Events range(start, stop, step) of the given columns as one RecordBatch."""

@@ -47,7 +47,7 @@ from flight_server.sources.hdf5 import (
 )
 from flight_server.sources.hdf5_reader import pread_exactly, read_slab, wrap_fixed
 from flight_server.sources.layouts import Layout
-from flight_server.sources.run import Run
+from flight_server.sources.run import Reader, Run
 from schemas import metadata as md
 
 NXMX = Layout(name="nxmx", event_count_path="entry/data/data", time_path=None,
@@ -291,7 +291,7 @@ def _times(master: h5py.File, frames: int) -> tuple[int | None, int | None]:
     return start_ns, start_ns + int(max(frames - 1, 0) * step * 1e9)
 
 
-class NxmxReader:
+class NxmxReader(Reader):
     """One stream over a series: data files opened as plain descriptors for `pread`, the master
     through h5py for per-frame datasets."""
 
@@ -301,12 +301,6 @@ class NxmxReader:
         self._lock = threading.Lock()
         self._master: h5py.File | None = None
         self._closed = False
-
-    def __enter__(self) -> NxmxReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         with self._lock:
@@ -421,15 +415,9 @@ def _describe_config(run: NxmxRun) -> ConfigTable:
                        table_name=CONFIG_TABLE, master=run.path)
 
 
-class ConfigReader:
+class ConfigReader(Reader):
     def __init__(self, run: ConfigTable) -> None:
         self.run = run
-
-    def __enter__(self) -> ConfigReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         pass

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Self
 
 import pyarrow as pa
 
@@ -23,15 +23,24 @@ from flight_server.sources.layouts import Layout
 from schemas import metadata as md
 
 
-class Reader(Protocol):
-    """One stream's access to a run; `read` may run on several pool threads at once."""
+class Reader:
+    """One stream's access to a run; `read` may run on several pool threads at once. A context
+    manager: leaving it closes the reader."""
 
     run: Run
 
     def read(self, columns: list[Column], start: int, stop: int, step: int = 1
-             ) -> pa.RecordBatch: ...
+             ) -> pa.RecordBatch:
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
