@@ -359,9 +359,11 @@ class Bridge:
                 self.producer.flush()
             else:
                 self.producer.send(batch)
+        except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError):
+            raise  # no batch would be taken: the bridge stops and says why
         except (flight.FlightError, pa.ArrowException) as exc:
-            # The stream would not take it (another schema, ended, no right to write): its
-            # events are refused and counted; the stream keeps what it has.
+            # The stream would not take it (another schema, ended): its events are refused
+            # and counted; the stream keeps what it has.
             self.stats.refused += batch.num_rows
             self.stats.last_error = str(exc).split(". Detail:")[0]
             log.error("bridge: the stream refused %d events: %s", batch.num_rows,

@@ -258,3 +258,24 @@ def test_karabo_trains_through_a_req_bridge(client: Client) -> None:
         [d[KARABO_MOTOR]["actualPosition"] for d, _ in trains]
     assert table.column(f"{KARABO_MOTOR}/isMoving").to_pylist() == [0, 0, 0]
     assert f"{KARABO_MOTOR}/state" not in table.column_names
+
+
+def test_a_bridge_without_the_write_grant_stops_and_says_so(bridge_server: LclstreamServer,
+                                                           client: Client) -> None:
+    from tests.jobs.conftest import token_for
+
+    port = free_port()
+    push = sender(f"tcp://127.0.0.1:{port}", bind=True)
+    sending = threading.Thread(target=lambda: [push.send(raw) for raw, _ in messages(3)],
+                               daemon=True)
+    sending.start()
+    try:
+        res = run_cli("bridge", "lclstreamer-hdf5", "--connect", f"tcp://127.0.0.1:{port}",
+                      "--into", f"{EXP}/not-mine", "--messages", "3", "--server",
+                      f"grpc://127.0.0.1:{bridge_server.port}",
+                      "--token", token_for("eve", read=(EXP,)), timeout=60)
+    finally:
+        push.close(0)
+    assert res.returncode == 1
+    assert f"not allowed to write {EXP}/not-mine" in res.stderr
+    assert not [s for s in client.streams(EXP) if s["stream"] == "not-mine"]
