@@ -1,16 +1,35 @@
-# Each target sets up .venv itself so that a fresh clone needs nothing but Python >= 3.11.
+# Each target sets up .venv itself so that a fresh clone needs nothing but Python >= 3.11
+# (and, for psana, the system packages below, which it installs when run as root).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# psana (raw xtc2 runs) builds pykerberos against Kerberos and needs mpi4py built against MPICH.
+SYSTEM_PACKAGES := libkrb5-dev mpich libmpich-dev
 
-.PHONY: demo test fuzz bench lint clean
+.PHONY: demo test fuzz bench lint clean system-packages
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	MPICC=mpicc $(BIN)/pip install --quiet --no-binary mpi4py -e '.[test,bench]'
 	touch $(STAMP)
+
+# krb5-config and mpicc are what the builds call; without them, install the packages (as root)
+# or stop with the command that does.
+system-packages:
+	@if ! command -v krb5-config >/dev/null || ! command -v mpicc >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing $(SYSTEM_PACKAGES) (psana needs them)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+		else \
+			echo "psana needs Kerberos and MPICH development files; run:"; \
+			echo "    sudo apt-get install -y $(SYSTEM_PACKAGES)"; \
+			echo "and then make again."; \
+			exit 1; \
+		fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/lclstream demo

@@ -149,7 +149,8 @@ class Client:
 
     def runs(self, experiment: str):
         """The runs of an experiment as a Polars DataFrame: run, events, bytes, start/end time,
-        layout."""
+        layout, and source: null for a run's default form, "xtc2" for the raw form of a run
+        whose default is its smalldata HDF5 file (read it with `source="xtc2"`)."""
         import polars as pl
 
         rows = []
@@ -165,10 +166,12 @@ class Client:
                     "start_time": meta.get(md.START_TIME, b"").decode() or None,
                     "end_time": meta.get(md.END_TIME, b"").decode() or None,
                     "layout": meta.get(md.LAYOUT, b"").decode(),
+                    "source": _source(info.descriptor),
                 })
         schema = {"run": pl.Int64, "events": pl.Int64, "bytes": pl.Int64,
-                  "start_time": pl.String, "end_time": pl.String, "layout": pl.String}
-        frame = pl.DataFrame(rows, schema=schema).sort("run")
+                  "start_time": pl.String, "end_time": pl.String, "layout": pl.String,
+                  "source": pl.String}
+        frame = pl.DataFrame(rows, schema=schema).sort("run", "source", nulls_last=False)
         return frame.with_columns(
             pl.col("start_time", "end_time").str.to_datetime(time_zone="UTC", time_unit="us")
         )
@@ -178,17 +181,19 @@ class Client:
     def request(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                 events: Events = None, *, filter: str | None = None,
                 processing: Sequence[dict[str, Any]] | None = None,
-                table: str | None = None) -> Request:
+                table: str | None = None, source: str | None = None) -> Request:
         """The v1 request. `filter` keeps the events where a condition on scalar columns holds
         ("gmd/energy > 0.5 and evr/code_40 = 1"); `processing` lists steps the server applies
         before sending ([{"step": "roi", "column": "pnccd/image", "y": [0, 64], "x": [0, 64]}];
         see README "Filters and server-side processing"); `table` names one of the runs' other
         tables (a European XFEL detector's pulse-resolved frames, an NXmx run's "config"; the
-        schema metadata key `lclstream.tables` lists them)."""
+        schema metadata key `lclstream.tables` lists them); `source="xtc2"` reads the raw
+        LCLS-II runs where a smalldata HDF5 file of the same number is the default."""
         cols = None if columns is None else tuple([columns] if isinstance(columns, str)
                                                   else columns)
         steps = None if processing is None else tuple(dict(s) for s in processing)
-        return Request(experiment, _runs(runs), cols, _events(events), filter, steps, table)
+        return Request(experiment, _runs(runs), cols, _events(events), filter, steps, table,
+                       source)
 
     def plan(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
              events: Events = None, **shape: Any) -> flight.FlightInfo:
@@ -201,9 +206,9 @@ class Client:
             return self._flight.get_flight_info(descriptor)
 
     def schema(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
-               table: str | None = None) -> pa.Schema:
+               table: str | None = None, source: str | None = None) -> pa.Schema:
         descriptor = flight.FlightDescriptor.for_command(
-            self.request(experiment, runs, columns, table=table).encode()
+            self.request(experiment, runs, columns, table=table, source=source).encode()
         )
         with _clean_errors():
             return self._flight.get_schema(descriptor).schema
@@ -341,16 +346,18 @@ class Client:
                events: Events = None, *, filter: str | None = None,
                processing: Sequence[dict[str, Any]] | None = None,
                into: tuple[str, str], end_run: bool = True,
-               key: str | None = None, table: str | None = None) -> jobs.Job:
+               key: str | None = None, table: str | None = None,
+               source: str | None = None) -> jobs.Job:
         """Submit a data request as a job: the server produces the request's events (filtered
         and processed, as `read` would return them) into the live stream `into` =
         (experiment, stream) on its Dask workers; with `end_run` the stream becomes a run of
         that experiment when the job completes. `key` makes resubmitting safe: the same key
-        returns the same job. `table`: one of the runs' other tables, as for `request`.
+        returns the same job. `table` and `source` ("xtc2": the raw runs), as for `request`.
         Returns a `Job`: `.status()`, `.wait()`, `.stream()`, `.read()`, `.cancel()`."""
         body: dict[str, Any] = {
             "v": 1, "source": self.request(experiment, runs, columns, events, filter=filter,
-                                           processing=processing, table=table).to_json(),
+                                           processing=processing, table=table,
+                                           source=source).to_json(),
             "into": {"experiment": into[0], "stream": into[1]}, "end_run": end_run}
         if key is not None:
             body["key"] = key
@@ -402,3 +409,9 @@ def connect(location: str = DEFAULT_LOCATION, token: str | None = None, **option
     go to pyarrow.flight.connect.
     """
     return Client(location, token, **options)
+
+
+def _source(descriptor: flight.FlightDescriptor) -> str | None:
+    """The source a listed run's path names ([experiment, run, source]), None for its default."""
+    path = descriptor.path or []
+    return path[2].decode() if len(path) == 3 else None

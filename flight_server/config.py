@@ -38,6 +38,9 @@ class Settings:
     partition_bytes: int = 256 * 1024 * 1024  # one FlightEndpoint per this many bytes of a run
     prefetch: int = 2  # batches read ahead per stream
     read_threads: int = 8  # HDF5 reads in flight across all streams
+    # xtc2 runs: fetch detectors' calibration constants from the LCLS calibration database (off:
+    # none, as psana's skip_calib_load="all", for servers that cannot reach it)
+    psana_calibration: bool = False
     request_memory: int = 512 * 1024 * 1024  # one stream's batches in flight (read + processed)
     log_level: str = "INFO"
     log_file: Path | None = None  # the server's log, rotated by size (else stderr only)

@@ -27,6 +27,11 @@ class NotFound(pa.ArrowKeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class Unsupported(pa.ArrowNotImplementedError):
+    """Something this server cannot do as installed, e.g. read xtc2 without psana
+    (UNIMPLEMENTED)."""
+
+
 class RunUnreadable(flight.FlightInternalError):
     """A run file that exists but cannot be read (truncated, corrupted, unknown layout)."""
 

@@ -46,7 +46,7 @@ def atomic_file(path: Path, mode: int = 0o644, exclusive: bool = False) -> Itera
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        _publish(tmp, path, exclusive)
+        publish(tmp, path, exclusive)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -69,13 +69,13 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
         with h5py.File(tmp, "w-") as f:
             yield f
         fsync_path(tmp)
-        _publish(tmp, path, exclusive=False)
+        publish(tmp, path, exclusive=False)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _publish(tmp: Path, path: Path, exclusive: bool) -> None:
+def publish(tmp: Path, path: Path, exclusive: bool) -> None:
     if exclusive:
         os.link(tmp, path)  # fails if `path` exists; never a half-written `path`
         tmp.unlink()

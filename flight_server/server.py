@@ -116,7 +116,8 @@ class LclstreamServer(flight.FlightServerBase):
         # live streams can take a while.
         self.settings = settings
         self.security = assembly.build(settings)
-        self.catalog = catalog or Catalog(settings.data)
+        self.catalog = catalog or Catalog(settings.data,
+                                          psana_calibration=settings.psana_calibration)
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
                                   settings.prefetch, settings.request_memory)
         self.read_pool = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="read")

@@ -43,9 +43,12 @@ class Request:
     filter: str | None = None  # keep only events where this holds (see flight_server/filters)
     processing: tuple[dict[str, Any], ...] | None = None  # steps applied on the server, in order
     table: str | None = None  # one of the runs' other tables (None = their main table)
+    source: str | None = None  # the runs in another form: "xtc2" (None = their default form)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"v": VERSION, "experiment": self.experiment, "runs": list(self.runs)}
+        if self.source is not None:
+            doc["source"] = self.source
         if self.table is not None:
             doc["table"] = self.table
         if self.columns is not None:
@@ -75,6 +78,7 @@ class Ticket:
     filter: str | None = None
     processing: tuple[dict[str, Any], ...] | None = None
     table: str | None = None
+    source: str | None = None
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {
@@ -86,6 +90,8 @@ class Ticket:
             "stop": self.stop,
             "step": self.step,
         }
+        if self.source is not None:
+            doc["source"] = self.source
         if self.table is not None:
             doc["table"] = self.table
         if self.filter is not None:
@@ -151,6 +157,7 @@ def parse_request(raw: bytes | str) -> Request:
         filter=doc.get("filter"),
         processing=None if processing is None else tuple(processing),
         table=doc.get("table"),
+        source=doc.get("source"),
     )
 
 
@@ -169,4 +176,5 @@ def parse_ticket(raw: bytes) -> Ticket:
         filter=doc.get("filter"),
         processing=None if doc.get("processing") is None else tuple(doc["processing"]),
         table=doc.get("table"),
+        source=doc.get("source"),
     )

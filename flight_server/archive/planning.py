@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.catalog import Catalog, Visible, everyone
+from flight_server.catalog import SOURCES, Catalog, Visible, everyone
 from flight_server.errors import InvalidArgument
 from flight_server.processing import transform
 from flight_server.sources import Run, ranges
@@ -60,12 +60,15 @@ def request_from_descriptor(descriptor: flight.FlightDescriptor) -> Request:
         if (len(texts) not in (2, 3) or not texts[1].isdigit() or not texts[1].isascii()
                 or len(texts[1]) > MAX_RUN_DIGITS or (len(texts) == 3 and not texts[2])):
             raise InvalidArgument(
-                f"path descriptor must be [experiment, run] or [experiment, run, table] with run "
-                f"a decimal number of at most {MAX_RUN_DIGITS} digits, e.g. ['tmox42619', '7']; "
-                f"got {excerpt(texts)}"
+                f"path descriptor must be [experiment, run], [experiment, run, table] or "
+                f"[experiment, run, source] with run a decimal number of at most "
+                f"{MAX_RUN_DIGITS} digits, e.g. ['tmox42619', '7'] or ['tmox42619', '7', "
+                f"'xtc2']; got {excerpt(texts)}"
             )
-        return Request(experiment=texts[0], runs=(int(texts[1]),),
-                       table=texts[2] if len(texts) == 3 else None)
+        third = texts[2] if len(texts) == 3 else None
+        if third in SOURCES:  # a source name is never a table name: no run has such a table
+            return Request(experiment=texts[0], runs=(int(texts[1]),), source=third)
+        return Request(experiment=texts[0], runs=(int(texts[1]),), table=third)
     if descriptor.descriptor_type == flight.DescriptorType.CMD:
         try:
             return parse_request(descriptor.command)
@@ -112,7 +115,7 @@ def resolve_columns(runs: list[Run], names: tuple[str, ...] | None) -> list[Colu
 
 def plan(request: Request, catalog: Catalog, partition_bytes: int,
          visible: Visible = everyone, event_budget: int | None = None) -> Plan:
-    runs = [catalog.run(request.experiment, number, visible, request.table)
+    runs = [catalog.run(request.experiment, number, visible, request.table, request.source)
             for number in request.runs]
     columns = resolve_columns(runs, request.columns)
     names = tuple(c.name for c in columns)
@@ -128,7 +131,7 @@ def plan(request: Request, catalog: Catalog, partition_bytes: int,
         for lo, hi in ranges.split(start, stop, step, iter([span])):
             records = ranges.count(lo, hi, step)
             ticket = Ticket(request.experiment, run.number, names, lo, hi, step,
-                            request.filter, request.processing, request.table)
+                            request.filter, request.processing, request.table, request.source)
             partitions.append(Partition(ticket, records, int(records * sent_per_event)))
     fields = [c.field for c in columns] if shaped[0] is None else list(shaped[0].schema)
     return Plan(request, pa.schema(fields, metadata=_metadata(runs)), partitions)

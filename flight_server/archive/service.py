@@ -17,7 +17,7 @@ import pyarrow.flight as flight
 
 from flight_server.archive import planning
 from flight_server.catalog import Catalog
-from flight_server.errors import InvalidArgument, NotFound
+from flight_server.errors import InvalidArgument, NotFound, Unsupported
 from flight_server.processing import transform
 from flight_server.security.middleware import CallRecord
 from flight_server.security.policy import Identity, authorize
@@ -63,7 +63,8 @@ class ArchiveService:
                                  plan.total_bytes, ordered=True)
 
     def flight_infos(self, identity: Identity, pattern: str) -> list[flight.FlightInfo]:
-        """Every run of every readable experiment whose name matches the glob."""
+        """Every run of every readable experiment whose name matches the glob, and the other
+        forms of the runs that have one (path [experiment, run, source])."""
         found = self.catalog.scan()
         infos = []
         for experiment in found:
@@ -71,14 +72,18 @@ class ArchiveService:
                 continue
             if not identity.may(experiment, "read"):
                 continue
+            sources = self.catalog.sources(experiment)
             for number in sorted(found[experiment]):
-                descriptor = flight.FlightDescriptor.for_path(experiment, str(number))
-                request = planning.request_from_descriptor(descriptor)
-                try:
-                    plan = planning.plan(request, self.catalog, self.partition_bytes)
-                    infos.append(self.flight_info(plan, descriptor))
-                except (flight.FlightInternalError, NotFound) as exc:  # unreadable, or gone
-                    log.warning("list_flights: skipping %s run %d: %s", experiment, number, exc)
+                for source in (None, *sources.get(number, {})):
+                    path = (experiment, str(number)) + ((source,) if source else ())
+                    descriptor = flight.FlightDescriptor.for_path(*path)
+                    request = planning.request_from_descriptor(descriptor)
+                    try:
+                        plan = planning.plan(request, self.catalog, self.partition_bytes)
+                        infos.append(self.flight_info(plan, descriptor))
+                    except (flight.FlightInternalError, NotFound, Unsupported) as exc:
+                        # unreadable, gone, or xtc2 on a server without psana
+                        log.warning("list_flights: skipping %s: %s", "/".join(path), exc)
         return infos
 
     def experiments(self, identity: Identity) -> list[dict]:
@@ -93,7 +98,8 @@ class ArchiveService:
         """The schema and batches of a ticket the caller may (still) read."""
         self._may_read(call, ticket.experiment, ticket.run)
         run = self.catalog.run(ticket.experiment, ticket.run,
-                               lambda e: call.identity.may(e, "read"), ticket.table)
+                               lambda e: call.identity.may(e, "read"), ticket.table,
+                               ticket.source)
         columns = run.resolve(ticket.columns)
         if ticket.stop > run.num_events:
             raise InvalidArgument(f"ticket range [{ticket.start}:{ticket.stop}] is beyond the "

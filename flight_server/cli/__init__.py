@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("-e", "--events", type=event_slice, help="START:STOP[:STEP]")
     get.add_argument("-t", "--table", help="one of the run's other tables (a European XFEL "
                      "detector source, an NXmx run's 'config')")
+    get.add_argument("--source", choices=["xtc2"], help="the raw run (xtc2, through psana) "
+                     "where a smalldata HDF5 file of the same number is the default")
     get.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.arrow")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     get.add_argument("--server", default=DEFAULT_SERVER)

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction, client_arguments) -> None:
     s.add_argument("-c", "--columns", help="comma-separated columns (default: all)")
     s.add_argument("-t", "--table", help="one of the runs' other tables (a European XFEL "
                    "detector source, an NXmx run's 'config')")
+    s.add_argument("--source", choices=["xtc2"], help="the raw runs (xtc2, through psana) "
+                   "where smalldata HDF5 files of the same numbers are the default")
     s.add_argument("-e", "--events", type=event_slice, help="START:STOP[:STEP]")
     s.add_argument("--filter", help="keep events where this holds: 'gmd/energy > 0.5'")
     s.add_argument("--processing", help="processing steps, a JSON list: "
@@ -80,7 +82,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job = client.submit(args.experiment, _runs(args.runs), columns, args.events,
                             filter=args.filter, processing=processing,
                             into=(experiment, stream), end_run=not args.no_end_run,
-                            key=args.key, table=args.table)
+                            key=args.key, table=args.table, source=args.source)
         print(f"job {job.id} {job.last['state']}: results into {experiment}/{stream}",
               flush=True)
         if args.wait:

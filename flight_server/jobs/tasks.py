@@ -78,7 +78,7 @@ def _catalog(data: str) -> Catalog:
 def batches(part: Part) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(seq, batch) of the part, read and processed; batches a filter emptied are left out."""
     t = part.ticket
-    run = _catalog(part.data).run(t.experiment, t.run, table=t.table)
+    run = _catalog(part.data).run(t.experiment, t.run, table=t.table, source=t.source)
     columns = run.resolve(t.columns)
     shaped = transform.build(run, columns, t.filter, t.processing, part.sizing.event_budget)
     read = columns if shaped is None else shaped.read

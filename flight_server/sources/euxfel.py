@@ -48,7 +48,7 @@ from flight_server.sources.columns import (
     run_column,
 )
 from flight_server.sources.hdf5 import CONFIG_MAX_ELEMENTS, native_dtype
-from flight_server.sources.hdf5_reader import read_slab, wrap_fixed
+from flight_server.sources.hdf5_reader import read_slab, with_nulls, wrap_fixed
 from flight_server.sources.layouts import Layout
 from flight_server.sources.run import Reader, Run
 from schemas import metadata as md
@@ -946,7 +946,7 @@ class EuxfelReader(Reader):
         if col.kind is Kind.TIME:
             ns = allocate((n,), np.int64)
             ns[:] = run.store.times[rows.train_rows(start, stop, step)]
-            return _with_nulls(pa.Array.from_buffers(TIME_TYPE, n, [None, pa.py_buffer(ns)]),
+            return with_nulls(pa.Array.from_buffers(TIME_TYPE, n, [None, pa.py_buffer(ns)]),
                                ns != 0)
         if col.path == TRAIN_ID_PATH:
             ids = allocate((n,), np.uint64)
@@ -970,7 +970,7 @@ class EuxfelReader(Reader):
         if present.all():
             return wrap_fixed(col, values, n)
         values[~present] = 0  # deterministic bytes under the nulls
-        return _with_nulls(wrap_fixed(col, values, n), present)
+        return with_nulls(wrap_fixed(col, values, n), present)
 
     def _strings(self, col: Column, pieces: list, n: int) -> pa.Array:
         texts: list[str | None] = [None] * n
@@ -1060,21 +1060,3 @@ def _gather(ds: h5py.Dataset, out: np.ndarray, k: np.ndarray, e: np.ndarray) -> 
             tmp = np.empty((m, *out.shape[1:]), dtype=out.dtype)
             read_slab(ds, tmp, e0, de)
             out[k0 : k0 + (m - 1) * dk + 1 : dk] = tmp
-
-
-def _with_nulls(arr: pa.Array, present: np.ndarray) -> pa.Array:
-    """The same values with a validity bitmap: null where `present` is False."""
-    nulls = len(present) - int(np.count_nonzero(present))
-    if not nulls:
-        return arr
-    validity = pa.py_buffer(np.packbits(present, bitorder="little"))
-    storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
-    if isinstance(storage.type, pa.FixedSizeListType):
-        out = pa.Array.from_buffers(storage.type, len(storage), [validity], null_count=nulls,
-                                    children=[storage.values])
-    else:
-        out = pa.Array.from_buffers(storage.type, len(storage),
-                                    [validity, storage.buffers()[1]], null_count=nulls)
-    if isinstance(arr, pa.ExtensionArray):
-        return pa.ExtensionArray.from_storage(arr.type, out)
-    return out

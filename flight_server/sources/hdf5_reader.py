@@ -183,3 +183,21 @@ def wrap_fixed(col: Column, values: np.ndarray, n: int) -> pa.Array:
     if col.kind is Kind.TENSOR:
         return pa.ExtensionArray.from_storage(col.field.type, storage)
     return storage
+
+
+def with_nulls(arr: pa.Array, present: np.ndarray) -> pa.Array:
+    """The same values with a validity bitmap: null where `present` is False."""
+    nulls = len(present) - int(np.count_nonzero(present))
+    if not nulls:
+        return arr
+    validity = pa.py_buffer(np.packbits(present, bitorder="little"))
+    storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+    if isinstance(storage.type, pa.FixedSizeListType):
+        out = pa.Array.from_buffers(storage.type, len(storage), [validity], null_count=nulls,
+                                    children=[storage.values])
+    else:
+        out = pa.Array.from_buffers(storage.type, len(storage),
+                                    [validity, storage.buffers()[1]], null_count=nulls)
+    if isinstance(arr, pa.ExtensionArray):
+        return pa.ExtensionArray.from_storage(arr.type, out)
+    return out
