@@ -14,6 +14,7 @@ import pytest
 
 from flight_server.config import Settings
 from flight_server.generator import generate_cxi_run, generate_lcls2_run, generate_nxmx_series
+from flight_server.generator.xtc2 import generate_xtc2_run
 from flight_server.security.assembly import minter_for
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
@@ -21,6 +22,7 @@ from tests.helpers import CXI_EXP, LCLS2_EXP, raw_client, start_server
 
 SMALL_RUN, LONG_RUN, LONG_EVENTS = 7, 9, 1500  # the long run: ~60 tasks of 1 MiB
 MX_EXP, MX_SERIES = "mx2026", 4  # an NXmx Eiger series: 30 frames in 3 data files
+XTC_EXP, XTC_RUN = "mfx2026", 5  # a raw LCLS-II run (xtc2): 80 events in 3 streams
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def jobs_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        n_events=LONG_EVENTS, seed=9, chunk_events=25)
     generate_cxi_run(root / CXI_EXP / "cxi" / "run_12.cxi", 12, n_events=40, seed=12)
     generate_nxmx_series(root / MX_EXP / "eiger", MX_SERIES, n_frames=30, frames_per_file=10)
+    generate_xtc2_run(root / XTC_EXP / "xtc", XTC_EXP, XTC_RUN, 80, seed=5, frame_shape=(64, 64))
     return root
 
 

@@ -20,6 +20,8 @@ from tests.jobs.conftest import (
     MX_EXP,
     MX_SERIES,
     SMALL_RUN,
+    XTC_EXP,
+    XTC_RUN,
     act,
     submit_body,
     token_for,
@@ -101,6 +103,22 @@ def test_jobs_read_nxmx_frames_and_a_runs_other_table(jobs_client, client) -> No
     assert done["state"] == "completed", done
     expected = client.read(MX_EXP, MX_SERIES, [mask], table="config")
     assert client.read_stream(MX_EXP, "eiger-mask").select([mask]).equals(expected)
+
+
+def test_jobs_read_raw_xtc2_runs_through_psana(client) -> None:
+    frames = "pnccd/raw/calib"
+    steps = [{"step": "peaks", "column": frames, "snr": 6, "min_pixels": 2}]
+    columns = ["gmd/raw/energy", "epics/sample_x", frames]
+    job = client.submit(XTC_EXP, XTC_RUN, columns, source="xtc2", processing=steps,
+                        filter="gmd/raw/energy > 1.2", into=(XTC_EXP, "raw-peaks"),
+                        end_run=False)
+    assert job.wait(timeout=120, progress=False)["state"] == "completed"
+    expected = client.read(XTC_EXP, XTC_RUN, columns, source="xtc2", processing=steps,
+                           filter="gmd/raw/energy > 1.2")
+    assert 0 < expected.num_rows < 80
+    assert np.nansum(expected.column(f"{frames}/n_peaks").to_numpy()) > 0  # null: no frame
+    streamed = client.read_stream(XTC_EXP, "raw-peaks")
+    assert streamed.select(expected.column_names).equals(expected)
 
 
 # -- bad input: refused, with nothing queued ---------------------------------------------------
