@@ -1,5 +1,6 @@
 """`python -m bench`: throughput, latency, memory, SQL, processing, live streams, jobs, other
-facilities' formats (NXmx, European XFEL) and bridges of the server against their targets.
+facilities' formats (NXmx, European XFEL), raw LCLS-II runs (xtc2, through psana) and bridges
+of the server against their targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
@@ -12,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import bridges, formats, jobs, latency, live, memory, processing, sql, throughput
+from bench import bridges, formats, jobs, latency, live, memory, processing, sql, throughput, xtc2
 from bench.common import (
     Result,
     environment,
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     jobs.NAME: jobs.run,
     formats.NXMX: formats.run_nxmx,
     formats.EUXFEL: formats.run_euxfel,
+    xtc2.NAME: xtc2.run,
     bridges.NAME: bridges.run,
 }
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--size", type=parse_size, default=None,
                    help="run size for throughput and latency, the size of sql's large "
-                        "result and of the nxmx series (default 1GiB)")
+                        "result, of the nxmx series and of the xtc2 run (default 1GiB)")
     p.add_argument("--big-size", type=parse_size, default=None,
                    help="run size for the memory benchmark (default 4GiB)")
     p.add_argument("--only", choices=list(BENCHMARKS), help="run only this benchmark")

@@ -17,14 +17,17 @@ def tensor_as_nested_lists(arr: pa.Array) -> pa.Array:
     arrives as Array(UInt16, shape=(1, 128, 128)) rather than an opaque extension column.
     """
     storage = arr.storage
-    values = storage.flatten()  # honours the storage's offset; no copy
+    size = storage.type.list_size
+    # the slice's own slots, those under null events included (`flatten` would drop them)
+    values = storage.values.slice(storage.offset * size, len(storage) * size)
     shape = arr.type.shape
     nested: pa.Array = values
     for size in reversed(shape):
         nested = pa.FixedSizeListArray.from_arrays(nested, size)
     if storage.null_count:
+        validity = pa.array(storage.is_valid().to_numpy(zero_copy_only=False)).buffers()[1]
         nested = pa.FixedSizeListArray.from_buffers(
-            nested.type, len(storage), [storage.buffers()[0]], children=[nested.values],
+            nested.type, len(storage), [validity], children=[nested.values],
             null_count=storage.null_count,
         )
     return nested
@@ -67,20 +70,29 @@ def to_pandas(table: pa.Table):
 
 def array_to_numpy(arr: pa.Array) -> np.ndarray:
     """One chunk -> ndarray of shape (events, *per-event shape), zero-copy when there are no
-    nulls (a chunk with nulls is converted with NaN/masked semantics by pyarrow)."""
+    nulls. A tensor or fixed-size-list chunk with null events (a detector that missed a shot)
+    becomes a masked array whose null events are masked whole; scalars with nulls get
+    pyarrow's NaN semantics."""
     if is_tensor(arr.type):
-        shape = arr.type.shape
-        flat = arr.storage.flatten()
+        shape, lists = list(arr.type.shape), arr.storage
     elif pa.types.is_fixed_size_list(arr.type):
-        shape = [arr.type.list_size]
-        flat = arr.flatten()
+        shape, lists = [arr.type.list_size], arr
     else:
         return arr.to_numpy(zero_copy_only=False)
-    while pa.types.is_fixed_size_list(flat.type):  # nested lists: flatten to the leaf values
+    # `.values` keeps the slots under null events (`flatten` would drop them), so every event
+    # has its place; only the slice's own slots are taken.
+    flat = lists.values.slice(lists.offset * lists.type.list_size,
+                              len(lists) * lists.type.list_size)
+    while pa.types.is_fixed_size_list(flat.type):  # nested lists: down to the leaf values
         shape = [*shape, flat.type.list_size]
-        flat = flat.flatten()
-    values = flat.to_numpy(zero_copy_only=arr.null_count == 0)
-    return values.reshape(len(arr), *shape)
+        flat = flat.values.slice(flat.offset * flat.type.list_size,
+                                 len(flat) * flat.type.list_size)
+    values = flat.to_numpy(zero_copy_only=flat.null_count == 0).reshape(len(arr), *shape)
+    if not arr.null_count:
+        return values
+    missing = arr.is_null().to_numpy(zero_copy_only=False)
+    mask = np.broadcast_to(missing.reshape(-1, *[1] * len(shape)), values.shape)
+    return np.ma.masked_array(values, mask=mask)
 
 
 def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -97,4 +109,6 @@ def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
         return chunks[0]
     if not chunks:
         return array_to_numpy(pa.array([], type=col.type))
+    if any(isinstance(c, np.ma.MaskedArray) for c in chunks):
+        return np.ma.concatenate(chunks)
     return np.concatenate(chunks)

@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write synthetic runs in the facility layouts")
     g.add_argument("--data", default="demo-data")
-    g.add_argument("--layout", choices=["demo", "lcls2", "lcls1", "cxi", "nxmx", "bench"],
-                   default="demo", help="nxmx: a DECTRIS Eiger series, --events frames")
+    g.add_argument("--layout", choices=["demo", "lcls2", "lcls1", "cxi", "nxmx", "xtc2",
+                                        "bench"],
+                   default="demo", help="nxmx: a DECTRIS Eiger series, --events frames; xtc2: "
+                   "a raw LCLS-II run (needs psana)")
     g.add_argument("--experiment", default="tmox42619")
     g.add_argument("--run", type=int, default=1)
     g.add_argument("--events", type=int, default=240)

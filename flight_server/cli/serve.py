@@ -272,6 +272,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.layout == "nxmx":
         paths = [generator.generate_nxmx_series(out / args.experiment, args.run, args.events,
                                                 seed=args.seed)]
+    elif args.layout == "xtc2":
+        paths = generator.generate_xtc2_run(out / args.experiment / "xtc", args.experiment,
+                                            args.run, args.events, seed=args.seed)
     elif args.layout == "bench":
         paths = [generator.generate_bench_run(out / args.experiment / f"run_{args.run}.h5",
                                               parse_size(args.size), seed=args.seed)]

@@ -20,6 +20,8 @@ Layouts:
   per-run geometry as scalars.
 * NXmx (DECTRIS Eiger): ``<sample>_<N>_master.h5`` with the NXmx metadata and external links
   to ``<sample>_<N>_data_000001.h5 ...``, frames compressed with bitshuffle-LZ4 or LZ4.
+* LCLS-II raw runs (xtc2, not HDF5): ``<exp>/xtc/<exp>-r<RUN>-s<STREAM>-c<CHUNK>.xtc2`` stream
+  files written by psana's own ``dgramCreate`` (see ``xtc2``; needs psana).
 """
 
 from .bench import generate_bench_run
@@ -28,6 +30,7 @@ from .demo import generate_demo
 from .lcls1 import generate_lcls1_run
 from .lcls2 import generate_lcls2_run
 from .nxmx import generate_nxmx_series
+from .xtc2 import generate_xtc2_run
 
 __all__ = [
     "generate_bench_run",
@@ -36,4 +39,5 @@ __all__ = [
     "generate_lcls1_run",
     "generate_lcls2_run",
     "generate_nxmx_series",
+    "generate_xtc2_run",
 ]

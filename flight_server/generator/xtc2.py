@@ -13,6 +13,10 @@ One stream file per DAQ node, as at the facility:
   from the events it dropped;
 * ``s002``: EPICS PVs, recorded in the SlowUpdate transitions (about once a second).
 
+The shots are those `generate_lcls2_run` draws for the same run, seed and frame shape (pulse
+energies, time stamps, the pnccd frames, the gmd's missing readings), so an HDF5 run written
+beside it is this raw run's smalldata reduction, as at the facility.
+
 Every stream carries every transition (Configure, BeginRun, BeginStep, Enable, SlowUpdates,
 Disable, EndStep, EndRun); L1Accepts carry the events. Time stamps are psana's:
 ``(seconds since 1990) << 32 | nanoseconds``. psana is needed to write runs (``[psana]`` extra).
@@ -43,7 +47,7 @@ NOISE_ADU = 4.0
 RING_ADU_PER_MJ = 6.0
 HIT_FRACTION = 0.3
 PNCCD_DROP_FRACTION = 0.05
-GMD_DROP_FRACTION = 0.02
+GMD_DROP_FRACTION = 0.01  # the shots the smalldata's gmd/energy has as missing
 HEXANODE_CHANNELS = 8  # the interface returns channels 2..6
 SLOW_UPDATE_EVENTS = ph.EVENT_RATE_HZ  # one SlowUpdate a second
 # EPICS PVs: the name psana users call (`run.Detector("sample_x")`) -> the PV
@@ -109,14 +113,16 @@ def generate_xtc2_run(
     stamps = ph.pack_time(unix_ns, ph.UNIX_AT_1990).astype(np.uint64)
     pulse = ph.pulse_energy_mj(ph.stream(seed, run, "gmd/energy"), n)
     pnccd_present = ~ph.missing_mask(n, ph.stream(seed, run, "pnccd/drop"), PNCCD_DROP_FRACTION)
-    gmd_present = ~ph.missing_mask(n, ph.stream(seed, run, "gmd/drop"), GMD_DROP_FRACTION)
-    photon = ph.photon_energy_ev(ph.stream(seed, run, "pnccd/photon_energy"), n, 9500.0, 10.0)
+    gmd_present = ~ph.missing_mask(n, ph.stream(seed, run, "gmd/missing"), GMD_DROP_FRACTION)
+    photon = ph.photon_energy_ev(ph.stream(seed, run, "ebeam/photon_energy"), n, 9500.0, 10.0)
     xpos = ph.stream(seed, run, "gmd/xpos").normal(0.0, 0.05, n).astype(np.float32)
     counts = ph.spot_counts(ph.stream(seed, run, "pnccd/hits"), n, HIT_FRACTION, 5, 25.0, 80)
     spots = ph.draw_spots(ph.stream(seed, run, "pnccd/spots"), counts, pulse, (h, w))
     heights = ph.tof_heights(ph.stream(seed, run, "hexanode/heights"), pulse, HEXANODE_CHANNELS)
     profiles = ph.tof_profiles(waveform_samples, HEXANODE_CHANNELS)
-    times = np.arange(waveform_samples, dtype=np.float64) * ph.TOF_SAMPLE_PERIOD_NS
+    # each channel's sample times (ns), as the digitizer records them beside its waveform
+    times = np.tile(np.arange(waveform_samples, dtype=np.float64) * ph.TOF_SAMPLE_PERIOD_NS,
+                    (HEXANODE_CHANNELS, 1))
     frame_rng = ph.stream(seed, run, "pnccd/noise")
     tof_rng = ph.stream(seed, run, "hexanode/noise")
     slow = np.arange(0, n, SLOW_UPDATE_EVENTS)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from clients import array_to_numpy, column_to_numpy
+from clients.convert import to_polars
 from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, open_h5
 
 
@@ -120,3 +121,29 @@ def test_concurrent_readers_get_correct_data(location, data_root) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(job, range(24)))
+
+
+def test_null_events_keep_their_place_in_numpy_and_polars() -> None:
+    """A detector that missed shots: NumPy gets a masked array with those events masked whole,
+    Polars nulls; the other events keep their values and positions, in slices too."""
+    frames = np.arange(6 * 2 * 3, dtype=np.uint16).reshape(6, 2, 3)
+    present = np.array([True, False, True, True, False, True])
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(frames.reshape(-1)), 6)
+    storage = pa.FixedSizeListArray.from_buffers(
+        storage.type, 6, [pa.array(present).buffers()[1]], children=[storage.values],
+        null_count=2)
+    tensor = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.uint16(), [2, 3]), storage)
+    for arr, rows in ((tensor, slice(None)), (tensor.slice(1, 4), slice(1, 5))):
+        got = array_to_numpy(arr)
+        assert isinstance(got, np.ma.MaskedArray) and got.dtype == np.uint16
+        assert got.mask.any(axis=(1, 2)).tolist() == (~present[rows]).tolist()
+        np.testing.assert_array_equal(got[~got.mask.any(axis=(1, 2))],
+                                      frames[rows][present[rows]])
+        table = pa.table({"f": pa.chunked_array([arr, arr])})
+        both = column_to_numpy(table.column("f"))
+        assert isinstance(both, np.ma.MaskedArray) and len(both) == 2 * len(arr)
+        df = to_polars(table)
+        assert df["f"].null_count() == 2 * int((~present[rows]).sum())
+        kept = df["f"].drop_nulls().to_numpy()
+        np.testing.assert_array_equal(kept[: int(present[rows].sum())],
+                                      frames[rows][present[rows]])
