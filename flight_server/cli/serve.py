@@ -106,6 +106,7 @@ From Python (in this repository's .venv):
     c = connect("{{location}}")         # finds the token in the keyring
     c.runs("tmox42619")
     df = c.polars("tmox42619", 1, columns=["gmd/energy", "tof/waveforms"])
+    raw = c.numpy("tmox42619", 1, "pnccd/raw/calib", source="xtc2")   # run 1 raw, via psana
     c.sql('SELECT run, count(*), avg("gmd/energy") FROM tmox42619.events GROUP BY run')
 
 Live stream: a simulated acquisition sends {{rate}} events/s to {{experiment}}/{{stream}}

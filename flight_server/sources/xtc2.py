@@ -31,7 +31,7 @@ from flight_server.buffers import allocate
 from flight_server.errors import RunUnreadable, Unsupported
 from flight_server.sources import xtc2_index as xi
 from flight_server.sources.columns import TIME_TYPE, Column, Kind, arrow_value_type, run_column
-from flight_server.sources.hdf5_reader import with_nulls, wrap_fixed
+from flight_server.sources.hdf5_reader import pread_exactly, with_nulls, wrap_fixed
 from flight_server.sources.layouts import LCLS2_EPOCH, Layout, raw_time_to_ns
 from flight_server.sources.run import Reader, Run
 from schemas import metadata as md
@@ -106,6 +106,7 @@ class Xtc2Run(Run):
     events: xi.EventIndex | None = None
     methods: dict[str, Method] = field(default_factory=dict)
     configs: list[Any] = field(default_factory=list)  # each stream's Configure datagram
+    names: list[xi.Names] = field(default_factory=list)  # what each stream's Configure declares
     epics: dict[str, tuple[np.ndarray, list]] = field(default_factory=dict)  # pv -> times, values
     ctx: Any = None  # psana's RunCtx, which events carry
     _fds: list[list[int]] = field(default_factory=list)  # per stream, per chunk
@@ -141,11 +142,19 @@ class Xtc2Run(Run):
         self._fds = []
 
     def dgram(self, stream: int, position: int) -> Any:
-        """The datagram at `position` of a stream's index, read and parsed by psana."""
+        """The datagram at `position` of a stream's index, parsed by psana. Read here, not by
+        psana: a pread that releases the GIL (pool threads read in parallel), and a framing
+        check first, since psana abort()s the process on a corrupt Xtc."""
         s = self.streams[stream]
-        return psana().Dgram(file_descriptor=self._fds[stream][int(s.chunk[position])],
-                             config=self.configs[stream], offset=int(s.offset[position]),
-                             size=int(s.size[position]))
+        chunk = int(s.chunk[position])
+        buf = np.empty(int(s.size[position]), dtype=np.uint8)
+        try:
+            pread_exactly(self._fds[stream][chunk], buf, int(s.offset[position]))
+        except OSError as exc:
+            raise RunUnreadable(f"{s.files.chunks[chunk].name}: {exc}") from None
+        xi.check_datagram(memoryview(buf), self.names[stream],
+                          f"{s.files.chunks[chunk].name} at byte {int(s.offset[position])}")
+        return psana().Dgram(view=buf, config=self.configs[stream], offset=0)
 
     def event(self, i: int, streams: set[int]) -> Any:
         """psana's Event of event i with the datagrams of `streams` (None where a stream missed
@@ -166,6 +175,7 @@ def describe(path: Path, experiment: str, number: int, within: Path,
     ps = psana()
     streams = [xi.scan_stream(s) for s in xi.run_streams(path)]
     events = xi.build_events(streams)
+    names = [_configure_names(s) for s in streams]  # before psana parses them: see dgram()
     first_chunks = [str(s.files.chunks[0]) for s in streams]
     params = SimpleNamespace()
     try:
@@ -175,11 +185,12 @@ def describe(path: Path, experiment: str, number: int, within: Path,
                             f"Configure transitions ({type(exc).__name__}: {exc})") from None
     configs = list(manager.configs)
     manager.close()
-    begin = [int(s.time[k]) for s in streams for k in np.flatnonzero(s.transition == 4)[:1]]
+    begin = [int(s.time[k]) for s in streams
+             for k in np.flatnonzero(s.transition == xi.BEGIN_RUN)[:1]]
     run = Xtc2Run(experiment=experiment, number=number, path=path, layout=XTC2,
                   num_events=len(events), columns={}, aliases={}, config={},
                   start_ns=None, end_ns=None, streams=streams, events=events, configs=configs,
-                  ctx=ps.RunCtx(experiment, number, begin[0] if begin else 0))
+                  names=names, ctx=ps.RunCtx(experiment, number, begin[0] if begin else 0))
     run._fds = [[os.open(p, os.O_RDONLY) for p in s.files.chunks] for s in streams]
     try:
         _describe_columns(run, params, calibration)
@@ -190,6 +201,18 @@ def describe(path: Path, experiment: str, number: int, within: Path,
         first, last = raw_time_to_ns(events.time[[0, -1]], LCLS2_EPOCH)
         run.start_ns, run.end_ns = int(first), int(last)
     return run
+
+
+def _configure_names(stream: xi.StreamIndex) -> xi.Names:
+    """The Names a stream's Configure declares, its framing and data checked as events' are."""
+    path = stream.files.chunks[0]
+    buf = np.empty(int(stream.size[0]), dtype=np.uint8)
+    with open(path, "rb") as fh:
+        pread_exactly(fh.fileno(), buf, 0)
+    where = f"{path.name} (Configure)"
+    names = xi.names_of(memoryview(buf))
+    xi.check_datagram(memoryview(buf), names, where)
+    return names
 
 
 def _describe_columns(run: Xtc2Run, params: SimpleNamespace, calibration: bool) -> None:

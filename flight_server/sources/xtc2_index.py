@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,20 @@ HEADER = np.dtype([("time", "<u8"), ("env", "<u4"), ("src", "<u4"), ("damage", "
                    ("contains", "<u2"), ("extent", "<u4")])
 TRANSITION_BYTES = 12  # time stamp + env: what precedes the Xtc
 XTC_HEADER_BYTES = 12
-CONFIGURE, SLOW_UPDATE, L1_ACCEPT = 2, 10, 12
+CONFIGURE, BEGIN_RUN, SLOW_UPDATE, L1_ACCEPT = 2, 4, 10, 12  # xtcdata's TransitionId
+XTC = struct.Struct("<IHHI")  # an Xtc header: src, damage, contains (TypeId), extent
+PARENT, SHAPES_DATA, SHAPES, DATA, NAMES = 0, 1, 2, 3, 4  # xtcdata's TypeId (low 12 bits)
+DAMAGE_CORRUPTED = 1 << 3  # the DAQ marked the Xtc corrupted: psana does not read inside
+MAX_DEPTH = 16
+# xtcdata's ShapesData.hh: Alg = name[256] + version u32; NameInfo = numArrays u32 +
+# detType/detName/detId [256] + Alg + segment u32; Name = Alg + name[256] + type u32 + rank u32;
+# Shape = 5 x u32.
+NAME_INFO_BYTES = 4 + 3 * 256 + 260 + 4
+NAME_BYTES = 260 + 256 + 4 + 4
+NAME_TYPE_AT = 260 + 256
+SHAPE_BYTES = 5 * 4
+MAX_RANK = 5
+ELEMENT_BYTES = (1, 2, 4, 8, 1, 2, 4, 8, 4, 8, 1, 4, 4)  # by Name::DataType, CHARSTR = 10
 READ_AHEAD = 1 << 20  # headers are read through a 1 MiB window: one syscall per many datagrams
 
 
@@ -163,3 +177,110 @@ def build_events(streams: list[StreamIndex]) -> EventIndex:
                                 "stamp; the file is corrupted")
         slots[k, np.searchsorted(times, t)] = p
     return EventIndex(times, slots)
+
+
+Names = dict[int, list[tuple[int, int]]]  # NamesId -> (xtc type, rank) of each name, in order
+
+
+def names_of(configure: memoryview) -> Names:
+    """The Names a Configure datagram declares: what each detector's data blocks hold, which a
+    data block's size is checked against (see `check_datagram`)."""
+    found: Names = {}
+    _walk(configure, _top(configure, "Configure"), "the Configure transition", None, found)
+    return found
+
+
+def check_datagram(buf: memoryview, names: Names, where: str) -> None:
+    """Refuse a datagram psana could not parse without reading outside it. psana (xtcdata)
+    abort()s the whole process on an Xtc extent that overruns its buffer, and builds arrays
+    from a data block's declared shapes without comparing them to the block's size; so every
+    Xtc psana descends into must fit inside its parent, every detector data block must name
+    Names the Configure declared and be as large as its shapes say, before psana sees it."""
+    _walk(buf, _top(buf, where), where, names, None)
+
+
+def _top(buf: memoryview, where: str) -> tuple[int, int]:
+    extent = XTC.unpack_from(buf, TRANSITION_BYTES)[3]
+    if extent < XTC_HEADER_BYTES or TRANSITION_BYTES + extent > len(buf):
+        raise RunUnreadable(f"{where}: the datagram's extent {extent} does not fit its "
+                            f"{len(buf)} bytes; the file is corrupted")
+    return TRANSITION_BYTES + XTC_HEADER_BYTES, TRANSITION_BYTES + extent
+
+
+def _walk(buf: memoryview, span: tuple[int, int], where: str, names: Names | None,
+          found: Names | None, depth: int = 0) -> None:
+    at, end = span
+    while at < end:
+        if at + XTC_HEADER_BYTES > end or depth > MAX_DEPTH:
+            raise _corrupt(where, at)
+        src, damage, contains, extent = XTC.unpack_from(buf, at)
+        if extent < XTC_HEADER_BYTES or at + extent > end:
+            raise _corrupt(where, at)
+        kind, inner = contains & 0xFFF, (at + XTC_HEADER_BYTES, at + extent)
+        if not damage & DAMAGE_CORRUPTED:  # psana skips what the DAQ marked corrupted
+            if kind == PARENT:
+                _walk(buf, inner, where, names, found, depth + 1)
+            elif kind == NAMES and found is not None:
+                found[src] = _names(buf, inner, where)
+            elif kind == SHAPES_DATA and names is not None:
+                _check_block(buf, inner, names.get(src), where)
+        at += extent
+
+
+def _names(buf: memoryview, span: tuple[int, int], where: str) -> list[tuple[int, int]]:
+    start, end = span[0] + NAME_INFO_BYTES, span[1]
+    if start > end or (end - start) % NAME_BYTES:
+        raise _corrupt(where, span[0])
+    out = []
+    for at in range(start, end, NAME_BYTES):
+        kind, rank = struct.unpack_from("<II", buf, at + NAME_TYPE_AT)
+        if kind >= len(ELEMENT_BYTES) or rank >= MAX_RANK:
+            raise RunUnreadable(f"{where}: a Name declares type {kind}, rank {rank}; the file "
+                                "is corrupted")
+        out.append((kind, rank))
+    return out
+
+
+def _check_block(buf: memoryview, span: tuple[int, int], declared: list | None,
+                 where: str) -> None:
+    """A ShapesData: its Shapes (one per array name) and its Data, first two in either order
+    (psana abort()s otherwise), the Data large enough for what the shapes say."""
+    if declared is None:
+        raise RunUnreadable(f"{where}: a detector data block refers to Names the Configure "
+                            "transition did not declare; the file is corrupted")
+    kinds, spans = [], []
+    at, end = span
+    while at < end and len(kinds) < 2:
+        if at + XTC_HEADER_BYTES > end:
+            raise _corrupt(where, at)
+        _, _, contains, extent = XTC.unpack_from(buf, at)
+        if extent < XTC_HEADER_BYTES or at + extent > end:
+            raise _corrupt(where, at)
+        kinds.append(contains & 0xFFF)
+        spans.append((at + XTC_HEADER_BYTES, at + extent))
+        at += extent
+    arrays = sum(1 for _, rank in declared if rank)
+    parts = dict(zip(kinds, spans, strict=True))
+    shapes = parts.get(SHAPES, (0, 0))
+    data = parts.get(DATA)
+    layout_ok = sorted(kinds) == [SHAPES, DATA] or (kinds[:1] == [DATA] and not arrays)
+    if not layout_ok or data is None or shapes[1] - shapes[0] < arrays * SHAPE_BYTES:
+        raise RunUnreadable(f"{where}: a detector data block lacks its shapes or data; the "
+                            "file is corrupted")
+    need, k = 0, 0
+    for kind, rank in declared:
+        count = 1
+        if rank:
+            dims = struct.unpack_from(f"<{rank}I", buf, shapes[0] + k * SHAPE_BYTES)
+            k += 1
+            for d in dims:
+                count *= d
+        need += count * ELEMENT_BYTES[kind]
+    if need > data[1] - data[0] or need >= 1 << 32:  # psana sizes blocks in 32 bits
+        raise RunUnreadable(f"{where}: a detector's shapes need {need} bytes, its data block "
+                            f"holds {data[1] - data[0]}; the file is corrupted")
+
+
+def _corrupt(where: str, at: int) -> RunUnreadable:
+    return RunUnreadable(f"{where}: the xtc structure at byte {at} of the datagram overruns "
+                         "it; the file is corrupted")

@@ -106,7 +106,8 @@ def test_bad_path_descriptors_say_what_is_valid(path: list[str]) -> None:
     with pytest.raises(InvalidArgument) as info:
         request_from_descriptor(flight.FlightDescriptor.for_path(*path))
     message = str(info.value)
-    assert "path descriptor must be [experiment, run] or [experiment, run, table]" in message
+    assert ("path descriptor must be [experiment, run], [experiment, run, table] or "
+            "[experiment, run, source]") in message
     assert f"at most {MAX_RUN_DIGITS} digits" in message and "['tmox42619', '7']" in message
     assert "; got ['tmox42619'" in message  # what was sent, quoted
 

@@ -4,12 +4,16 @@ the run's other form beside its smalldata HDF5 file; bad input fails clearly and
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -170,8 +174,6 @@ def test_schema_follows_psanas_interfaces(client: Client) -> None:
 
     meta = schema.metadata
     assert meta[md.LAYOUT] == b"lcls2-xtc2" and meta[md.EVENTS] == b"300"
-    import json
-
     config = json.loads(meta[md.CONFIG])
     assert config["runinfo"] == {"expt": EXP, "runnum": RAW}
     assert set(config["detectors"]) == {"pnccd", "hexanode", "gmd"}
@@ -290,8 +292,6 @@ def test_cancelled_streams_free_the_runs_files(srv: LclstreamServer, root: Path)
     reader.read_chunk()
     reader.cancel()
     run = srv.catalog.run(EXP, RAW, source="xtc2")
-    import time
-
     deadline = time.monotonic() + 10
     while run._users and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -305,8 +305,6 @@ def test_lclstream_get_takes_the_source(srv: LclstreamServer, tmp_path: Path) ->
     out = tmp_path / "raw.parquet"
     run_cli("get", EXP, str(BOTH), "--source", "xtc2", "-c", "gmd/raw/energy", "-o", str(out),
             "-q", "--server", f"grpc://127.0.0.1:{srv.port}")
-    import polars as pl
-
     assert pl.read_parquet(out).columns == ["gmd/raw/energy"]
 
 
@@ -367,3 +365,31 @@ def test_the_hdf5_run_beside_is_the_raw_runs_reduction(client: Client) -> None:
     assert len(kept) == 57  # the 3 frames the pnccd dropped are null in the raw run
     for i in kept:
         np.testing.assert_array_equal(frames[i], images[i][0])
+
+
+def test_calibration_database_out_of_reach_serves_without_constants(root: Path) -> None:
+    """psana_calibration asks the LCLS calibration database; where it cannot be reached (as
+    here), each detector gets no constants, with a warning, and the run serves as without."""
+    plain = Catalog(root).run(EXP, BOTH, source="xtc2")
+    calibrated = Catalog(root, psana_calibration=True).run(EXP, BOTH, source="xtc2")
+    assert list(calibrated.columns) == list(plain.columns)
+    cols = ["pnccd/raw/calib", "gmd/raw/energy"]
+    with plain.reader() as a, calibrated.reader() as b:
+        assert a.read(plain.resolve(cols), 0, 60).equals(b.read(calibrated.resolve(cols), 0, 60))
+
+
+def test_corrupt_events_fail_their_run_and_never_the_server(root: Path) -> None:
+    """psana abort()s its process on some corrupt Xtc structures; the server checks every
+    datagram before psana parses it. Dozens of corruptions of one event, each read in full in
+    a process of its own: each is an error of that run, or (bytes of values) a read."""
+    cases = 36
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.sources.xtc2_corruption",
+         str(run_files(root / EXP / "xtc", EXP, RAW, 0)), str(cases)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outcomes = [json.loads(line)["outcome"] for line in proc.stdout.splitlines()]
+    assert len(outcomes) == cases
+    assert all(o == "ok" or o.startswith("RunUnreadable") for o in outcomes), outcomes
+    assert sum(o != "ok" for o in outcomes) >= cases // 4
+    assert any("the file is corrupted" in o for o in outcomes)
