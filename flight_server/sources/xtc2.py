@@ -118,9 +118,15 @@ class Xtc2Run(Run):
         return Xtc2Reader(self)
 
     def acquire(self) -> None:
+        """Open the run's files if needed and count one more stream using them."""
         with self._lock:
-            if self._retired:
-                raise RunUnreadable(f"{self.describe()} changed on disk; plan again")
+            if not self._fds:
+                try:
+                    self._fds = [[os.open(p, os.O_RDONLY) for p in s.files.chunks]
+                                 for s in self.streams]
+                except OSError as exc:
+                    self._close()
+                    raise RunUnreadable(f"{self.describe()} cannot be opened: {exc}") from None
             self._users += 1
 
     def release(self) -> None:
@@ -130,6 +136,7 @@ class Xtc2Run(Run):
                 self._close()
 
     def retire(self) -> None:
+        """The catalog no longer serves this description: close once no stream uses it."""
         with self._lock:
             self._retired = True
             if self._users == 0:
@@ -139,7 +146,7 @@ class Xtc2Run(Run):
         for fds in self._fds:
             for fd in fds:
                 os.close(fd)
-        self._fds = []
+        self._fds = []  # a retired run's later stream opens them again, and closes them
 
     def dgram(self, stream: int, position: int) -> Any:
         """The datagram at `position` of a stream's index, parsed by psana. Read here, not by
@@ -191,12 +198,11 @@ def describe(path: Path, experiment: str, number: int, within: Path,
                   num_events=len(events), columns={}, aliases={}, config={},
                   start_ns=None, end_ns=None, streams=streams, events=events, configs=configs,
                   names=names, ctx=ps.RunCtx(experiment, number, begin[0] if begin else 0))
-    run._fds = [[os.open(p, os.O_RDONLY) for p in s.files.chunks] for s in streams]
+    run.acquire()
     try:
         _describe_columns(run, params, calibration)
-    except BaseException:
-        run._close()
-        raise
+    finally:
+        run.release()
     if len(events):
         first, last = raw_time_to_ns(events.time[[0, -1]], LCLS2_EPOCH)
         run.start_ns, run.end_ns = int(first), int(last)
