@@ -393,3 +393,14 @@ def test_corrupt_events_fail_their_run_and_never_the_server(root: Path) -> None:
     assert all(o == "ok" or o.startswith("RunUnreadable") for o in outcomes), outcomes
     assert sum(o != "ok" for o in outcomes) >= cases // 4
     assert any("the file is corrupted" in o for o in outcomes)
+
+
+def test_sql_reads_xtc2_runs_like_any_other(client: Client) -> None:
+    """A run whose only form is raw is part of its experiment's `events` table."""
+    got = client.sql(f'SELECT count(*) AS n, count("gmd/raw/energy") AS seen, '
+                     f'avg("gmd/raw/energy") AS mean FROM {EXP}.events WHERE run = {RAW}')
+    energy = client.read(EXP, RAW, ["gmd/raw/energy"]).column(0)
+    values = np.array([v for v in energy.to_pylist() if v is not None])
+    assert got.column("n").to_pylist() == [300]
+    assert got.column("seen").to_pylist() == [len(values)]
+    assert got.column("mean").to_pylist()[0] == pytest.approx(values.mean())
