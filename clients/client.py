@@ -22,7 +22,7 @@ from clients import convert, credentials, jobs, live, sql
 from schemas import Request
 from schemas import metadata as md
 from schemas.errors import status_named_in
-from schemas.request import EventSlice
+from schemas.request import EventSlice, compression_choice
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 
@@ -141,6 +141,21 @@ class Client:
             results = list(self._flight.do_action(flight.Action("whoami", b"")))
         return json.loads(results[0].body.to_pybytes())
 
+    def narrow_token(self, read: str | Iterable[str] = (), write: str | Iterable[str] = (),
+                     admin: str | Iterable[str] = (), ttl: int | None = None) -> str:
+        """A token with a subset of this connection's grants, for `ttl` seconds (default: the
+        server's token lifetime) and never beyond this token's own expiry: hand a job or a
+        colleague one experiment for an hour. A grant yours do not cover is PERMISSION_DENIED."""
+        grants = {right: [globs] if isinstance(globs, str) else list(globs)
+                  for right, globs in (("read", read), ("write", write), ("admin", admin))}
+        body: dict[str, Any] = {"grants": {r: g for r, g in grants.items() if g}}
+        if ttl is not None:
+            body["ttl"] = ttl  # an integer: the server refuses anything else
+        with _clean_errors():
+            results = list(self._flight.do_action(
+                flight.Action("narrow_token", json.dumps(body).encode())))
+        return json.loads(results[0].body.to_pybytes())["token"]
+
     def experiments(self) -> list[str]:
         """Names of the experiments the server serves that this caller may read."""
         with _clean_errors():
@@ -181,24 +196,29 @@ class Client:
     def request(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                 events: Events = None, *, filter: str | None = None,
                 processing: Sequence[dict[str, Any]] | None = None,
-                table: str | None = None, source: str | None = None) -> Request:
+                table: str | None = None, source: str | None = None,
+                compression: str | None = None) -> Request:
         """The v1 request. `filter` keeps the events where a condition on scalar columns holds
         ("gmd/energy > 0.5 and evr/code_40 = 1"); `processing` lists steps the server applies
         before sending ([{"step": "roi", "column": "pnccd/image", "y": [0, 64], "x": [0, 64]}];
         see README "Filters and server-side processing"); `table` names one of the runs' other
         tables (a European XFEL detector's pulse-resolved frames, an NXmx run's "config"; the
         schema metadata key `lclstream.tables` lists them); `source="xtc2"` reads the raw
-        LCLS-II runs where a smalldata HDF5 file of the same number is the default."""
+        LCLS-II runs where a smalldata HDF5 file of the same number is the default;
+        `compression` ("zstd", "lz4", "zstd:LEVEL", "none") compresses the data on the wire
+        (default: the server's, off on loopback and zstd elsewhere)."""
         cols = None if columns is None else tuple([columns] if isinstance(columns, str)
                                                   else columns)
         steps = None if processing is None else tuple(dict(s) for s in processing)
+        codec, level = compression_choice(compression)
         return Request(experiment, _runs(runs), cols, _events(events), filter, steps, table,
-                       source)
+                       source, codec, level)
 
     def plan(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
              events: Events = None, **shape: Any) -> flight.FlightInfo:
         """GetFlightInfo: the result schema (after any processing), sizes and one endpoint per
-        partition. `shape`: `filter=`, `processing=` and `table=`, as for `request`."""
+        partition. `shape`: `filter=`, `processing=`, `table=`, `source=` and `compression=`,
+        as for `request`."""
         descriptor = flight.FlightDescriptor.for_command(
             self.request(experiment, runs, columns, events, **shape).encode()
         )
@@ -219,7 +239,8 @@ class Client:
              events: Events = None, *, parallel: int = 4, progress: bool = False,
              **shape: Any) -> pa.Table:
         """All requested events as one Table; endpoints fetched in parallel, order preserved.
-        `shape`: `filter=`, `processing=` and `table=`, as for `request`."""
+        `shape`: `filter=`, `processing=`, `table=`, `source=` and `compression=`, as for
+        `request`."""
         info = self.plan(experiment, runs, columns, events, **shape)
         bar = progress_bar(info.total_bytes, f"{experiment} {runs}") if progress else None
         try:
@@ -302,7 +323,8 @@ class Client:
                   **options: Any) -> live.Subscription:
         """Iterate over a live stream: stored batches from `from_` ("earliest", "latest", an
         offset or a time), then new ones as they arrive. With `group`, each batch goes to one
-        member of the group; call `commit()` on the subscription when its work is done."""
+        member of the group; call `commit()` on the subscription when its work is done.
+        `compression=` as for `request`."""
         return live.Subscription(self._flight, experiment, stream, from_=from_, group=group,
                                  columns=columns, filter=filter, processing=processing,
                                  **options)

@@ -26,6 +26,7 @@ import pyarrow.flight as flight
 
 from schemas.live import LIVE_SEGMENT, Ack, Delivery, ProducerMeta, is_going_away
 from schemas.live import Subscription as Request
+from schemas.request import compression_choice
 
 log = logging.getLogger(__name__)
 
@@ -341,14 +342,16 @@ class Subscription:
                  from_: str | int | dt.datetime = "earliest", group: str | None = None,
                  member: str | None = None, columns: Sequence[str] | None = None,
                  filter: str | None = None, processing: Sequence[dict] | None = None,
-                 reconnect_for: float = 60.0, skip_empty: bool = True) -> None:
+                 reconnect_for: float = 60.0, skip_empty: bool = True,
+                 compression: str | None = None) -> None:
         self._flight = flight_client
         if isinstance(from_, dt.datetime):
             from_ = (from_ if from_.tzinfo else from_.replace(tzinfo=dt.UTC)).isoformat()
         self.request = Request(experiment, stream, from_, group,
                                member or (uuid.uuid4().hex if group else None),
                                None if columns is None else tuple(columns), filter,
-                               None if processing is None else tuple(processing))
+                               None if processing is None else tuple(processing),
+                               *compression_choice(compression))
         self.reconnect_for = reconnect_for
         self.skip_empty = skip_empty
         self.offset: int | None = None

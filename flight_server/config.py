@@ -41,6 +41,9 @@ class Settings:
     # xtc2 runs: fetch detectors' calibration constants from the LCLS calibration database (off:
     # none, as psana's skip_calib_load="all", for servers that cannot reach it)
     psana_calibration: bool = False
+    # on the wire: "auto" (off for loopback peers, zstd for others), "none", "zstd", "lz4",
+    # "zstd:LEVEL"; a request may choose its own
+    compression: str = "auto"
     request_memory: int = 512 * 1024 * 1024  # one stream's batches in flight (read + processed)
     log_level: str = "INFO"
     log_file: Path | None = None  # the server's log, rotated by size (else stderr only)

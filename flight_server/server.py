@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import Message
 
+from flight_server import compression
+from flight_server.archive.planning import Plan
 from flight_server.archive.service import ACTIONS as ARCHIVE_ACTIONS
 from flight_server.archive.service import ArchiveService
 from flight_server.catalog import Catalog
@@ -28,7 +30,7 @@ from flight_server.jobs.service import ACTIONS as JOB_ACTIONS
 from flight_server.jobs.service import JobService
 from flight_server.live.service import ACTIONS as LIVE_ACTIONS
 from flight_server.live.service import LiveService, subscription_of
-from flight_server.security import assembly
+from flight_server.security import assembly, delegation
 from flight_server.security.middleware import MIDDLEWARE_KEY, CallRecord
 from flight_server.security.policy import bind_to_certificate, only_for_jobs
 from flight_server.sources.streaming import BatchSizing
@@ -36,6 +38,7 @@ from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
 from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService, sql_command
 from schemas import Ticket
+from schemas import metadata as md
 from schemas.json_input import excerpt
 from schemas.live import Subscription
 
@@ -45,6 +48,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ACTIONS = {
     "whoami": "JSON {subject, issuer, grants, expires, certificate}: who the server takes you for",
+    delegation.ACTION: delegation.DESCRIPTION,
 }
 
 
@@ -115,6 +119,7 @@ class LclstreamServer(flight.FlightServerBase):
         # started, and resumes; never an answer from a half-built server. Recovering large
         # live streams can take a while.
         self.settings = settings
+        self.compression = compression.parse_setting(settings.compression)  # fails early
         self.security = assembly.build(settings)
         self.catalog = catalog or Catalog(settings.data,
                                           psana_calibration=settings.psana_calibration)
@@ -219,7 +224,8 @@ class LclstreamServer(flight.FlightServerBase):
             return self.sql.flight_info(call.identity, what, descriptor)
         if kind == "live":
             return self.live.flight_info(call, what, descriptor)
-        return self.archive.flight_info(self.archive.plan(call, descriptor), descriptor)
+        plan = self.archive.plan(call, descriptor)
+        return self.archive.flight_info(plan, descriptor, self._wire_schema(plan, call))
 
     @rpc
     def get_schema(self, context: flight.ServerCallContext,
@@ -230,7 +236,16 @@ class LclstreamServer(flight.FlightServerBase):
             return flight.SchemaResult(self.sql.schema(call.identity, what))
         if kind == "live":
             return flight.SchemaResult(self.live.schema(call, what))
-        return flight.SchemaResult(self.archive.plan(call, descriptor).schema)
+        plan = self.archive.plan(call, descriptor)
+        return flight.SchemaResult(self._wire_schema(plan, call))
+
+    def _wire_schema(self, plan: Plan, call: CallRecord) -> pa.Schema:
+        """The plan's schema, its metadata saying what DoGet will compress with for this
+        caller (`lclstream.compression`)."""
+        wire = compression.resolve(plan.request.compression, plan.request.compression_level,
+                                   self.compression, call.peer)
+        return plan.schema.with_metadata({**(plan.schema.metadata or {}),
+                                          md.COMPRESSION: wire.label.encode()})
 
     # -- data --------------------------------------------------------------------------------
 
@@ -239,13 +254,20 @@ class LclstreamServer(flight.FlightServerBase):
                ticket: flight.Ticket) -> flight.FlightDataStream:
         call = self._call(context, "do_get")
         kind, what = self._ticket(ticket.ticket)
-        if kind == "sql":
+        if kind == "sql":  # a Flight SQL ticket has no room for options: the server's default
+            wire = compression.resolve(None, None, self.compression, call.peer)
             schema, batches = self.sql.do_get(call.identity, what, context.is_cancelled)
-        elif kind == "live":
-            schema, batches = self.live.do_get(call, what, context.is_cancelled)
         else:
-            schema, batches = self.archive.do_get(call, what, context.is_cancelled)
-        return flight.GeneratorStream(schema, _guard_stream(batches, call))
+            wire = compression.resolve(what.compression, what.compression_level,
+                                       self.compression, call.peer)
+            if kind == "live":
+                schema, batches = self.live.do_get(call, what, context.is_cancelled)
+            else:
+                schema, batches = self.archive.do_get(call, what, context.is_cancelled)
+        options = wire.ipc_options()
+        if options is None:
+            return flight.GeneratorStream(schema, _guard_stream(batches, call))
+        return flight.GeneratorStream(schema, _guard_stream(batches, call), options=options)
 
     @rpc
     def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
@@ -287,6 +309,10 @@ class LclstreamServer(flight.FlightServerBase):
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),
                     "expires": who.expires, "certificate": call.certificate or None}
             return iter([json.dumps(body).encode()])
+        if action.type == delegation.ACTION:
+            body = action.body.to_pybytes() if action.body is not None else b""
+            reply = delegation.narrow_token(call, self.security.minter, body)
+            return iter([json.dumps(reply).encode()])
         known = [*ACTIONS, *ARCHIVE_ACTIONS, *LIVE_ACTIONS, *JOB_ACTIONS, *SQL_ACTIONS]
         raise InvalidArgument(f"unknown action {excerpt(action.type)}; actions: "
                               f"{', '.join(known)}")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from schemas.json_input import RequestError, excerpt, loads, loads_object
-from schemas.request import load_document
+from schemas.request import add_compression, load_document
 
 LIVE_SEGMENT = "live"  # the middle element of a stream's path descriptor
 EARLIEST, LATEST = "earliest", "latest"
@@ -33,6 +33,8 @@ class Subscription:
     columns: tuple[str, ...] | None = None
     filter: str | None = None
     processing: tuple[dict[str, Any], ...] | None = None
+    compression: str | None = None  # on the wire: "zstd" | "lz4" | "none" (None: server's)
+    compression_level: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "experiment": self.experiment, "stream": self.stream,
@@ -44,6 +46,7 @@ class Subscription:
             doc["columns"] = list(self.columns)
         if self.processing is not None:
             doc["processing"] = list(self.processing)
+        add_compression(doc, self.compression, self.compression_level)
         return doc
 
     def encode(self) -> bytes:
@@ -84,6 +87,7 @@ def parse_subscription(raw: bytes | str) -> Subscription:
         columns=None if doc.get("columns") is None else tuple(doc["columns"]),
         filter=doc.get("filter"),
         processing=None if doc.get("processing") is None else tuple(doc["processing"]),
+        compression=doc.get("compression"), compression_level=doc.get("compression_level"),
     )
     sub.start_time_ns()  # a malformed time fails here, not at DoGet
     if sub.group is not None and sub.member is None:

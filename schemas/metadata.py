@@ -16,6 +16,7 @@ CONFIG = b"lclstream.config"  # JSON: per-run configuration datasets (no event a
 TABLE = b"lclstream.table"  # the table of the run served, when not its main one
 TABLES = b"lclstream.tables"  # JSON list: the run's other tables (request field "table")
 NXMX = b"nxmx"  # JSON: an NXmx run's beam and detector geometry, each {"value", "units"}
+COMPRESSION = b"lclstream.compression"  # FlightInfo: what DoGet compresses with ("none", "zstd:3")
 
 # Field-level keys.
 HDF5_PATH = b"hdf5.path"  # the dataset the column is read from (links resolved)

@@ -44,6 +44,8 @@ class Request:
     processing: tuple[dict[str, Any], ...] | None = None  # steps applied on the server, in order
     table: str | None = None  # one of the runs' other tables (None = their main table)
     source: str | None = None  # the runs in another form: "xtc2" (None = their default form)
+    compression: str | None = None  # on the wire: "zstd" | "lz4" | "none" (None: server's)
+    compression_level: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"v": VERSION, "experiment": self.experiment, "runs": list(self.runs)}
@@ -59,6 +61,7 @@ class Request:
             doc["filter"] = self.filter
         if self.processing is not None:
             doc["processing"] = list(self.processing)
+        add_compression(doc, self.compression, self.compression_level)
         return doc
 
     def encode(self) -> bytes:
@@ -79,6 +82,8 @@ class Ticket:
     processing: tuple[dict[str, Any], ...] | None = None
     table: str | None = None
     source: str | None = None
+    compression: str | None = None
+    compression_level: int | None = None
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {
@@ -98,7 +103,28 @@ class Ticket:
             doc["filter"] = self.filter
         if self.processing is not None:
             doc["processing"] = list(self.processing)
+        add_compression(doc, self.compression, self.compression_level)
         return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def compression_choice(text: str | None) -> tuple[str | None, int | None]:
+    """What a client passes as `compression=`: "zstd", "lz4", "none" or "zstd:LEVEL" ->
+    (codec, level); None: the server's default."""
+    if text is None:
+        return None, None
+    codec, _, level = str(text).partition(":")
+    try:
+        return codec, int(level) if level else None
+    except ValueError:
+        raise RequestError(f"compression level must be an integer: {excerpt(text)} (e.g. "
+                           "'zstd:3')") from None
+
+
+def add_compression(doc: dict[str, Any], codec: str | None, level: int | None) -> None:
+    if codec is not None:
+        doc["compression"] = codec
+    if level is not None:
+        doc["compression_level"] = level
 
 
 @cache
@@ -158,6 +184,8 @@ def parse_request(raw: bytes | str) -> Request:
         processing=None if processing is None else tuple(processing),
         table=doc.get("table"),
         source=doc.get("source"),
+        compression=doc.get("compression"),
+        compression_level=doc.get("compression_level"),
     )
 
 
@@ -177,4 +205,6 @@ def parse_ticket(raw: bytes) -> Ticket:
         processing=None if doc.get("processing") is None else tuple(doc["processing"]),
         table=doc.get("table"),
         source=doc.get("source"),
+        compression=doc.get("compression"),
+        compression_level=doc.get("compression_level"),
     )

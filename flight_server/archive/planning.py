@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_server import compression
 from flight_server.catalog import SOURCES, Catalog, Visible, everyone
 from flight_server.errors import InvalidArgument
 from flight_server.processing import transform
@@ -115,6 +116,10 @@ def resolve_columns(runs: list[Run], names: tuple[str, ...] | None) -> list[Colu
 
 def plan(request: Request, catalog: Catalog, partition_bytes: int,
          visible: Visible = everyone, event_budget: int | None = None) -> Plan:
+    if request.compression is not None:
+        compression.choose(request.compression, request.compression_level)  # fail before DoGet
+    elif request.compression_level is not None:
+        raise InvalidArgument("compression_level needs a compression: 'zstd' or 'lz4'")
     runs = [catalog.run(request.experiment, number, visible, request.table, request.source)
             for number in request.runs]
     columns = resolve_columns(runs, request.columns)
@@ -131,7 +136,8 @@ def plan(request: Request, catalog: Catalog, partition_bytes: int,
         for lo, hi in ranges.split(start, stop, step, iter([span])):
             records = ranges.count(lo, hi, step)
             ticket = Ticket(request.experiment, run.number, names, lo, hi, step,
-                            request.filter, request.processing, request.table, request.source)
+                            request.filter, request.processing, request.table, request.source,
+                            request.compression, request.compression_level)
             partitions.append(Partition(ticket, records, int(records * sent_per_event)))
     fields = [c.field for c in columns] if shaped[0] is None else list(shaped[0].schema)
     return Plan(request, pa.schema(fields, metadata=_metadata(runs)), partitions)

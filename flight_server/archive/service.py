@@ -55,12 +55,13 @@ class ArchiveService:
         return planning.plan(request, self.catalog, self.partition_bytes,
                              lambda e: call.identity.may(e, "read"), self.sizing.event_budget)
 
-    def flight_info(self, plan: planning.Plan,
-                    descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+    def flight_info(self, plan: planning.Plan, descriptor: flight.FlightDescriptor,
+                    schema: pa.Schema | None = None) -> flight.FlightInfo:
+        """`schema`: the plan's, with what only the server knows added (compression)."""
         endpoints = [flight.FlightEndpoint(self.seal.seal(p.ticket), [])
                      for p in plan.partitions]
-        return flight.FlightInfo(plan.schema, descriptor, endpoints, plan.total_records,
-                                 plan.total_bytes, ordered=True)
+        return flight.FlightInfo(plan.schema if schema is None else schema, descriptor,
+                                 endpoints, plan.total_records, plan.total_bytes, ordered=True)
 
     def flight_infos(self, identity: Identity, pattern: str) -> list[flight.FlightInfo]:
         """Every run of every readable experiment whose name matches the glob, and the other

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 8815; 0 picks a free one)")
     s.add_argument("--config", type=Path, help="TOML settings file")
     s.add_argument("--batch-bytes", type=parse_size, help="bytes per streamed batch (default 4MiB)")
+    s.add_argument("--compression", metavar="auto|none|zstd|lz4[:LEVEL]",
+                   help="compression on the wire when a request does not choose (default "
+                   "auto: off for loopback clients, zstd for others)")
     s.add_argument("--partition-bytes", type=parse_size,
                    help="bytes per endpoint of a large run (default 256MiB)")
     s.add_argument("--no-auth", action="store_true",
@@ -86,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "detector source, an NXmx run's 'config')")
     get.add_argument("--source", choices=["xtc2"], help="the raw run (xtc2, through psana) "
                      "where a smalldata HDF5 file of the same number is the default")
+    get.add_argument("--compression", metavar="CODEC[:LEVEL]",
+                     help="on the wire: zstd, lz4 or none (default: the server's: off on "
+                     "loopback, zstd elsewhere)")
     get.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.arrow")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     get.add_argument("--server", default=DEFAULT_SERVER)
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_streams)
 
     cli_jobs.register(sub, _client_arguments)
-    cli_security.register(sub)
+    cli_security.register(sub, _client_arguments)
     return p
 
 

@@ -36,7 +36,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     columns = [c for c in args.columns.split(",") if c] if args.columns else None
     with connect(args.server, **_client_options(args)) as client:
         info = client.plan(args.experiment, args.run, columns, args.events, table=args.table,
-                           source=args.source)
+                           source=args.source, compression=args.compression)
         written = write_stream(client, info, Path(args.output), progress=not args.quiet)
     print(f"wrote {written} events to {args.output}")
     return 0

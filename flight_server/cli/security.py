@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from flight_server import config
+from flight_server.cli.common import DEFAULT_SERVER
 
 
 def duration(text: str) -> int:
@@ -56,6 +57,18 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         raise ValueError("a token without grants can read nothing: add --read/--write/--admin")
     token = minter_for(_settings(args)).mint(args.sub, grants, args.ttl)
     print(token)
+    return 0
+
+
+def cmd_token_narrow(args: argparse.Namespace) -> int:
+    from clients import connect
+
+    read, write, admin = _globs(args.read), _globs(args.write), _globs(args.admin)
+    if not (read or write or admin):
+        raise ValueError("a token without grants can read nothing: add --read/--write/--admin")
+    with connect(args.server, token=args.token, tls_root_certs=args.tls_ca,
+                 cert_chain=args.tls_cert, private_key=args.tls_key) as client:
+        print(client.narrow_token(read, write, admin, args.ttl))
     return 0
 
 
@@ -145,8 +158,9 @@ def add_tls_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, help="client certificate's private key (PEM)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    token = sub.add_parser("token", help="issue tokens signed by this server (admins)")
+def register(sub: argparse._SubParsersAction, client_arguments) -> None:
+    token = sub.add_parser("token", help="issue tokens signed by this server: create (admins, "
+                           "with the server's state), narrow (anyone, over the wire)")
     tsub = token.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="print a new token")
     create.add_argument("--sub", required=True, help="who the token is for")
@@ -155,6 +169,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _grant_options(create)
     _server_state_options(create)
     create.set_defaults(func=cmd_token_create)
+    narrow = tsub.add_parser("narrow", help="print a token with a subset of your grants, to "
+                             "delegate (e.g. one experiment for one hour)")
+    narrow.add_argument("--server", default=DEFAULT_SERVER)
+    narrow.add_argument("--ttl", type=duration, help="lifetime, e.g. 1h, 30m (default: the "
+                        "server's token_ttl); never beyond your own token's expiry")
+    _grant_options(narrow)
+    client_arguments(narrow)
+    narrow.set_defaults(func=cmd_token_narrow)
 
     user = sub.add_parser("user", help="manage password-login users (admins)")
     usub = user.add_subparsers(dest="user_command", required=True)

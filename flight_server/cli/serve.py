@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
         "audit_log": args.audit_log, "log_file": args.log_file,
         "job_workers": args.job_workers, "dask_scheduler": args.dask_scheduler,
+        "compression": args.compression,
     })
     return _serve(settings)
 

@@ -4,6 +4,7 @@ own issuing. Several issuers at once: the server's own, and any institution's.""
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 import threading
 import time
@@ -208,12 +209,16 @@ class TokenMinter:
         return Issuer(self.issuer, (self.algorithm,), self.audience, secret=self._signing_key)
 
     def mint(self, subject: str, grants: Grants, ttl: float | None = None,
-             job: str | None = None) -> str:
-        """A token for `subject`; with `job`, one that only produces that job's stream."""
+             job: str | None = None, not_after: float | None = None) -> str:
+        """A token for `subject`; with `job`, one that only produces that job's stream; with
+        `not_after`, one that expires no later than then (a narrowed token: its caller's exp)."""
         now = int(time.time())
+        exp = now + int(ttl if ttl is not None else self.ttl)
+        if not_after is not None:
+            exp = min(exp, math.floor(not_after))
         claims = {
             "iss": self.issuer, "aud": self.audience, "sub": subject, "iat": now, "nbf": now,
-            "exp": now + int(ttl if ttl is not None else self.ttl),
+            "exp": exp,
             "jti": secrets.token_hex(8), "grants": grants.to_claim(),
         }
         if job is not None:

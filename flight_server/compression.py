@@ -1,0 +1,96 @@
+"""Compression on the wire: Arrow IPC buffer compression (zstd or LZ4 frame), which every Arrow
+client decompresses by itself, chosen per request or by the server's default.
+
+The server's default (`compression` setting, `--compression`) is "auto": off for a peer on
+loopback, where compressing costs more CPU than the bytes it saves, and zstd for any other
+peer, where a wide-area link is the bottleneck. A request may ask for "zstd", "lz4" (with a
+level) or "none" whatever the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from flight_server.errors import InvalidArgument
+
+CODECS = ("zstd", "lz4")
+OFF = ("none", "off")
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Compression:
+    codec: str | None = None  # None: off
+    level: int | None = None  # None: the codec's default
+
+    @property
+    def label(self) -> str:
+        """What FlightInfo reports: "none", "zstd" or "zstd:5"."""
+        if self.codec is None:
+            return "none"
+        return self.codec if self.level is None else f"{self.codec}:{self.level}"
+
+    def ipc_options(self) -> pa.ipc.IpcWriteOptions | None:
+        if self.codec is None:
+            return None
+        return pa.ipc.IpcWriteOptions(compression=pa.Codec(self.codec, self.level))
+
+
+NONE = Compression()
+
+
+def choose(codec: str, level: int | None = None) -> Compression:
+    """A codec by name with an optional level, checked against what Arrow supports."""
+    if codec in OFF:
+        if level is not None:
+            raise InvalidArgument(f"compression '{codec}' takes no level")
+        return NONE
+    if codec not in CODECS:
+        raise InvalidArgument(f"unknown compression {codec!r}: use one of "
+                              f"{', '.join(CODECS)} or 'none'")
+    if level is not None:
+        low, high = pa.Codec.minimum_compression_level(codec), \
+            pa.Codec.maximum_compression_level(codec)
+        if isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
+            raise InvalidArgument(f"{codec} compression level must be an integer from {low} "
+                                  f"to {high}, got {level!r}")
+    return Compression(codec, level)
+
+
+def parse_setting(text: str) -> Compression | str:
+    """The server setting: "auto", "none"/"off", "zstd", "lz4" or "zstd:LEVEL"."""
+    text = str(text).strip().lower()
+    if text == AUTO:
+        return AUTO
+    codec, _, level = text.partition(":")
+    try:
+        number = int(level) if level else None
+    except ValueError:
+        raise InvalidArgument(f"compression level must be an integer, got {level!r} (e.g. "
+                              "'zstd:3')") from None
+    return choose(codec, number)
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this
+    machine."""
+    if peer.startswith("unix:"):
+        return True
+    if peer.startswith("ipv4:"):
+        return peer[5:].startswith("127.")
+    if peer.startswith("ipv6:"):
+        host = peer[5:].rpartition(":")[0].strip("[]")
+        return host in ("::1", "0:0:0:0:0:0:0:1") or host.startswith("::ffff:127.")
+    return False
+
+
+def resolve(codec: str | None, level: int | None, default: Compression | str,
+            peer: str) -> Compression:
+    """What a stream to `peer` uses: the request's choice, else the server's default."""
+    if codec is not None:
+        return choose(codec, level)
+    if default == AUTO:
+        return NONE if is_loopback(peer) else Compression("zstd")
+    return default
