@@ -232,7 +232,7 @@ def run_nxmx(args: argparse.Namespace) -> list[Result]:
                 """The server's read path in this process, no network: the nxmx source's
                 batches (stored chunks read and decompressed on a pool of 2 threads)."""
                 frames = described.resolve([FRAMES])
-                return sum(b.nbytes for b in stream_batches(
+                return sum(b.nbytes for b, _ in stream_batches(
                     described, frames, 0, described.num_events, 1, BatchSizing(), read_pool))
 
             def in_threads() -> int:

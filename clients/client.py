@@ -23,6 +23,7 @@ from schemas import Request
 from schemas import metadata as md
 from schemas.errors import status_named_in
 from schemas.request import EventSlice, compression_choice
+from schemas.resume import read_progress, resume_ticket
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 
@@ -237,14 +238,16 @@ class Client:
 
     def read(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
              events: Events = None, *, parallel: int = 4, progress: bool = False,
-             **shape: Any) -> pa.Table:
+             resume: bool = True, **shape: Any) -> pa.Table:
         """All requested events as one Table; endpoints fetched in parallel, order preserved.
-        `shape`: `filter=`, `processing=`, `table=`, `source=` and `compression=`, as for
-        `request`."""
+        A transfer that breaks off (the connection dropped, the server restarted) resumes from
+        the first event not yet received, for up to a minute of retries with backoff, and the
+        result is as if nothing happened; `resume=False` raises instead. `shape`: `filter=`,
+        `processing=`, `table=`, `source=` and `compression=`, as for `request`."""
         info = self.plan(experiment, runs, columns, events, **shape)
         bar = progress_bar(info.total_bytes, f"{experiment} {runs}") if progress else None
         try:
-            tables = self._fetch_all(info, parallel, bar.update if bar else None)
+            tables = self._fetch_all(info, parallel, bar.update if bar else None, resume)
         finally:
             if bar is not None:
                 bar.close()
@@ -253,15 +256,16 @@ class Client:
         return pa.concat_tables(tables).replace_schema_metadata(info.schema.metadata)
 
     def _fetch_all(self, info: flight.FlightInfo, parallel: int,
-                   on_bytes: Callable[[int], Any] | None) -> list[pa.Table]:
+                   on_bytes: Callable[[int], Any] | None, resume: bool = True
+                   ) -> list[pa.Table]:
         def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
             with _clean_errors():
-                reader = self._flight.do_get(endpoint.ticket)
+                reader = EndpointReader(self._flight, endpoint.ticket, resume)
                 batches = []
-                for chunk in reader:
-                    batches.append(chunk.data)
+                for batch in reader:
+                    batches.append(batch)
                     if on_bytes is not None:
-                        on_bytes(chunk.data.nbytes)
+                        on_bytes(batch.nbytes)
                 return pa.Table.from_batches(batches, schema=reader.schema)
 
         endpoints = list(info.endpoints)
@@ -271,16 +275,18 @@ class Client:
             return list(pool.map(fetch, endpoints))
 
     def stream(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
-               events: Events = None, **shape: Any) -> Iterator[pa.RecordBatch]:
-        """RecordBatches in event order as they arrive; memory stays at about one batch."""
-        return self.batches(self.plan(experiment, runs, columns, events, **shape))
+               events: Events = None, *, resume: bool = True,
+               **shape: Any) -> Iterator[pa.RecordBatch]:
+        """RecordBatches in event order as they arrive; memory stays at about one batch.
+        `resume` as for `read`."""
+        return self.batches(self.plan(experiment, runs, columns, events, **shape), resume)
 
-    def batches(self, info: flight.FlightInfo) -> Iterator[pa.RecordBatch]:
+    def batches(self, info: flight.FlightInfo, resume: bool = True
+                ) -> Iterator[pa.RecordBatch]:
         """The batches of every endpoint of a plan, in order, one endpoint after the other."""
         for endpoint in info.endpoints:
             with _clean_errors():
-                for chunk in self._flight.do_get(endpoint.ticket):
-                    yield chunk.data
+                yield from EndpointReader(self._flight, endpoint.ticket, resume)
 
     # -- SQL -------------------------------------------------------------------------------
 
@@ -437,3 +443,39 @@ def _source(descriptor: flight.FlightDescriptor) -> str | None:
     """The source a listed run's path names ([experiment, run, source]), None for its default."""
     path = descriptor.path or []
     return path[2].decode() if len(path) == 3 else None
+
+
+class EndpointReader:
+    """The batches of one endpoint. Each batch of an archived run says where the stream would
+    resume after it; when the stream breaks off, the reader asks again from there with a resume
+    ticket (backing off, for up to `patience` seconds without progress), so every event arrives
+    exactly once."""
+
+    def __init__(self, flight_client: flight.FlightClient, ticket: flight.Ticket,
+                 resume: bool = True, patience: float = 60.0) -> None:
+        self._flight, self._ticket, self._resume = flight_client, ticket, resume
+        self._patience = patience
+        self.schema: pa.Schema | None = None
+        self.resumed = 0  # how many times the stream was resumed
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        backoff = live.Backoff(self._patience)
+        next_event: int | None = None
+        while True:
+            ticket = self._ticket if next_event is None else flight.Ticket(
+                resume_ticket(self._ticket.ticket, next_event))
+            try:
+                reader = self._flight.do_get(ticket)
+                self.schema = reader.schema
+                for chunk in reader:
+                    at = read_progress(chunk.app_metadata.to_pybytes()
+                                       if chunk.app_metadata is not None else None)
+                    if at is not None:
+                        next_event = at
+                        backoff.succeeded()
+                    yield chunk.data
+                return
+            except Exception as exc:
+                if not self._resume or not live.transient(exc) or not backoff.wait():
+                    raise
+                self.resumed += 1

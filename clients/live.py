@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 TRANSIENT = (flight.FlightUnavailableError, ConnectionError)
 
 
-def _transient(exc: BaseException) -> bool:
+def transient(exc: BaseException) -> bool:
+    """Whether an error is the connection or the server going away (worth retrying)."""
     if isinstance(exc, TRANSIENT):
         return True
     # A server killed mid-stream can reset the HTTP/2 stream, which gRPC reports as INTERNAL.
@@ -159,7 +160,7 @@ class Producer:
         the ack reader, not the writer), or `exc` if it is not a lost connection."""
         if self._acks is not None:
             self._acks.join(timeout=5)
-        if self._error is None and not _transient(exc):
+        if self._error is None and not transient(exc):
             self._fail(exc)
         self._raise_error()
 
@@ -190,7 +191,7 @@ class Producer:
                         self.last_ack = ack
                     self._cond.notify_all()
         except Exception as exc:
-            if not _transient(exc):
+            if not transient(exc):
                 self._fail(exc)
             with self._cond:
                 self._cond.notify_all()
@@ -252,7 +253,7 @@ class Producer:
                 self._acks.join()
             writer.close()
         except Exception as exc:
-            if not quiet and not _transient(exc):
+            if not quiet and not transient(exc):
                 self._fail(exc)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -379,7 +380,7 @@ class Subscription:
             except Exception as exc:
                 if self._closed:
                     return
-                if not _transient(exc):
+                if not transient(exc):
                     raise
                 log.info("subscription to %s/%s lost (%s); resuming at %s", request.experiment,
                          request.stream, type(exc).__name__, self.next)
@@ -400,7 +401,7 @@ class Subscription:
             try:     # committed it delivers again; at-least-once)
                 return action(self._flight, "commit", body)
             except Exception as exc:
-                if not _transient(exc) or not backoff.wait():
+                if not transient(exc) or not backoff.wait():
                     raise
 
     def close(self) -> None:

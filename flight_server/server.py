@@ -197,7 +197,7 @@ class LclstreamServer(flight.FlightServerBase):
             return "sql", command
         if (sub := self.live.ticket(raw)) is not None:
             return "live", sub
-        return "archive", self.security.seal.open(raw)
+        return "archive", self.archive.open_ticket(raw)
 
     # -- planning ----------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""A TCP relay between a test's client and server that counts the bytes each way: what a
-network link would carry, to see that compression changes it."""
+"""A TCP relay between a test's client and server that counts the bytes each way (what a
+network link would carry, to see that compression changes it), and can cut each connection
+after so many bytes towards the client, as a flaky wide-area link does."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ class CountingRelay:
     """Listens on a free loopback port and relays each connection to `target_port`. The
     relay's peer, for the server, is still loopback: compression must be asked for."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
         self.target = ("127.0.0.1", target_port)
+        self.cut_after = cut_after  # bytes towards the client after which a connection is cut
+        self.cuts = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.to_client = 0  # bytes from the server to the client
@@ -45,9 +48,16 @@ class CountingRelay:
                                  daemon=True, name="relay-pump").start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        sent = 0
         try:
             while data := src.recv(1 << 16):
+                if downstream and self.cut_after is not None and sent + len(data) > self.cut_after:
+                    dst.sendall(data[: self.cut_after - sent])  # up to the cut, mid-message
+                    with self._lock:
+                        self.cuts += 1
+                    break
                 dst.sendall(data)
+                sent += len(data)
                 with self._lock:
                     if downstream:
                         self.to_client += len(data)

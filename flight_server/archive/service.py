@@ -7,6 +7,7 @@ may read the experiment and that the run still has the events the ticket names.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from flight_server.security.middleware import CallRecord
 from flight_server.security.policy import Identity, authorize
 from flight_server.security.tickets import TicketSeal
 from flight_server.sources.streaming import BatchSizing, stream_batches
-from schemas import Ticket
+from schemas import RequestError, Ticket, resume
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,28 @@ class ArchiveService:
 
     # -- data --------------------------------------------------------------------------------
 
+    def open_ticket(self, raw: bytes) -> Ticket:
+        """A ticket this server sealed, or a resume ticket: a sealed one, from the event where
+        a broken-off DoGet stopped (schemas/resume.py)."""
+        try:
+            resumed = resume.parse_resume(raw)
+        except RequestError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if resumed is None:
+            return self.seal.open(raw)
+        sealed, at = resumed
+        ticket = self.seal.open(sealed)
+        on_grid = (at - ticket.start) % ticket.step == 0 or at == ticket.stop
+        if not ticket.start <= at <= ticket.stop or not on_grid:
+            raise InvalidArgument(
+                f"cannot resume from event {at}: the ticket's events are range({ticket.start}, "
+                f"{ticket.stop}, {ticket.step}); resume from the 'next' its last batch carried")
+        return dataclasses.replace(ticket, start=at)
+
     def do_get(self, call: CallRecord, ticket: Ticket, is_cancelled: Callable[[], bool]
-               ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-        """The schema and batches of a ticket the caller may (still) read."""
+               ) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, bytes]]]:
+        """The schema and batches of a ticket the caller may (still) read, each batch with its
+        app_metadata: the event a resumed DoGet starts from after it (schemas/resume.py)."""
         self._may_read(call, ticket.experiment, ticket.run)
         run = self.catalog.run(ticket.experiment, ticket.run,
                                lambda e: call.identity.may(e, "read"), ticket.table,
@@ -111,8 +131,16 @@ class ArchiveService:
         if shaped is None:  # the common case: batches go out exactly as read
             batches = stream_batches(run, columns, ticket.start, ticket.stop, ticket.step,
                                      self.sizing, self.read_pool, is_cancelled)
-            return run.schema(columns), batches
+            return run.schema(columns), ((b, _progress(ticket, end)) for b, end in batches)
         batches = stream_batches(run, shaped.read, ticket.start, ticket.stop, ticket.step,
                                  self.sizing, self.read_pool, is_cancelled, shaped.apply,
                                  shaped.work_per_event)
-        return shaped.schema, (b for b in batches if b.num_rows)  # a filter can empty a batch
+        # a filter can empty a batch: it is not sent, and a resume reads its range again
+        return shaped.schema, ((b, _progress(ticket, end)) for b, end in batches if b.num_rows)
+
+
+def _progress(ticket: Ticket, end: int) -> bytes:
+    """The app_metadata of a batch that covered the ticket's events below `end`: the first
+    event of the ticket's range(start, stop, step) at or after it."""
+    ahead = -(-(end - ticket.start) // ticket.step)  # ceiling division
+    return resume.progress(min(ticket.start + ahead * ticket.step, ticket.stop))

@@ -58,11 +58,12 @@ def stream_batches(run: Run, columns: list[Column], start: int, stop: int, step:
                    sizing: BatchSizing, pool: Executor,
                    is_cancelled: Callable[[], bool] = lambda: False,
                    transform: Transform | None = None,
-                   work_per_event: float = 0.0) -> Iterator[pa.RecordBatch]:
-    """The batches of range(start, stop, step). The file is opened now, so a run that cannot be
-    read fails the DoGet call itself rather than a stream already promised to the client.
-    `transform` (a request's filter and processing) runs on the pool with the read, so batches
-    are processed on several cores and while earlier ones are on the wire."""
+                   work_per_event: float = 0.0) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """The batches of range(start, stop, step), each with the end of the range it covers (where
+    a resumed stream starts again). The file is opened now, so a run that cannot be read fails
+    the DoGet call itself rather than a stream already promised to the client. `transform` (a
+    request's filter and processing) runs on the pool with the read, so batches are processed
+    on several cores and while earlier ones are on the wire."""
     pieces = batch_ranges(columns, start, stop, step, sizing, work_per_event)
     reader = run.reader()
     read = reader.read if transform is None else _then(reader.read, transform)
@@ -83,7 +84,7 @@ def _then(read: Callable[..., pa.RecordBatch],
 
 def _read_ahead(reader: Reader, read: Callable[..., pa.RecordBatch], columns: list[Column],
                 pieces: list[tuple[int, int]], step: int, prefetch: int, pool: Executor,
-                is_cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
+                is_cancelled: Callable[[], bool]) -> Iterator[tuple[pa.RecordBatch, int]]:
     todo = iter(pieces)
     pending: deque[Future] = deque()
 
@@ -92,7 +93,7 @@ def _read_ahead(reader: Reader, read: Callable[..., pa.RecordBatch], columns: li
             piece = next(todo, None)
             if piece is None:
                 return
-            pending.append(pool.submit(read, columns, piece[0], piece[1], step))
+            pending.append((pool.submit(read, columns, piece[0], piece[1], step), piece[1]))
 
     try:
         first = next(todo, None)
@@ -101,20 +102,21 @@ def _read_ahead(reader: Reader, read: Callable[..., pa.RecordBatch], columns: li
         # The first batch is read right here: a hand-off to the pool and back costs more than
         # reading a small first batch, and nothing is on the wire yet to overlap with. Reading
         # ahead starts once it has left, so it does not compete with the first send for CPU.
-        yield read(columns, first[0], first[1], step)
+        yield read(columns, first[0], first[1], step), first[1]
         top_up(max(prefetch, 1))
         while pending:
-            batch = pending.popleft().result()
+            future, end = pending.popleft()
+            batch = future.result()
             if is_cancelled():
                 log.info("client cancelled run %d of %s", reader.run.number,
                          reader.run.experiment)
                 return
             top_up(max(prefetch, 1))
-            yield batch
+            yield batch, end
     finally:
-        for future in pending:
+        for future, _ in pending:
             future.cancel()
-        for future in pending:  # a read already running must finish before the file closes
+        for future, _ in pending:  # a read already running must finish before the file closes
             if not future.cancelled():
                 future.exception()
         reader.close()

@@ -147,8 +147,9 @@ class _Scan:
                 yield pa.record_batch([events], schema=schema)
             return
         offset = start
-        for batch in stream_batches(source.run, stored, start, stop, 1, source.context.sizing,
-                                    source.context.pool, source.context.is_cancelled):
+        for batch, _ in stream_batches(source.run, stored, start, stop, 1,
+                                       source.context.sizing, source.context.pool,
+                                       source.context.is_cancelled):
             arrays = {c.name: to_sql_array(c, batch.column(i)) for i, c in enumerate(stored)}
             events = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
             offset += batch.num_rows

@@ -13,6 +13,7 @@ import pytest
 from clients import connect
 from flight_server import compression
 from flight_server.errors import InvalidArgument
+from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
 from schemas import metadata as md
 from schemas.json_input import RequestError
@@ -73,18 +74,20 @@ def test_the_servers_default_and_a_request_that_turns_it_off(data_root: Path) ->
         srv.shutdown()
 
 
-def test_live_subscriptions_take_compression(data_root: Path) -> None:
-    srv = start_server(data_root)
+def test_live_subscriptions_take_compression(tmp_path: Path) -> None:
+    experiment = "zlive2026"  # in a data root of its own: live streams are kept there
+    generate_lcls2_run(tmp_path / experiment / f"{experiment}_Run0001.h5", 1, n_events=90)
+    srv = start_server(tmp_path)
     try:
         with connect(f"grpc://127.0.0.1:{srv.port}") as c:
-            with c.producer(LCLS2_EXP, "zlive") as producer:
-                plain = c.read(LCLS2_EXP, 8, COLUMNS)
+            plain = c.read(experiment, 1, COLUMNS)
+            with c.producer(experiment, "frames") as producer:
                 for batch in plain.to_batches(max_chunksize=30):
                     producer.send(batch)
                 producer.flush()
             with CountingRelay(srv.port) as relay, connect(relay.location) as r:
                 got = []
-                with r.subscribe(LCLS2_EXP, "zlive", columns=COLUMNS,
+                with r.subscribe(experiment, "frames", columns=COLUMNS,
                                  compression="zstd") as sub:
                     for batch in sub:
                         got.append(batch)
