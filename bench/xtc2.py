@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from bench.common import (
     Result,
     ServerProcess,
     fmt_bytes,
+    kept,
     median,
     ms,
     our_server,
@@ -111,12 +113,11 @@ def fingerprint(frame: np.ndarray) -> int:
 
 
 def table_fingerprint(table: pa.Table) -> tuple[int, int]:
-    """(frames present, sum of their fingerprints) of the column in a table of ours. The
-    server writes zeros under a null frame, so every row can be summed."""
+    """(frames present, sum of their fingerprints) of the column in a table of ours."""
     column = table.column(CALIB)
     total = 0
     for chunk in column.chunks:
-        frames = np.asarray(chunk.storage.values).reshape(-1, *FRAME_SHAPE)
+        frames = np.asarray(chunk.storage.flatten()).reshape(-1, *FRAME_SHAPE)  # nulls left out
         total += int(frames[:, ::64, ::64].sum(dtype=np.int64))
     return len(column) - column.null_count, total
 
@@ -167,6 +168,32 @@ def psana_read(experiment: str, number: int, xtc_dir: str) -> dict[str, Any]:
             "fingerprint": total}
 
 
+# -- the clients, each in a process of its own ------------------------------------------------
+
+
+def client_setup(location: str, token: str | None) -> None:
+    from clients import connect
+
+    kept("client", lambda: connect(location, token))
+
+
+def client_read(experiment: str, number: int, column: str, parallel: int) -> int:
+    """Our client's `read` of one column of the run (GetFlightInfo, then DoGet of every
+    endpoint, `parallel` at a time) into a Table; its events."""
+    return kept("client").read(experiment, number, [column], parallel=parallel).num_rows
+
+
+def flight_setup(location: str) -> None:
+    kept("flight", lambda: flight.connect(location))
+
+
+def flight_read(column: str) -> int:
+    """GetFlightInfo + DoGet of the in-memory server's one endpoint, read whole."""
+    client = kept("flight")
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(columns_ticket([column])))
+    return client.do_get(info.endpoints[0].ticket).read_all().num_rows
+
+
 # -- our read path without the network, in a process of its own -----------------------------
 
 
@@ -194,7 +221,7 @@ class ReadPath:
         from flight_server.sources.streaming import BatchSizing, stream_batches
 
         columns = self.run.resolve([CALIB])
-        return sum(b.num_rows for b in stream_batches(
+        return sum(b.num_rows for b, _ in stream_batches(
             self.run, columns, 0, self.run.num_events, 1, BatchSizing(), self.pool))
 
     def close(self) -> None:
@@ -313,14 +340,16 @@ def run(args: argparse.Namespace) -> list[Result]:
         our_server("lclstream-xtc2-1-endpoint", partition_bytes=HUGE_PARTITION) as single,
         in_memory_server(xr) as ref,
         multi.client() as multi_client,
-        single.client() as single_client,
     ):
-        ref_proc, path_proc = ready_all([
+        procs = ready_all([
+            ClientProcess("xtc2-client", client_setup, multi.location, multi.token),
+            ClientProcess("xtc2-client-1-endpoint", client_setup, single.location, single.token),
             ClientProcess("psana", psana_setup),
             ClientProcess("xtc2-read-path", read_path_setup, str(xr.stream_file(0)),
                           xr.experiment, xr.number, timeout=300),
+            ClientProcess("xtc2-in-memory-client", flight_setup, ref.location),
         ])
-        ref_client = ref.flight_client()
+        multi_proc, single_proc, ref_proc, path_proc, memory_proc = procs
         try:
             timings = path_proc.call(read_path_timings)
             info = multi_client.plan(xr.experiment, xr.number, [CALIB])
@@ -332,11 +361,11 @@ def run(args: argparse.Namespace) -> list[Result]:
             nbytes = ours_frames * FRAME_BYTES  # GB/s of the frames present, for everyone
             last: dict[str, Any] = {}
 
-            def ours(client, parallel: int):
+            def rows_of(proc: ClientProcess, fn, *fn_args: Any) -> Callable[[], int]:
                 def fetch() -> int:
-                    table = client.read(xr.experiment, xr.number, [CALIB], parallel=parallel)
-                    if table.num_rows != events:
-                        raise RuntimeError(f"{table.num_rows} events, expected {events}")
+                    rows = proc.call(fn, *fn_args)
+                    if rows != events:
+                        raise RuntimeError(f"{proc.name}: {rows} events, expected {events}")
                     return nbytes
                 return fetch
 
@@ -349,32 +378,25 @@ def run(args: argparse.Namespace) -> list[Result]:
                                        f"{ours_frames}")
                 return nbytes
 
-            def read_path() -> int:
-                rows = path_proc.call(read_path_read)
-                if rows != events:
-                    raise RuntimeError(f"read path: {rows} events, expected {events}")
-                return nbytes
+            def pid(proc: ClientProcess) -> list[psutil.Process]:
+                return [psutil.Process(proc.process.pid)]
 
-            def in_memory() -> int:
-                command = flight.FlightDescriptor.for_command(columns_ticket([CALIB]))
-                info = ref_client.get_flight_info(command)
-                table = ref_client.do_get(info.endpoints[0].ticket).read_all()
-                if table.num_rows != events:
-                    raise RuntimeError(f"in memory: {table.num_rows} events, expected {events}")
-                return nbytes
-
+            read_args = (xr.experiment, xr.number, CALIB)
             contenders = [
                 Contender(f"lclstream: Client.read, {endpoints} endpoint"
                           f"{'s' if endpoints > 1 else ''}, parallel={PARALLEL}",
-                          ours(multi_client, PARALLEL), psutil.Process(multi.pid)),
+                          rows_of(multi_proc, client_read, *read_args, PARALLEL),
+                          psutil.Process(multi.pid), pid(multi_proc)),
                 Contender("lclstream: 1 endpoint (partition_bytes huge), 1 DoGet",
-                          ours(single_client, 1), psutil.Process(single.pid)),
+                          rows_of(single_proc, client_read, *read_args, 1),
+                          psutil.Process(single.pid), pid(single_proc)),
                 Contender("reference: psana event loop, raw.calib copied into numpy",
-                          reference, clients=[psutil.Process(ref_proc.process.pid)]),
-                Contender("our read path in-process (xtc2 source, no network)", read_path,
-                          clients=[psutil.Process(path_proc.process.pid)]),
+                          reference, clients=pid(ref_proc)),
+                Contender("our read path in-process (xtc2 source, no network)",
+                          rows_of(path_proc, read_path_read), clients=pid(path_proc)),
                 Contender("in-memory Flight server, the same batches read at its start, "
-                          "1 DoGet", in_memory, psutil.Process(ref.pid)),
+                          "1 DoGet", rows_of(memory_proc, flight_read, CALIB),
+                          psutil.Process(ref.pid), pid(memory_proc)),
             ]
             me = psutil.Process()
             setups, loops = [], []
@@ -388,9 +410,8 @@ def run(args: argparse.Namespace) -> list[Result]:
                     loops.append(last["loop"])
             same = (last["frames"], last["fingerprint"]) == (ours_frames, ours_print)
         finally:
-            ref_client.close()
-            ref_proc.close()
-            path_proc.close()
+            for proc in procs:
+                proc.close()
 
         # time to first batch, on the server that has described the run (it has served it)
         raw = multi.flight_client()
@@ -407,8 +428,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     ours_c, single_c, ref_c, path_c, memory_c = contenders
     print(f"  {args.reps} rounds, taking turns, after one unmeasured; {events} events, "
           f"{ours_frames} frames present ({fmt_bytes(nbytes)}); GB/s = 1e9 bytes/s of frames; "
-          f"CPU = median CPU seconds per GiB of frames, of the client (the bench, or the "
-          f"reference's process) and the server")
+          f"CPU = median CPU seconds per GiB of frames, of the reading process (every "
+          f"contender reads in a client process of its own) and of the server")
     rows = []
     for c in contenders:
         per_gib = GiB / c.nbytes

@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import logging
 import sys
+import threading
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from flight_server.live.service import LiveService, subscription_of
 from flight_server.security import assembly, delegation
 from flight_server.security.middleware import MIDDLEWARE_KEY, CallRecord
 from flight_server.security.policy import bind_to_certificate, only_for_jobs
+from flight_server.sources import xtc2
 from flight_server.sources.streaming import BatchSizing
 from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
@@ -120,6 +122,7 @@ class LclstreamServer(flight.FlightServerBase):
         # live streams can take a while.
         self.settings = settings
         self.compression = compression.parse_setting(settings.compression)  # fails early
+        threading.Thread(target=xtc2.preload, name="psana-import", daemon=True).start()
         self.security = assembly.build(settings)
         self.catalog = catalog or Catalog(settings.data,
                                           psana_calibration=settings.psana_calibration)

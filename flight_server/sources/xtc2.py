@@ -81,6 +81,15 @@ def psana() -> SimpleNamespace:
         return psana.modules
 
 
+def preload() -> None:
+    """Import psana now (half a second), so the first xtc2 request does not wait for it; a
+    server calls this on a thread of its own at start. Without psana, nothing happens."""
+    try:
+        psana()
+    except Unsupported:
+        pass
+
+
 @dataclass(frozen=True)
 class Interface:
     """A detector interface (`run.Detector(det).<name>`) and the streams its datagrams are in."""
