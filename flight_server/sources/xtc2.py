@@ -157,13 +157,16 @@ class Xtc2Run(Run):
                 os.close(fd)
         self._fds = []  # a retired run's later stream opens them again, and closes them
 
-    def dgram(self, stream: int, position: int) -> Any:
+    def dgram(self, stream: int, position: int, scratch: bool = False) -> Any:
         """The datagram at `position` of a stream's index, parsed by psana. Read here, not by
         psana: a pread that releases the GIL (pool threads read in parallel), and a framing
-        check first, since psana abort()s the process on a corrupt Xtc."""
+        check first, since psana abort()s the process on a corrupt Xtc. `scratch`: read into
+        this thread's buffer for the stream, reused by its next datagram (no fresh pages to
+        fault in per event), so what psana returns from it is valid only until then."""
         s = self.streams[stream]
         chunk = int(s.chunk[position])
-        buf = np.empty(int(s.size[position]), dtype=np.uint8)
+        size = int(s.size[position])
+        buf = _scratch(stream, size) if scratch else np.empty(size, dtype=np.uint8)
         try:
             pread_exactly(self._fds[stream][chunk], buf, int(s.offset[position]))
         except OSError as exc:
@@ -172,15 +175,28 @@ class Xtc2Run(Run):
                           f"{s.files.chunks[chunk].name} at byte {int(s.offset[position])}")
         return psana().Dgram(view=buf, config=self.configs[stream], offset=0)
 
-    def event(self, i: int, streams: set[int]) -> Any:
+    def event(self, i: int, streams: set[int], scratch: bool = False) -> Any:
         """psana's Event of event i with the datagrams of `streams` (None where a stream missed
-        it, or was not asked for), or None if none of them has it."""
+        it, or was not asked for), or None if none of them has it. `scratch` as for `dgram`."""
         slots = self.events.slots[:, i]
-        dgrams = [self.dgram(s, int(slots[s])) if s in streams and slots[s] >= 0 else None
-                  for s in range(len(self.streams))]
+        dgrams = [self.dgram(s, int(slots[s]), scratch) if s in streams and slots[s] >= 0
+                  else None for s in range(len(self.streams))]
         if all(d is None for d in dgrams):
             return None
         return psana().Event(dgrams=dgrams, run=self.ctx)
+
+
+_scratches = threading.local()
+
+
+def _scratch(stream: int, size: int) -> np.ndarray:
+    """This thread's reusable datagram buffer for a stream, at least `size` bytes."""
+    buffers = _scratches.__dict__.setdefault("by_stream", {})
+    buf = buffers.get(stream)
+    if buf is None or len(buf) < size:
+        buf = buffers[stream] = np.empty(max(size, 2 * len(buf) if buf is not None else 0),
+                                         dtype=np.uint8)
+    return buf[:size]
 
 
 def describe(path: Path, experiment: str, number: int, within: Path,
@@ -532,19 +548,19 @@ class Xtc2Reader(Reader):
         wanted = [(c, run.methods.get(c.name)) for c in columns]
         streams = {s for _, m in wanted if m is not None and m.interface is not None
                    for s in m.interface.streams}
-        per_event: dict[str, list] = {c.name: [None] * n for c, m in wanted
-                                      if m is not None and m.interface is not None}
+        per_event = {c.name: _Values(c, n) for c, m in wanted
+                     if m is not None and m.interface is not None}
         if per_event:
             for k, i in enumerate(rows):
-                try:
-                    event = run.event(int(i), streams)
+                try:  # the datagrams' buffers are reused: each value is copied out at once
+                    event = run.event(int(i), streams, scratch=True)
                 except Exception as exc:
                     raise self._unreadable(int(i), exc) from None
                 if event is None:
                     continue
                 for col, method in wanted:
                     if col.name in per_event:
-                        per_event[col.name][k] = self._value(col, method, event, int(i))
+                        per_event[col.name].put(k, self._value(col, method, event, int(i)))
         arrays = []
         for col, method in wanted:
             if col.kind is Kind.RUN:
@@ -558,7 +574,7 @@ class Xtc2Reader(Reader):
             elif method.pv is not None:
                 arrays.append(self._epics(col, method.pv, stamps))
             else:
-                arrays.append(_to_arrow(col, per_event[col.name]))
+                arrays.append(per_event[col.name].array())
         return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([c.field for c in columns]))
 
     def _value(self, col: Column, method: Method, event: Any, i: int) -> Any:
@@ -575,7 +591,10 @@ class Xtc2Reader(Reader):
     def _epics(self, col: Column, pv: str, stamps: np.ndarray) -> pa.Array:
         times, values = self.run.epics[pv]
         at = np.searchsorted(times, stamps, side="right") - 1
-        return _to_arrow(col, [values[j] if j >= 0 else None for j in at])
+        column = _Values(col, len(stamps))
+        for k, j in enumerate(at):
+            column.put(k, values[j] if j >= 0 else None)
+        return column.array()
 
     def _unreadable(self, i: int, exc: Exception, column: str | None = None) -> RunUnreadable:
         what = f" ({column})" if column else ""
@@ -583,17 +602,31 @@ class Xtc2Reader(Reader):
                              f"{type(exc).__name__}: {exc}")
 
 
-def _to_arrow(col: Column, values: list) -> pa.Array:
-    """Values of one column (None: null) as its Arrow type."""
-    n = len(values)
-    if col.dtype.kind == "O":
-        return pa.array(values, type=pa.string())
-    present = np.array([v is not None for v in values], dtype=bool)
-    buf = allocate((n, *col.shape), col.dtype)
-    for k, v in enumerate(values):
-        if v is not None:
-            buf[k] = v
-    if not present.all():
-        buf[~present] = 0  # deterministic bytes under the nulls
-    arr = wrap_fixed(col, buf, n)
-    return arr if present.all() else with_nulls(arr, present)
+class _Values:
+    """One column of a batch being filled event by event (None: null), straight into the
+    buffer Arrow wraps."""
+
+    def __init__(self, col: Column, n: int) -> None:
+        self.col = col
+        if col.dtype.kind == "O":
+            self.texts: list | None = [None] * n
+        else:
+            self.texts = None
+            self.buf = allocate((n, *col.shape), col.dtype)
+            self.present = np.zeros(n, dtype=bool)
+
+    def put(self, k: int, value: Any) -> None:
+        if self.texts is not None:
+            self.texts[k] = value
+        elif value is not None:
+            self.buf[k] = value
+            self.present[k] = True
+
+    def array(self) -> pa.Array:
+        if self.texts is not None:
+            return pa.array(self.texts, type=pa.string())
+        n = len(self.present)
+        if self.present.all():
+            return wrap_fixed(self.col, self.buf, n)
+        self.buf[~self.present] = 0  # deterministic bytes under the nulls
+        return with_nulls(wrap_fixed(self.col, self.buf, n), self.present)

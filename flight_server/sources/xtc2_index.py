@@ -47,7 +47,9 @@ NAME_TYPE_AT = 260 + 256
 SHAPE_BYTES = 5 * 4
 MAX_RANK = 5
 ELEMENT_BYTES = (1, 2, 4, 8, 1, 2, 4, 8, 4, 8, 1, 4, 4)  # by Name::DataType, CHARSTR = 10
-READ_AHEAD = 1 << 20  # headers are read through a 1 MiB window: one syscall per many datagrams
+READ_AHEAD = 1 << 20  # small datagrams' headers are read through a 1 MiB window, many per read
+LARGE = 64 << 10  # after a datagram this large, the next header alone is read: a detector
+# frame's bytes are never read to find the events (on a parallel file system, a cold read)
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,11 @@ def scan_stream(files: StreamFiles) -> StreamIndex:
         with open(path, "rb") as fh:
             fd = fh.fileno()
             end = os.fstat(fd).st_size
-            at, window, window_at = 0, b"", 0
+            at, window, window_at, size = 0, b"", 0, 0
             while at < end:
                 if at + HEADER.itemsize > window_at + len(window):
-                    window, window_at = os.pread(fd, READ_AHEAD, at), at
+                    want = HEADER.itemsize if size >= LARGE else READ_AHEAD
+                    window, window_at = os.pread(fd, want, at), at
                 if at + HEADER.itemsize > window_at + len(window):
                     raise _truncated(path, at, "a datagram header")
                 head = np.frombuffer(window, HEADER, 1, at - window_at)[0]
