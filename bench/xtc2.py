@@ -447,6 +447,12 @@ def run(args: argparse.Namespace) -> list[Result]:
     ok = ratio >= TARGET_RATIO and same
     verdict_line("ours/psana, Client.read (median events/s)", f"{ratio:.2f}",
                  f">= {TARGET_RATIO}", ok)
+    # one DoGet stream: the rate of the Flight stream itself, without parallel endpoints that
+    # make server and client compete for this machine's two cores
+    single = single_c.median() / ref_c.median()
+    ok_single = single >= TARGET_RATIO and same
+    verdict_line("ours/psana, 1 DoGet (median events/s)", f"{single:.2f}", f">= {TARGET_RATIO}",
+                 ok_single)
 
     cold, second, started = cold_request(xr)
     totals = [r.total for r in requests]
@@ -476,8 +482,9 @@ def run(args: argparse.Namespace) -> list[Result]:
                f"= {ratio:.2f}", f">= {TARGET_RATIO}", ok),
         Result(NAME, "ours/psana, Client.read (median GB/s)",
                f"{ours_c.median():.2f}/{ref_c.median():.2f}"),
-        Result(NAME, "ours, 1 endpoint (median GB/s)",
-               f"{single_c.median():.2f} ({single_c.median() / ref_c.median():.2f} x psana)"),
+        Result(NAME, "ours/psana, 1 DoGet (median GB/s)",
+               f"{single_c.median():.2f}/{ref_c.median():.2f} = {single:.2f}",
+               f">= {TARGET_RATIO}", ok_single),
         Result(NAME, "ours / in-memory Flight server (median GB/s)",
                f"{ours_c.median():.2f}/{memory_c.median():.2f} = "
                f"{ours_c.median() / memory_c.median():.2f}"),
