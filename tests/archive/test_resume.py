@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -13,10 +14,12 @@ import pytest
 
 from clients import connect
 from clients.client import EndpointReader
+from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
 from schemas.resume import read_progress, resume_ticket
-from tests.helpers import LCLS2_EXP, raw_client
+from tests.helpers import LCLS2_EXP, free_port, raw_client
 from tests.jobs.conftest import token_for
+from tests.live.test_live_faults import Server
 from tests.wire import CountingRelay
 
 COLUMNS = ["gmd/energy", "pnccd/image", "tof/waveforms", "peaks/var_x"]
@@ -104,3 +107,32 @@ def test_the_reader_counts_its_resumptions(server: LclstreamServer, client) -> N
     resumed = sum(r.resumed for r in readers)
     assert resumed >= 2 and resumed == relay.cuts
     assert got.equals(client.read(LCLS2_EXP, 7, COLUMNS))
+
+
+@pytest.mark.slow
+def test_a_read_survives_a_kill_9_and_restart_of_the_server(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The server process is killed mid-stream and started again on the same port: the read
+    resumes where it stopped and returns what an uninterrupted one does."""
+    root = tmp_path / "data"
+    generate_lcls2_run(root / LCLS2_EXP / f"{LCLS2_EXP}_Run0003.h5", 3, n_events=1500, seed=3)
+    monkeypatch.setenv("LCLSTREAM_BATCH_BYTES", str(256 * 1024))  # many batches in the stream
+    server = Server(root, free_port(), tmp_path / "server.log")
+    location = server.start()
+    try:
+        with connect(location) as c:
+            expected = c.read(LCLS2_EXP, 3, COLUMNS)
+            [endpoint] = c.plan(LCLS2_EXP, 3, COLUMNS).endpoints
+        flight_client = raw_client(location)
+        reader = EndpointReader(flight_client, endpoint.ticket)
+        batches = iter(reader)
+        got = [next(batches), next(batches)]  # the stream is under way
+        server.kill()
+        server.start()
+        got += list(batches)
+        flight_client.close()
+        assert reader.resumed >= 1
+        table = pa.Table.from_batches(got)
+        assert all(table.column(n).equals(expected.column(n)) for n in COLUMNS)
+    finally:
+        server.stop()
