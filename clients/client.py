@@ -452,18 +452,20 @@ class EndpointReader:
     exactly once."""
 
     def __init__(self, flight_client: flight.FlightClient, ticket: flight.Ticket,
-                 resume: bool = True, patience: float = 60.0) -> None:
+                 resume: bool = True, patience: float = 60.0,
+                 start_from: int | None = None) -> None:
         self._flight, self._ticket, self._resume = flight_client, ticket, resume
         self._patience = patience
         self.schema: pa.Schema | None = None
         self.resumed = 0  # how many times the stream was resumed
+        # where to resume after the batches yielded so far (None: from the ticket's start)
+        self.next_event = start_from
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         backoff = live.Backoff(self._patience)
-        next_event: int | None = None
         while True:
-            ticket = self._ticket if next_event is None else flight.Ticket(
-                resume_ticket(self._ticket.ticket, next_event))
+            ticket = self._ticket if self.next_event is None else flight.Ticket(
+                resume_ticket(self._ticket.ticket, self.next_event))
             try:
                 reader = self._flight.do_get(ticket)
                 self.schema = reader.schema
@@ -471,7 +473,7 @@ class EndpointReader:
                     at = read_progress(chunk.app_metadata.to_pybytes()
                                        if chunk.app_metadata is not None else None)
                     if at is not None:
-                        next_event = at
+                        self.next_event = at
                         backoff.succeeded()
                     yield chunk.data
                 return

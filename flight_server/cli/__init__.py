@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "loopback, zstd elsewhere)")
     get.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.arrow")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    get.add_argument("--resume", action="store_true", help="continue a download that was cut "
+                     "short (what it received is kept in .OUTPUT.partial/ beside the output)")
     get.add_argument("--server", default=DEFAULT_SERVER)
     _client_arguments(get)
     get.set_defaults(func=cmd_get)

@@ -31,13 +31,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from clients import connect
-    from clients.export import write_stream
+    from clients.export import PartialMismatch, download
 
     columns = [c for c in args.columns.split(",") if c] if args.columns else None
+    shape = {"table": args.table, "source": args.source, "compression": args.compression}
     with connect(args.server, **_client_options(args)) as client:
-        info = client.plan(args.experiment, args.run, columns, args.events, table=args.table,
-                           source=args.source, compression=args.compression)
-        written = write_stream(client, info, Path(args.output), progress=not args.quiet)
+        request = client.request(args.experiment, args.run, columns, args.events, **shape)
+        info = client.plan(args.experiment, args.run, columns, args.events, **shape)
+        try:
+            written = download(client, info, request.encode(), Path(args.output),
+                               resume=args.resume, progress=not args.quiet)
+        except PartialMismatch as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted: the same command with --resume continues the download",
+                  file=sys.stderr)
+            return 130
     print(f"wrote {written} events to {args.output}")
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
+from flight_server.generator import generate_lcls2_run
 from tests.helpers import (
     LCLS2_EXP,
     LCLSTREAM,
@@ -131,3 +134,44 @@ def test_sql_prints_a_table_and_writes_files(served: str, tmp_path: Path) -> Non
     assert pq.read_table(out).to_pydict() == {"run": [7, 8], "n": [120, 90]}
     res = run_cli("sql", "SELEC 1", "--server", served)
     assert res.returncode == 1 and "syntax error" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_get_resume_continues_a_download_that_was_killed(tmp_path: Path) -> None:
+    """`lclstream get` killed mid-download keeps what it received; `--resume` fetches only
+    the rest, and the file equals one downloaded in one go."""
+    root = tmp_path / "data"
+    generate_lcls2_run(root / LCLS2_EXP / f"{LCLS2_EXP}_Run0004.h5", 4, n_events=1200, seed=4)
+    server = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(root), "--port", "0",
+                               "--batch-bytes", "128KiB"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        location = wait_for_location(server)
+        out, whole = tmp_path / "run4.arrow", tmp_path / "whole.arrow"
+        args = ["get", LCLS2_EXP, "4", "-c", "gmd/energy,pnccd/image", "--server", location]
+        assert run_cli(*args, "-o", str(whole)).returncode == 0
+        state = tmp_path / f".{out.name}.partial" / "state.json"
+
+        def kept() -> int:  # the batches the partial download holds (its state is atomic)
+            if not state.exists():
+                return 0
+            return sum(n for e in json.loads(state.read_text())["endpoints"]
+                       for _, n in e["segments"])
+
+        getter = subprocess.Popen([*LCLSTREAM, *args, "-o", str(out), "-q"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+        while getter.poll() is None and kept() < 3:  # a few batches in
+            time.sleep(0.01)
+        getter.send_signal(signal.SIGKILL)
+        getter.wait()
+        assert not out.exists() and kept() >= 3
+
+        other = run_cli(*args[:4], "gmd/energy", *args[5:], "-o", str(out), "--resume")
+        assert other.returncode == 2 and "another request" in other.stderr
+
+        resumed = run_cli(*args, "-o", str(out), "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "wrote 1200 events" in resumed.stdout
+        assert ipc.open_file(out).read_all().equals(ipc.open_file(whole).read_all())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data", out.name, whole.name]
+    finally:
+        interrupt(server)
