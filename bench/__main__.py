@@ -1,6 +1,7 @@
 """`python -m bench`: throughput, latency, memory, SQL, processing, live streams, jobs, other
-facilities' formats (NXmx, European XFEL), raw LCLS-II runs (xtc2, through psana) and bridges
-of the server against their targets.
+facilities' formats (NXmx, European XFEL), raw LCLS-II runs (xtc2, through psana), bridges and
+the wire between sites (compression through a shaped link, resuming) of the server against their
+targets.
 
 The verdicts are informational (the exit status is 0 whatever they say): the figures depend on
 the machine, and a regression is for a person to judge from the summary table.
@@ -13,7 +14,19 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import bridges, formats, jobs, latency, live, memory, processing, sql, throughput, xtc2
+from bench import (
+    bridges,
+    formats,
+    jobs,
+    latency,
+    live,
+    memory,
+    processing,
+    sql,
+    throughput,
+    wire,
+    xtc2,
+)
 from bench.common import (
     Result,
     environment,
@@ -36,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     formats.EUXFEL: formats.run_euxfel,
     xtc2.NAME: xtc2.run,
     bridges.NAME: bridges.run,
+    wire.NAME: wire.run,
 }
 
 

@@ -463,6 +463,7 @@ class EndpointReader:
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         backoff = live.Backoff(self._patience)
+        progressed = False  # since the last break: then the next attempt goes at once
         while True:
             ticket = self._ticket if self.next_event is None else flight.Ticket(
                 resume_ticket(self._ticket.ticket, self.next_event))
@@ -475,9 +476,15 @@ class EndpointReader:
                     if at is not None:
                         self.next_event = at
                         backoff.succeeded()
+                        progressed = True
                     yield chunk.data
                 return
             except Exception as exc:
-                if not self._resume or not live.transient(exc) or not backoff.wait():
+                if not self._resume or not live.transient(exc):
                     raise
+                # a stream that was delivering broke: ask again at once; back off only when
+                # attempts fail in a row (the server restarting)
+                if not progressed and not backoff.wait():
+                    raise
+                progressed = False
                 self.resumed += 1

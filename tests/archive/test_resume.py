@@ -105,7 +105,8 @@ def test_the_reader_counts_its_resumptions(server: LclstreamServer, client) -> N
         got = pa.Table.from_batches([b for r in readers for b in r], schema=readers[0].schema)
         c.close()
     resumed = sum(r.resumed for r in readers)
-    assert resumed >= 2 and resumed == relay.cuts
+    # every cut is resumed (an attempt made at once may meet the broken channel and count too)
+    assert relay.cuts >= 2 and resumed >= relay.cuts
     assert got.equals(client.read(LCLS2_EXP, 7, COLUMNS))
 
 
