@@ -166,6 +166,21 @@ class Result:
         return {True: "PASS", False: "FAIL", None: "info"}[self.ok]
 
 
+def measure_each(bench: str, measures: Sequence[Callable[..., list[Result]]],
+                 *args: object) -> list[Result]:
+    """The results of each measure(*args); one that fails is reported as a failed line, so it
+    does not hide the other figures."""
+    results: list[Result] = []
+    for measure in measures:
+        try:
+            results += measure(*args)
+        except Exception as exc:
+            print(f"  {measure.__name__} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            results.append(Result(bench, measure.__name__, f"error: {type(exc).__name__}",
+                                  "completes", False))
+    return results
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                 right: Sequence[int] = ()) -> None:
     """Columns padded to their widest cell; indices in `right` are right-aligned (numbers)."""

@@ -36,6 +36,7 @@ from bench.common import (
     ServerProcess,
     bench_token,
     fmt_bytes,
+    measure_each,
     median,
     our_server,
     print_table,
@@ -394,13 +395,5 @@ def torch_reader(args: argparse.Namespace) -> list[Result]:
 
 
 def run(args: argparse.Namespace) -> list[Result]:
-    results: list[Result] = []
-    for measure in (peaks_throughput, wire_bytes, torch_reader):
-        try:
-            results += measure(args)
-        except Exception as exc:  # one failure must not hide the other figures
-            print(f"  {measure.__name__} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            results.append(Result(NAME, measure.__name__, f"error: {type(exc).__name__}",
-                                  "completes", False))
-    return results
+    return measure_each(NAME, (peaks_throughput, wire_bytes, torch_reader), args)
 

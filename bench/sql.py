@@ -21,7 +21,6 @@ repetition, after unmeasured rounds.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ from bench.common import (
     fmt_bytes,
     gbps,
     kept,
+    measure_each,
     ms,
     our_server,
     percentile,
@@ -537,14 +537,8 @@ def run(args: argparse.Namespace) -> list[Result]:
         client = server.client()
         conn = adbc_connect(server.location, server.token)
         try:
-            for measure in (aggregation, large_result, small_query):
-                try:
-                    results += measure(args, server, conn, client, raw)
-                except Exception as exc:  # one failure must not hide the other figures
-                    print(f"  {measure.__name__} failed: {type(exc).__name__}: {exc}",
-                          file=sys.stderr)
-                    results.append(Result(NAME, f"{measure.__name__}",
-                                          f"error: {type(exc).__name__}", "completes", False))
+            results += measure_each(NAME, (aggregation, large_result, small_query),
+                                    args, server, conn, client, raw)
         finally:
             conn.close()
             client.close()

@@ -65,6 +65,7 @@ from bench.common import (
     bench_token,
     fmt_bytes,
     kept,
+    measure_each,
     median,
     our_server,
     print_table,
@@ -719,12 +720,4 @@ def backoff_first() -> float:
 
 
 def run(args: argparse.Namespace) -> list[Result]:
-    results: list[Result] = []
-    for measure in (link_throughput, loopback, resume):
-        try:
-            results += measure(args)
-        except Exception as exc:  # one failure must not hide the other figures
-            print(f"  {measure.__name__} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            results.append(Result(NAME, measure.__name__, f"error: {type(exc).__name__}",
-                                  "completes", False))
-    return results
+    return measure_each(NAME, (link_throughput, loopback, resume), args)
