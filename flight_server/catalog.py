@@ -211,16 +211,9 @@ class Catalog:
                     continue
                 if number is None:
                     kind, number = "hdf5", run_number(name)
-                if number is None:
+                if number is None or self._outside(here / name, top, experiment):
                     continue
-                path = here / name
-                try:
-                    if path.is_symlink() and not path.resolve().is_relative_to(top):
-                        self._refuse_link(path, experiment)
-                        continue
-                except OSError:
-                    continue  # vanished while scanning, or a dangling link
-                self._add(runs, experiment, number, path, kind, top)
+                self._add(runs, experiment, number, here / name, kind, top)
         sources: dict[int, dict[str, ScannedFile]] = {}
         for number, rf in raw.items():
             if runs.setdefault(number, rf) is not rf:
@@ -232,16 +225,10 @@ class Catalog:
         """A raw run per run number among the stream files (named by its first file)."""
         for name in sorted(filenames):
             match = xtc2_index.STREAM_FILE.match(name)
-            if match is None or int(match["run"]) in runs:
+            if (match is None or int(match["run"]) in runs
+                    or self._outside(here / name, top, experiment)):
                 continue
-            path = here / name
-            try:
-                if path.is_symlink() and not path.resolve().is_relative_to(top):
-                    self._refuse_link(path, experiment)
-                    continue
-            except OSError:
-                continue
-            self._add(runs, experiment, int(match["run"]), path, "xtc2", top)
+            self._add(runs, experiment, int(match["run"]), here / name, "xtc2", top)
 
     @staticmethod
     def _is_xfel_run(path: Path, filenames: list[str]) -> bool:
@@ -262,6 +249,17 @@ class Catalog:
         except OSError:
             return  # vanished while scanning, or a dangling link
         runs[number] = ScannedFile(experiment, number, path, kind, sig)
+
+    def _outside(self, path: Path, top: Path, experiment: str) -> bool:
+        """Whether a file is not to be served: a link out of its experiment's tree (refused,
+        logged once), or gone (vanished while scanning, or a dangling link)."""
+        try:
+            if path.is_symlink() and not path.resolve().is_relative_to(top):
+                self._refuse_link(path, experiment)
+                return True
+        except OSError:
+            return True
+        return False
 
     def _refuse_link(self, path: Path, experiment: str) -> None:
         with self._lock:
