@@ -45,17 +45,6 @@ def _format(output: Path) -> str:
     return kind
 
 
-def write_stream(client: Client, info: flight.FlightInfo, output: Path,
-                 progress: bool = True) -> int:
-    """Fetch every endpoint of `info` in order into `output`; returns the events written."""
-    bar = progress_bar(info.total_bytes, output.name) if progress else None
-    try:
-        return write_batches(info.schema, client.batches(info), output, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 def write_batches(schema: pa.Schema, batches: Iterable[pa.RecordBatch], output: Path,
                   bar: Any = None) -> int:
     """Write batches to `output` (format from its suffix), atomically; returns the rows."""
