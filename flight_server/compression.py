@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from flight_server.errors import InvalidArgument
+from schemas import RequestError
+from schemas.request import compression_choice
 
 CODECS = ("zstd", "lz4")
 OFF = ("none", "off")
@@ -64,13 +66,11 @@ def parse_setting(text: str) -> Compression | str:
     text = str(text).strip().lower()
     if text == AUTO:
         return AUTO
-    codec, _, level = text.partition(":")
     try:
-        number = int(level) if level else None
-    except ValueError:
-        raise InvalidArgument(f"compression level must be an integer, got {level!r} (e.g. "
-                              "'zstd:3')") from None
-    return choose(codec, number)
+        codec, level = compression_choice(text)
+    except RequestError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return choose(codec, level)
 
 
 def is_loopback(peer: str) -> bool:

@@ -108,16 +108,16 @@ class Ticket:
 
 
 def compression_choice(text: str | None) -> tuple[str | None, int | None]:
-    """What a client passes as `compression=`: "zstd", "lz4", "none" or "zstd:LEVEL" ->
-    (codec, level); None: the server's default."""
+    """What a client passes as `compression=` (and a server as its default): "zstd", "lz4",
+    "none" or "zstd:LEVEL" -> (codec, level); None: the server's default."""
     if text is None:
         return None, None
     codec, _, level = str(text).partition(":")
     try:
         return codec, int(level) if level else None
     except ValueError:
-        raise RequestError(f"compression level must be an integer: {excerpt(text)} (e.g. "
-                           "'zstd:3')") from None
+        raise RequestError(f"compression level must be an integer, got {level!r} in "
+                           f"{excerpt(text)} (e.g. 'zstd:3')") from None
 
 
 def add_compression(doc: dict[str, Any], codec: str | None, level: int | None) -> None:
