@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -390,6 +391,47 @@ class Client:
         if key is not None:
             body["key"] = key
         return jobs.Job(self, self._action("submit", body))
+
+    def mirror(self, source: str, experiment: str, runs: Runs | None = None, *,
+               stream: str | None = None, into: str, source_token: str | None = None,
+               source_tls_root_certs: Any = None, source_ttl: int | None = 24 * 3600,
+               end_run: bool = True, key: str | None = None) -> list[jobs.Job]:
+        """Copy runs (or follow the live stream `stream`) of `experiment` at another site's
+        server `source` into this server, as jobs that run here: one per run, each copied,
+        verified against the source's digest and served as a run of `into` (keeping its number
+        where that is free); a live stream is followed into `into`'s stream of the same name
+        (`into="EXP/STREAM"` names another) and becomes a run when it ends at the source.
+
+        The source's credentials: `source_token`, else your token for `source` (the
+        environment, the keyring) narrowed there to reading `experiment` for `source_ttl`
+        seconds. This server keeps them sealed while the jobs run and drops them after."""
+        if (runs is None) == (stream is None):
+            raise ValueError("give runs to copy or a live stream to follow, not both")
+        into_experiment, _, into_stream = into.partition("/")
+        token = jobs.source_credentials(source, experiment, source_token,
+                                        source_tls_root_certs, source_ttl)
+        origin: dict[str, Any] = {"location": source}
+        if token:
+            origin["token"] = token
+        roots = credentials.tls_options(source_tls_root_certs, None, None).get("tls_root_certs")
+        if roots:
+            origin["tls_roots"] = roots.decode() if isinstance(roots, bytes) else roots
+        bodies = []
+        if stream is not None:
+            sub = live.Request(experiment, stream).to_json()
+            bodies.append(jobs.mirror_body(sub, origin, into_experiment, into_stream or stream,
+                                           end_run, key))
+        else:
+            # each copy in a stream of its own, named after its key (the same key, the same
+            # job) or else new
+            suffix = key if key is not None else uuid.uuid4().hex[:8]
+            for run in _runs(runs):
+                request = self.request(experiment, run).to_json()
+                bodies.append(jobs.mirror_body(
+                    request, origin, into_experiment,
+                    into_stream or f"mirror-{experiment}-r{run:04d}-{suffix}", end_run,
+                    None if key is None else f"{key}-r{run}"))
+        return [jobs.Job(self, self._action("submit", body)) for body in bodies]
 
     def job(self, job_id: str) -> jobs.Job:
         """A job submitted before (by you, or one you administer)."""

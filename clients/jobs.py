@@ -10,13 +10,48 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.flight as flight
 
 FINAL = ("completed", "failed", "cancelled")
+log = logging.getLogger(__name__)
+
+
+def mirror_body(source: dict[str, Any], origin: dict[str, Any], experiment: str, stream: str,
+                end_run: bool, key: str | None) -> dict[str, Any]:
+    """The submit body of a mirror job (schemas/jobs.schema.json)."""
+    body = {"v": 1, "source": source, "from": origin,
+            "into": {"experiment": experiment, "stream": stream}, "end_run": end_run}
+    if key is not None:
+        body["key"] = key
+    return body
+
+
+def source_credentials(source: str, experiment: str, token: str | None, tls_root_certs: Any,
+                       ttl: int | None) -> str | None:
+    """The token a mirror job gets for the source: the one given, else the user's own for
+    that server narrowed there to reading `experiment` for `ttl` seconds (a server that does
+    not issue tokens itself cannot narrow one: it is then handed on as it is)."""
+    if token is not None:
+        return token
+    from clients import credentials
+    from clients.client import Client
+
+    own = credentials.find_token(source)
+    if not own:
+        return None  # a server without authentication
+    with Client(source, own, tls_root_certs=tls_root_certs) as there:
+        try:
+            return there.narrow_token(read=experiment, ttl=ttl)
+        except (flight.FlightError, pa.ArrowNotImplementedError) as exc:
+            log.warning("the source %s did not narrow your token (%s); the job gets it as it "
+                        "is", source, str(exc).split(". Detail:")[0])
+            return own
 
 
 class JobFailed(RuntimeError):

@@ -39,7 +39,7 @@ from flight_server.sources.streaming import BatchSizing
 from flight_server.sql.databases import Limits
 from flight_server.sql.service import ACTIONS as SQL_ACTIONS
 from flight_server.sql.service import UNSUPPORTED_ACTIONS, SqlService, sql_command
-from schemas import Ticket
+from schemas import Ticket, digest
 from schemas import metadata as md
 from schemas.json_input import excerpt
 from schemas.live import Subscription
@@ -47,6 +47,8 @@ from schemas.live import Subscription
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+# what a mirror job's token may do besides producing: read its stream back, ask after its job
+MIRROR_READS = frozenset({"do_get", "get_schema", "the action 'streams'", "the action 'job'"})
 
 ACTIONS = {
     "whoami": "JSON {subject, issuer, grants, expires, certificate}: who the server takes you for",
@@ -177,7 +179,7 @@ class LclstreamServer(flight.FlightServerBase):
             # verified already: it names the job, not the certificate's holder.
             bind_to_certificate(call.identity, call.certificate)
         if what != "do_put":
-            only_for_jobs(call.identity, what)
+            only_for_jobs(call.identity, what, reads=what in MIRROR_READS)
         return call
 
     # -- what is asked for: decoded once, here -----------------------------------------------
@@ -307,6 +309,10 @@ class LclstreamServer(flight.FlightServerBase):
             raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")
         if action.type == "experiments":
             return iter([json.dumps(self.archive.experiments(call.identity)).encode()])
+        if action.type == digest.ACTION:
+            body = action.body.to_pybytes() if action.body is not None else b""
+            summed = self.archive.digest(call, body, context.is_cancelled)
+            return iter([json.dumps(summed.to_json()).encode()])
         if action.type == "whoami":
             who = call.identity
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),

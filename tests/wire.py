@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 
@@ -13,9 +14,13 @@ class CountingRelay:
     """Listens on a free loopback port and relays each connection to `target_port`. The
     relay's peer, for the server, is still loopback: compression must be asked for."""
 
-    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
+    def __init__(self, target_port: int, cut_after: int | None = None,
+                 on_cut: Callable[[], object] | None = None) -> None:
         self.target = ("127.0.0.1", target_port)
         self.cut_after = cut_after  # bytes towards the client after which a connection is cut
+        # called at the first cut, before either end sees it: what happens at the server while
+        # the client is cut off (the run changes) is done when the client reconnects
+        self.on_cut = on_cut
         self.cuts = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -55,6 +60,9 @@ class CountingRelay:
                     dst.sendall(data[: self.cut_after - sent])  # up to the cut, mid-message
                     with self._lock:
                         self.cuts += 1
+                        first = self.cuts == 1
+                    if first and self.on_cut is not None:
+                        self.on_cut()
                     break
                 dst.sendall(data)
                 sent += len(data)

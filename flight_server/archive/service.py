@@ -24,12 +24,15 @@ from flight_server.security.middleware import CallRecord
 from flight_server.security.policy import Identity, authorize
 from flight_server.security.tickets import TicketSeal
 from flight_server.sources.streaming import BatchSizing, stream_batches
-from schemas import RequestError, Ticket, resume
+from schemas import RequestError, Ticket, digest, parse_request, resume
 
 log = logging.getLogger(__name__)
 
 ACTIONS = {
     "experiments": "JSON list of {experiment, runs} for every experiment the caller may read",
+    digest.ACTION: "a request (as GetFlightInfo takes it) -> JSON {sha256, events}: "
+                   "the content digest of what DoGet of its endpoints returns, in order "
+                   "(schemas/digest.py); a mirror compares it with what it received",
 }
 
 
@@ -118,6 +121,29 @@ class ArchiveService:
         """The schema and batches of a ticket the caller may (still) read, each batch with its
         app_metadata: the event a resumed DoGet starts from after it (schemas/resume.py)."""
         self._may_read(call, ticket.experiment, ticket.run)
+        return self._batches(call, ticket, is_cancelled)
+
+    def digest(self, call: CallRecord, body: bytes, is_cancelled: Callable[[], bool]
+               ) -> digest.RunDigest:
+        """The digest of everything DoGet of the request's endpoints would send, read again
+        now: equal to a mirror's only if the run did not change while it was copied."""
+        try:
+            request = parse_request(body)
+        except RequestError as exc:
+            raise InvalidArgument(f"the body of {digest.ACTION}: {exc}") from None
+        self._may_read(call, request.experiment,
+                       request.runs[0] if len(request.runs) == 1 else None)
+        plan = planning.plan(request, self.catalog, self.partition_bytes,
+                             lambda e: call.identity.may(e, "read"), self.sizing.event_budget)
+        summed = digest.Digest(plan.schema)
+        for partition in plan.partitions:
+            _, batches = self._batches(call, partition.ticket, is_cancelled)
+            for batch, _ in batches:
+                summed.update(batch)
+        return summed.result()
+
+    def _batches(self, call: CallRecord, ticket: Ticket, is_cancelled: Callable[[], bool]
+                 ) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, bytes]]]:
         run = self.catalog.run(ticket.experiment, ticket.run,
                                lambda e: call.identity.may(e, "read"), ticket.table,
                                ticket.source)

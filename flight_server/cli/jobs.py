@@ -32,6 +32,29 @@ def register(sub: argparse._SubParsersAction, client_arguments) -> None:
                    "job has finished")
     _common(s, client_arguments, cmd_submit)
 
+    m = sub.add_parser("mirror", help="copy runs, or follow a live stream, of another site's "
+                       "server into this one (--server), as jobs that run here")
+    m.add_argument("source", metavar="SOURCE_URL", help="the other site's server, e.g. "
+                   "grpc+tls://flight.slac.stanford.edu:8815")
+    m.add_argument("experiment", help="the experiment there")
+    m.add_argument("what", metavar="RUNS|live/STREAM", help="run numbers, comma-separated "
+                   "(12,13), or live/STREAM to follow a live stream until it ends")
+    m.add_argument("--into", required=True, metavar="EXPERIMENT[/STREAM]",
+                   help="the experiment here the runs become runs of (keeping their numbers "
+                   "where free); for a live stream, the stream here (default: same name)")
+    m.add_argument("--source-token", help="a token for SOURCE_URL (default: yours for it, "
+                   "narrowed there to reading EXPERIMENT for --source-ttl)")
+    m.add_argument("--source-tls-ca", help="PEM file of the CA that signed SOURCE_URL's "
+                   "certificate (default: the system's)")
+    m.add_argument("--source-ttl", type=int, default=24 * 3600, metavar="SECONDS",
+                   help="lifetime of the narrowed token (default: a day)")
+    m.add_argument("--no-end-run", action="store_true",
+                   help="leave the copy a live stream here (default: it becomes a run)")
+    m.add_argument("--key", help="idempotency key: mirroring again with it returns the jobs")
+    m.add_argument("--wait", action="store_true", help="wait, with a progress bar, until the "
+                   "jobs have finished")
+    _common(m, client_arguments, cmd_mirror)
+
     ls = sub.add_parser("jobs", help="list your jobs, newest first")
     ls.add_argument("--state", choices=["queued", "running", "completed", "failed",
                                         "cancelled"])
@@ -89,6 +112,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
             status = job.wait()
             print(_outcome(status))
     return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from clients.jobs import JobFailed
+
+    kind, _, stream = args.what.partition("/")
+    if kind == "live":
+        if not stream:
+            raise ValueError("a live stream is live/STREAM, e.g. live/daq")
+        runs, what = None, f"live stream {stream}"
+    else:
+        runs, what = _runs(args.what), f"runs {args.what}"
+    with _connect(args) as client:
+        mirrors = client.mirror(args.source, args.experiment, runs, stream=stream or None,
+                                into=args.into, source_token=args.source_token,
+                                source_tls_root_certs=args.source_tls_ca,
+                                source_ttl=args.source_ttl, end_run=not args.no_end_run,
+                                key=args.key)
+        print(f"mirroring {what} of {args.experiment} from {args.source}:", flush=True)
+        for job in mirrors:
+            print(f"job {job.id} {job.last['state']}: into {job.into[0]}/{job.into[1]}",
+                  flush=True)
+        failed = 0
+        if args.wait:
+            for job in mirrors:
+                try:
+                    print(_outcome(job.wait()))
+                except JobFailed as exc:
+                    print(exc)
+                    failed += 1
+    return 1 if failed else 0
 
 
 def _outcome(status: dict) -> str:

@@ -24,21 +24,27 @@ from flight_server.archive import planning
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
-from flight_server.jobs import tasks
+from flight_server.jobs import mirror, tasks
 from flight_server.jobs.engine import Engine, EngineUnavailable
 from flight_server.jobs.store import Job, JobStore
 from flight_server.live.service import LiveService
 from flight_server.security.grants import Grants
 from flight_server.security.policy import Forbidden, Identity
+from flight_server.security.sealed import CredentialSeal
 from flight_server.security.tokens import TokenMinter
 from flight_server.sources.streaming import BatchSizing
-from schemas.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING
+from schemas.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, JobSpec
 from schemas.live import Subscription
 
 log = logging.getLogger(__name__)
 
 JOB_TOKEN_TTL_S = 7 * 24 * 3600  # a bound; the token works only while its job runs anyway
 IDLE_WAKE_S = 1.0
+
+
+class MirrorSourceError(RuntimeError):
+    """The other site's server did not answer, or refused: the mirror job fails with its
+    status."""
 
 
 def producer_prefix(job_id: str) -> str:
@@ -51,7 +57,7 @@ class Attempt:
 
     job: Job
     producer: str
-    total: int  # source events of the whole job
+    total: int | None  # source events of the whole job (None: a live stream, open-ended)
     done: int  # source events whose results are durable in the stream (partitions written)
     bytes: int
     writes: list[Any] = field(default_factory=list)  # the write tasks' futures, in order
@@ -66,6 +72,8 @@ class Attempt:
 
     @property
     def progress(self) -> int:
+        if self.total is None:  # a live mirror: as far as the source stream goes
+            return max(self.done, self.seen)
         return max(self.done, min(self.seen, self.total))
 
 
@@ -76,11 +84,13 @@ def _describe(exc: BaseException) -> str:
 
 class Runner:
     def __init__(self, settings: Settings, store: JobStore, engine: Engine, catalog: Catalog,
-                 live: LiveService, minter: TokenMinter | None, sizing: BatchSizing) -> None:
+                 live: LiveService, minter: TokenMinter | None, sizing: BatchSizing,
+                 credentials: CredentialSeal) -> None:
         self.settings = settings
         self.store, self.engine, self.catalog, self.live = store, engine, catalog, live
         self.minter = minter
         self.sizing = sizing
+        self.credentials = credentials
         self.data = str(settings.data.resolve())
         self.location: str | None = None
         self.tls_roots = self._tls_roots(settings)
@@ -180,8 +190,8 @@ class Runner:
                     continue
                 try:
                     self._launch(client, job)
-                except (InvalidArgument, NotFound, flight.FlightError, pa.ArrowException,
-                        OSError) as exc:
+                except (InvalidArgument, NotFound, MirrorSourceError, flight.FlightError,
+                        pa.ArrowException, OSError) as exc:
                     self._running.pop(job.id, None)
                     state = self.store.get(job.id, None).state
                     if state == RUNNING or state == QUEUED:
@@ -198,6 +208,9 @@ class Runner:
 
     def _launch(self, client: Any, job: Job) -> None:
         spec = job.spec
+        if spec.origin is not None:
+            self._launch_mirror(client, job)
+            return
         plan = planning.plan(spec.source, self.catalog, self.settings.job_partition_bytes,
                              event_budget=self.sizing.event_budget)
         self.live.check_into(spec.experiment, spec.stream, plan.schema)
@@ -233,6 +246,59 @@ class Runner:
             future.add_done_callback(self._ended_callback(job.id, job.attempt))
         log.info("job %s: %s", job.id, why)
 
+    def _launch_mirror(self, client: Any, job: Job) -> None:
+        """A mirror: the source's plan (or its stream's schema) comes from the other site; one
+        task copies the runs and one verifies them, or one task follows the live stream."""
+        spec, source = job.spec, self._source(job)
+        try:
+            if spec.follows:
+                schema, endpoints = mirror.stream_schema(source, spec.source), []
+            else:
+                schema, endpoints = mirror.plan(source, spec.source)
+        except flight.FlightError as exc:
+            raise MirrorSourceError(f"the source {source.location}: {_describe(exc)}") from None
+        self.live.check_into(spec.experiment, spec.stream, schema)
+        done = self._resume_at(job)
+        total = None if spec.follows else sum(e.records for e in endpoints)
+        origin = f"from {source.location}"
+        if spec.follows:
+            why = f"following {spec.source.experiment}/{spec.source.stream} {origin}" + (
+                f" after offset {done}" if done else "")
+        else:
+            why = (f"copying {total} events {origin}" if done == 0 else
+                   f"resumed after {done} of {total} source events {origin}")
+        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total)
+        attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
+                          job.bytes)
+        self._running[job.id] = attempt  # the gate opens before any worker can write
+        target = tasks.Target(self.location, self._token(job), self.tls_roots,
+                              self.tls_identity, spec.experiment, spec.stream, attempt.producer)
+        key = f"{job.id}-{job.attempt}"
+        retries = self.settings.job_retries
+        if spec.follows:
+            writes = [client.submit(mirror.follow, source, spec.source, done, target, job.id,
+                                    key=f"follow-{key}", retries=retries)]
+        else:
+            copied = client.submit(mirror.copy, source, endpoints, done, target,
+                                   key=f"copy-{key}", retries=retries)
+            # verifying again would find the same difference: no retries
+            writes = [copied, client.submit(mirror.verify, source, spec.source, target, copied,
+                                            key=f"verify-{key}", retries=0)]
+        attempt.writes, attempt.futures = writes, list(writes)
+        for future in writes:
+            future.add_done_callback(self._ended_callback(job.id, job.attempt))
+        log.info("job %s: %s", job.id, why)
+
+    def _source(self, job: Job) -> mirror.Source:
+        origin = job.spec.origin
+        sealed = self.store.credentials(job.id)
+        try:
+            token = None if sealed is None else self.credentials.open(sealed, job.id)
+        except ValueError as exc:
+            raise MirrorSourceError(str(exc)) from None
+        roots = None if origin.tls_roots is None else origin.tls_roots.encode()
+        return mirror.Source(origin.location, token, roots)
+
     def _parts(self, plan: planning.Plan, done: int) -> Iterator[tasks.Part]:
         """The plan's partitions as tasks, from source event `done` on."""
         ordinal = 0
@@ -247,8 +313,10 @@ class Runner:
     def _token(self, job: Job) -> str | None:
         if self.minter is None:
             return None  # --no-auth: the server is on loopback, its workers beside it
-        return self.minter.mint(f"job:{job.id}", Grants(write=(job.spec.experiment,)),
-                                JOB_TOKEN_TTL_S, job=job.id)
+        into = (job.spec.experiment,)
+        # a mirror reads back the stream it wrote, to compare it with the source
+        grants = Grants(read=into, write=into) if job.spec.origin else Grants(write=into)
+        return self.minter.mint(f"job:{job.id}", grants, JOB_TOKEN_TTL_S, job=job.id)
 
     def _ended_callback(self, job_id: str, attempt: int):
         def ended(future: Any) -> None:  # on Dask's event loop: hand over, decide elsewhere
@@ -283,9 +351,14 @@ class Runner:
     def _complete(self, attempt: Attempt) -> None:
         job, spec = attempt.job, attempt.job.spec
         why, run = f"all {attempt.total} source events done", None
+        if spec.follows:
+            why = (f"the source stream ended at offset {attempt.progress}; every event is "
+                   "here")
+        elif spec.origin is not None:
+            why += "; the copy's digest equals the source's"
         try:
             if spec.end_run and self.live.has_events(spec.experiment, spec.stream):
-                ended = self.live.end_stream(spec.experiment, spec.stream)
+                ended = self._end_stream(spec)
                 run = ended["run"]
                 why += f"; the stream became run {run} of {spec.experiment}"
             elif spec.end_run:
@@ -298,6 +371,16 @@ class Runner:
         self._release(attempt)
         self.store.transition(job.id, COMPLETED, why, run=run)
         log.info("job %s: completed (%s)", job.id, why)
+
+    def _end_stream(self, spec: JobSpec) -> dict[str, Any]:
+        """The stream becomes the next run of its experiment; a mirrored run keeps its number
+        where that is free here."""
+        if spec.origin is not None and not spec.follows and len(spec.source.runs) == 1:
+            try:
+                return self.live.end_stream(spec.experiment, spec.stream, spec.source.runs[0])
+            except InvalidArgument:
+                pass  # taken here: the next free number
+        return self.live.end_stream(spec.experiment, spec.stream)
 
     def _fail(self, attempt: Attempt, error: str) -> None:
         self._stop_tasks(attempt)

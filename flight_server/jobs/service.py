@@ -22,16 +22,19 @@ from flight_server.jobs.engine import Engine
 from flight_server.jobs.runner import Runner
 from flight_server.jobs.store import Job, JobStore
 from flight_server.live.service import LiveService
+from flight_server.security import keys
 from flight_server.security.middleware import CallRecord
 from flight_server.security.policy import Identity, authorize
+from flight_server.security.sealed import CredentialSeal
 from flight_server.security.tokens import TokenMinter
 from flight_server.sources.streaming import BatchSizing
 from schemas import RequestError
 from schemas.jobs import QUEUED, parse_job_id, parse_listing, parse_submit
 
 ACTIONS = {
-    "submit": "JSON {v, source, into: {experiment, stream}, end_run, key}: queue a data request "
-              "as a job producing into a live stream; answers the job's status",
+    "submit": "JSON {v, source, from?, into: {experiment, stream}, end_run, key}: queue a data "
+              "request as a job producing into a live stream (from: another site's server to "
+              "mirror runs or a live stream from); answers the job's status",
     "job": "JSON {job}: a job's status, progress and transitions",
     "jobs": "JSON {state?, limit?}: your jobs, newest first (an admin sees all)",
     "cancel": "JSON {job}: cancel a job; answers its status once it has stopped",
@@ -49,7 +52,9 @@ class JobService:
         self.live = live
         self.store = JobStore(settings.jobs_path())
         self.engine = Engine(settings.dask_scheduler, settings.job_workers)
-        self.runner = Runner(settings, self.store, self.engine, catalog, live, minter, sizing)
+        self.credentials = CredentialSeal(keys.credential_key(settings.state_path()))
+        self.runner = Runner(settings, self.store, self.engine, catalog, live, minter, sizing,
+                             self.credentials)
         live.admit_job = self.runner.admit
 
     def start(self, server_location: str) -> None:
@@ -84,13 +89,21 @@ class JobService:
     def _submit(self, call: CallRecord, body: bytes) -> dict[str, Any]:
         spec = parse_submit(body)
         identity = call.identity
-        call.experiment = spec.source.experiment
-        authorize(identity, spec.source.experiment, "read")
-        authorize(identity, spec.experiment, "write")
-        plan = planning.plan(spec.source, self.catalog, self.settings.job_partition_bytes,
-                             lambda e: identity.may(e, "read"), self.sizing.event_budget)
-        self.live.check_into(spec.experiment, spec.stream, plan.schema)
-        job, created = self.store.submit(identity.owner, spec, self.settings.job_limit)
+        if spec.origin is None:
+            call.experiment = spec.source.experiment
+            authorize(identity, spec.source.experiment, "read")
+            authorize(identity, spec.experiment, "write")
+            plan = planning.plan(spec.source, self.catalog, self.settings.job_partition_bytes,
+                                 lambda e: identity.may(e, "read"), self.sizing.event_budget)
+            self.live.check_into(spec.experiment, spec.stream, plan.schema)
+        else:
+            # A mirror: the source server decides what may be read there, when the job starts
+            # (a refusal fails the job with its status); here it writes into a local stream.
+            call.experiment = spec.experiment
+            authorize(identity, spec.experiment, "write")
+        token = spec.origin_token
+        seal = None if token is None else (lambda job_id: self.credentials.seal(token, job_id))
+        job, created = self.store.submit(identity.owner, spec, self.settings.job_limit, seal)
         if not created and job.spec != spec:
             raise InvalidArgument(f"key {spec.key!r} was used for another request (job "
                                   f"{job.id}); use a new key for a new request")
@@ -109,7 +122,9 @@ class JobService:
 
     @staticmethod
     def _may_see(identity: Identity, job: Job) -> bool:
-        return job.owner == identity.owner or identity.may(job.spec.experiment, "admin")
+        # a job's own token asks too: a mirror following a stream stops when its job does
+        return (job.owner == identity.owner or identity.job == job.id
+                or identity.may(job.spec.experiment, "admin"))
 
     def _visible(self, identity: Identity, job_id: str) -> Job:
         job = self.store.get(job_id, None)

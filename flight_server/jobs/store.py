@@ -16,15 +16,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flight_server.errors import InvalidArgument
-from schemas.jobs import FINAL, QUEUED, RUNNING, STATES, TRANSITIONS, JobSpec
-from schemas.request import parse_request
+from schemas.jobs import FINAL, QUEUED, RUNNING, STATES, TRANSITIONS, JobSpec, spec_from_json
 
 Owner = tuple[str, str]  # (subject, issuer): who submitted, as their token says
 
@@ -48,6 +47,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     bytes INTEGER NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    credentials BLOB,
     UNIQUE (owner_sub, owner_iss, key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_sub, owner_iss, created);
@@ -95,7 +95,7 @@ class Job:
     def status(self) -> dict[str, Any]:
         """The `job` action's answer."""
         return {
-            "job": self.id, "owner": self.owner[0], "state": self.state,
+            "job": self.id, "owner": self.owner[0], "state": self.state, "attempt": self.attempt,
             "created": _iso(self.created), "started": _iso(self.started),
             "finished": _iso(self.finished),
             "progress": {"events": self.events, "events_total": self.events_total,
@@ -103,6 +103,7 @@ class Job:
             "error": self.error,
             "into": {"experiment": self.spec.experiment, "stream": self.spec.stream},
             "end_run": self.spec.end_run, "run": self.run,
+            "from": None if self.spec.origin is None else self.spec.origin.location,
             "transitions": [{"state": s, "at": _iso(at), "reason": why}
                             for s, at, why in self.transitions],
         }
@@ -118,7 +119,12 @@ class JobStore:
         self._con.execute("PRAGMA journal_mode = WAL")
         self._con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
         self._con.execute("PRAGMA foreign_keys = ON")
+        # A mirror's sealed credentials are overwritten, not just unlinked, when dropped.
+        self._con.execute("PRAGMA secure_delete = ON")
         self._con.executescript(SCHEMA)
+        columns = {r[1] for r in self._con.execute("PRAGMA table_info(jobs)")}
+        if "credentials" not in columns:  # a table from before mirror jobs
+            self._con.execute("ALTER TABLE jobs ADD COLUMN credentials BLOB")
 
     def close(self) -> None:
         with self._lock:
@@ -137,9 +143,12 @@ class JobStore:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def submit(self, owner: Owner, spec: JobSpec, limit: int) -> tuple[Job, bool]:
+    def submit(self, owner: Owner, spec: JobSpec, limit: int,
+               credentials: Callable[[str], bytes] | None = None) -> tuple[Job, bool]:
         """(the job, True) once queued; (the job first submitted, False) when the owner used the
-        same key before. Refuses a job past the owner's `limit` of queued plus running jobs."""
+        same key before. Refuses a job past the owner's `limit` of queued plus running jobs.
+        `credentials(job_id)` seals what the job needs from its submitter (a mirror's token for
+        the other site); kept until the job ends."""
         with self._transaction() as con:
             if spec.key is not None:
                 row = con.execute("SELECT id FROM jobs WHERE owner_sub = ? AND owner_iss = ? "
@@ -163,9 +172,11 @@ class JobStore:
                     "events: name another stream")
             job_id, now = uuid.uuid4().hex, time.time()
             con.execute("INSERT INTO jobs (id, owner_sub, owner_iss, key, spec, into_experiment, "
-                        "into_stream, state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "into_stream, state, created, credentials) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job_id, *owner, spec.key, spec.encode().decode(), spec.experiment,
-                         spec.stream, QUEUED, now))
+                         spec.stream, QUEUED, now,
+                         None if credentials is None else credentials(job_id)))
             self._record(con, job_id, QUEUED, now, "submitted")
             return self._load(con, job_id), True
 
@@ -173,7 +184,8 @@ class JobStore:
                    run: int | None = None, events: int | None = None,
                    events_total: int | None = None) -> Job:
         """Move the job to `state`, recording when and why; InvalidTransition when its state
-        does not allow it (a job that has finished stays finished)."""
+        does not allow it (a job that has finished stays finished). A job that ends drops its
+        credentials in the same transaction."""
         if state not in STATES:
             raise InvalidTransition(f"unknown state {state!r}")
         with self._transaction() as con:
@@ -188,9 +200,10 @@ class JobStore:
                 "attempt = attempt + (? = ?), events = coalesce(?, events), "
                 "events_total = coalesce(?, events_total), "
                 "started = CASE WHEN ? = ? AND started IS NULL THEN ? ELSE started END, "
-                "finished = CASE WHEN ? THEN ? ELSE finished END WHERE id = ?",
+                "finished = CASE WHEN ? THEN ? ELSE finished END, "
+                "credentials = CASE WHEN ? THEN NULL ELSE credentials END WHERE id = ?",
                 (state, error, run, state, RUNNING, events, events_total, state, RUNNING, now,
-                 state in FINAL, now, job_id))
+                 state in FINAL, now, state in FINAL, job_id))
             self._record(con, job_id, state, now, reason)
             return self._load(con, job_id)
 
@@ -241,6 +254,13 @@ class JobStore:
             ids = [r[0] for r in self._con.execute(sql, (*args, limit))]
             return [self._load(self._con, i) for i in ids]
 
+    def credentials(self, job_id: str) -> bytes | None:
+        """A running mirror's sealed credentials (None once the job has ended)."""
+        with self._lock:
+            row = self._con.execute("SELECT credentials FROM jobs WHERE id = ?",
+                                    (job_id,)).fetchone()
+        return None if row is None else row[0]
+
     def in_state(self, state: str, limit: int = -1) -> list[Job]:
         """The jobs in `state`, oldest first, at most `limit` (-1: all): at start, the running
         jobs a restart interrupted; then the head of the queue."""
@@ -265,6 +285,4 @@ class JobStore:
 
 
 def _spec(text: str) -> JobSpec:
-    doc = json.loads(text)
-    return JobSpec(parse_request(json.dumps(doc["source"])), doc["into"]["experiment"],
-                   doc["into"]["stream"], doc["end_run"], doc.get("key"))
+    return spec_from_json(json.loads(text))

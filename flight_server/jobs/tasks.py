@@ -100,7 +100,7 @@ def _end(part: Part) -> int:
     return part.ordinal + ranges.count(t.start, t.stop, t.step)
 
 
-def _connect(target: Target) -> flight.FlightClient:
+def connect_target(target: Target) -> flight.FlightClient:
     options: dict = {}
     if target.token:
         options["middleware"] = [BearerToken(target.token)]
@@ -113,7 +113,7 @@ def _connect(target: Target) -> flight.FlightClient:
 
 def _send(target: Target, results: Iterator[tuple[int, pa.RecordBatch]], end: int) -> Written:
     events = nbytes = 0
-    with _connect(target) as client:
+    with connect_target(target) as client:
         # A refused write (the job was cancelled) fails the task at once; a lost connection is
         # retried for a while, as any producer does.
         producer = Producer(client, target.experiment, target.stream,

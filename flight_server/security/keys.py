@@ -54,6 +54,13 @@ def ticket_key(state_dir: Path) -> bytes:
     return base64.b64decode(_load_or_create(ensure_dir(state_dir) / "ticket.key", random_secret))
 
 
+def credential_key(state_dir: Path) -> bytes:
+    """The AES-256 key that seals credentials the server holds for a while (a mirror job's
+    token for the other site): on disk, in the job table, they are ciphertext."""
+    return base64.b64decode(_load_or_create(ensure_dir(state_dir) / "credential.key",
+                                            random_secret))
+
+
 def signing_key(state_dir: Path, algorithm: str) -> bytes:
     """The key the server signs its own tokens with: an HS256 secret or an Ed25519 private key
     in PEM."""

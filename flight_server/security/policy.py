@@ -45,9 +45,11 @@ def authorize(identity: Identity, experiment: str, right: str = "read") -> None:
                         f"(grants: {identity.grants.describe()})")
 
 
-def only_for_jobs(identity: Identity, what: str) -> None:
-    """A job's token produces the job's stream and nothing else."""
-    if identity.job is not None:
+def only_for_jobs(identity: Identity, what: str, reads: bool = False) -> None:
+    """A job's token produces the job's stream and nothing else; a mirror job's, which holds
+    `read` on the experiment it writes into, also `reads` there: the stream back, to compare
+    it with the source, and its job's state."""
+    if identity.job is not None and not (reads and identity.grants.read):
         raise Forbidden(f"a job's token (job {identity.job}) may only produce its stream, "
                         f"not {what}")
 

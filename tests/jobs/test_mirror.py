@@ -1,0 +1,216 @@
+"""Mirroring between two sites: two real servers on loopback, each with its own state directory
+(its own keys, tokens and users) and data. Site A holds the runs and live streams; site B runs
+mirror jobs on its Dask workers that copy A's runs (verified against A's digest) or follow A's
+live streams, through a link that may drop, and with A's credentials sealed at B."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from clients import Client, connect
+from flight_server.config import Settings
+from flight_server.generator import generate_lcls2_run
+from flight_server.security.assembly import minter_for
+from flight_server.security.grants import Grants
+from flight_server.server import LclstreamServer
+from schemas.digest import Digest
+from tests.helpers import LCLS2_EXP, free_port, start_server
+from tests.jobs.conftest import JOB_SETTINGS, LONG_EVENTS, LONG_RUN, SMALL_RUN, act, wait_for
+from tests.wire import CountingRelay
+
+MIRROR_EXP = "tmox42619mirror"  # the experiment at site B the copies become runs of
+
+
+@dataclass
+class Site:
+    server: LclstreamServer
+    state: Path
+    data: Path
+
+    @property
+    def location(self) -> str:
+        return f"grpc://127.0.0.1:{self.server.port}"
+
+    def token(self, subject: str, ttl: int = 3600, **grants: tuple[str, ...]) -> str:
+        """A token this site issues (another site does not accept it)."""
+        return minter_for(Settings(state_dir=self.state)).mint(subject, Grants(**grants), ttl)
+
+
+def start_site(root: Path, **settings) -> Site:
+    state, data = root / "state", root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    server = start_server(data, state_dir=state, jobs_database=state / "jobs.sqlite",
+                          **{**JOB_SETTINGS, **settings})
+    return Site(server, state, data)
+
+
+@pytest.fixture(scope="module")
+def site_a(jobs_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """The source site: the job tests' runs, its own keys."""
+    root = tmp_path_factory.mktemp("site-a")
+    shutil.copytree(jobs_data / LCLS2_EXP, root / "data" / LCLS2_EXP)
+    site = start_site(root)
+    yield site
+    site.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def site_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """The destination site: the session's keys (its admin token), no data of its own."""
+    root = tmp_path_factory.mktemp("site-b")
+    (root / "data").mkdir()
+    server = start_server(root / "data", jobs_database=root / "jobs.sqlite", **JOB_SETTINGS)
+    yield Site(server, Path(os.environ["LCLSTREAM_STATE_DIR"]), root / "data")
+    server.shutdown()
+
+
+@pytest.fixture
+def at_b(site_b: Site) -> Iterator[Client]:
+    with connect(site_b.location) as client:
+        yield client
+
+
+def alice_at(site: Site) -> str:
+    return site.token("alice", read=(LCLS2_EXP,))
+
+
+def same_table(ours: pa.Table, theirs: pa.Table, run: int) -> None:
+    """Every column equal, but the run number: the copy's where the source's was taken."""
+    assert ours.num_rows == theirs.num_rows
+    assert ours.schema.names == theirs.schema.names
+    assert set(ours.column("run").to_pylist()) == {run}
+    for name in theirs.schema.names:
+        if name == "run":
+            continue
+        assert ours.column(name).type == theirs.column(name).type, name
+        assert ours.column(name).combine_chunks().equals(theirs.column(name).combine_chunks()), \
+            name
+
+
+def test_a_mirrored_run_equals_the_source_and_keeps_its_number(site_a, site_b, at_b) -> None:
+    token = alice_at(site_a)
+    [job] = at_b.mirror(site_a.location, LCLS2_EXP, [SMALL_RUN], into=MIRROR_EXP,
+                        source_token=token)
+    status = job.wait(progress=False)
+    assert status["run"] == SMALL_RUN and status["from"] == site_a.location
+    assert "digest equals the source's" in status["transitions"][-1]["reason"]
+    with connect(site_a.location, token) as at_a:
+        theirs = at_a.read(LCLS2_EXP, SMALL_RUN)
+    same_table(at_b.read(MIRROR_EXP, SMALL_RUN), theirs, SMALL_RUN)
+
+
+def test_the_source_token_is_sealed_while_the_job_runs_and_dropped_after(site_a, site_b,
+                                                                            at_b) -> None:
+    token = alice_at(site_a)
+    [job] = at_b.mirror(site_a.location, LCLS2_EXP, [LONG_RUN], into=MIRROR_EXP,
+                        source_token=token)
+    table = site_b.server.settings.jobs_path()
+    with sqlite3.connect(table) as db:
+        [(sealed,)] = db.execute("SELECT credentials FROM jobs WHERE id = ?", (job.id,))
+    assert sealed and token.encode() not in sealed and token not in str(job.last)
+    job.wait(progress=False)
+    with sqlite3.connect(table) as db:
+        [(dropped,)] = db.execute("SELECT credentials FROM jobs WHERE id = ?", (job.id,))
+    assert dropped is None
+    for path in table.parent.glob(table.name + "*"):  # the table, its WAL: nowhere in clear
+        assert token.encode() not in path.read_bytes()
+
+
+@pytest.mark.parametrize("source, token, status", [
+    ("unreachable", "alice", "FlightUnavailableError"),
+    ("a", "another site's", "FlightUnauthenticatedError"),
+    ("a", "no read", "FlightUnauthorizedError"),
+    ("a", "expired", "FlightUnauthenticatedError"),
+])
+def test_a_source_that_refuses_fails_the_job_with_its_status(site_a, site_b, at_b, source,
+                                                             token, status) -> None:
+    location = site_a.location if source == "a" else f"grpc://127.0.0.1:{free_port()}"
+    tokens = {"alice": alice_at(site_a),
+              "another site's": site_b.token("alice", read=(LCLS2_EXP,)),
+              "no read": site_a.token("alice", read=("other*",)),
+              "expired": site_a.token("alice", ttl=-60, read=(LCLS2_EXP,))}
+    [job] = at_b.mirror(location, LCLS2_EXP, [SMALL_RUN], into=MIRROR_EXP,
+                        source_token=tokens[token])
+    done = wait_for(at_b._flight, job.id)
+    assert done["state"] == "failed", done
+    assert status in done["error"] and location in done["error"], done["error"]
+
+
+def test_a_dropping_link_loses_and_duplicates_nothing(site_a, site_b, at_b) -> None:
+    with connect(site_a.location, alice_at(site_a)) as at_a:
+        theirs = at_a.read(LCLS2_EXP, LONG_RUN)
+    with CountingRelay(site_a.server.port, cut_after=theirs.nbytes // 5) as relay:
+        [job] = at_b.mirror(relay.location, LCLS2_EXP, [LONG_RUN], into=MIRROR_EXP,
+                            source_token=alice_at(site_a))
+        status = job.wait(progress=False)
+        assert relay.cuts >= 3
+    same_table(at_b.read(MIRROR_EXP, status["run"]), theirs, status["run"])
+
+
+def test_a_source_run_that_changes_while_copied_fails_the_job(site_a, site_b, at_b) -> None:
+    path = site_a.data / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run0031.h5"
+    generate_lcls2_run(path, 31, n_events=LONG_EVENTS, seed=31, chunk_events=25)
+
+    def change() -> None:  # at the cut: the resumed transfer reads the new file
+        fresh = path.with_suffix(".new")
+        generate_lcls2_run(fresh, 31, n_events=LONG_EVENTS, seed=32, chunk_events=25)
+        os.replace(fresh, path)
+
+    with CountingRelay(site_a.server.port, cut_after=4 << 20, on_cut=change) as relay:
+        [job] = at_b.mirror(relay.location, LCLS2_EXP, [31], into=MIRROR_EXP,
+                            source_token=alice_at(site_a))
+        done = wait_for(at_b._flight, job.id)
+        assert relay.cuts >= 1
+    assert done["state"] == "failed" and "the copy differs from the source" in done["error"]
+    assert done["run"] is None  # not served as a run
+    assert 31 not in at_b.runs(MIRROR_EXP)["run"].to_list()
+
+
+def test_the_digest_action_is_what_doget_sends(site_a) -> None:
+    token = alice_at(site_a)
+    with connect(site_a.location, token) as at_a:
+        request = at_a.request(LCLS2_EXP, SMALL_RUN)
+        info = at_a.plan(LCLS2_EXP, SMALL_RUN)
+        summed = Digest(info.schema)
+        for batch in at_a.batches(info):
+            summed.update(batch)
+        answer = act(at_a._flight, "digest", request.to_json())
+    assert answer == summed.result().to_json()
+    assert answer["events"] == info.total_records
+
+
+@pytest.mark.parametrize("body, phrase", [
+    ({"from": {"location": "http://elsewhere"}}, "from/location"),
+    ({"from": {"location": "grpc://a:1", "extra": 1}}, "Additional properties"),
+    ({"from": {"location": "grpc://a:1", "token": ""}}, "from/token"),
+    ({"source": {"v": 1, "experiment": LCLS2_EXP, "stream": "daq"}, "from": None},
+     "only for a mirror"),
+    ({"source": {"v": 1, "experiment": LCLS2_EXP, "stream": "daq", "group": "g",
+                 "member": "m"}}, "group of its own"),
+])
+def test_malformed_mirror_submits_are_refused(site_b, at_b, body, phrase) -> None:
+    submit = {"v": 1, "source": {"v": 1, "experiment": LCLS2_EXP, "runs": [SMALL_RUN]},
+              "from": {"location": "grpc://127.0.0.1:1"},
+              "into": {"experiment": MIRROR_EXP, "stream": "bad"}, **body}
+    if submit["from"] is None:
+        del submit["from"]
+    before = act(at_b._flight, "jobs", {"limit": 1000})
+    with pytest.raises(pa.ArrowInvalid, match=phrase):
+        act(at_b._flight, "submit", submit)
+    assert act(at_b._flight, "jobs", {"limit": 1000}) == before
+
+
+def test_mirroring_needs_write_on_into(site_a, site_b) -> None:
+    reader = site_b.token("bob", read=("*",))
+    with connect(site_b.location, reader) as at_b, pytest.raises(flight.FlightUnauthorizedError):
+        at_b.mirror(site_a.location, LCLS2_EXP, [SMALL_RUN], into=MIRROR_EXP,
+                    source_token=alice_at(site_a))
