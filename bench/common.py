@@ -593,3 +593,55 @@ def gather(clients: Sequence[ClientProcess]) -> list[Any]:
     if errors:
         raise errors[0]
     return answers
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+TLS_DIR = DATA / ".tls-bench"  # the bench's CA and server certificate; a dot name is no experiment
+TLS_BANNER = re.compile(r"serving .* at (grpc(?:\+tls)?://\S+)")
+
+
+def tls_certs() -> dict[str, Path]:
+    """The bench's CA ("ca") and the server certificate and key ("cert", "key") for localhost,
+    127.0.0.1 and ::1, made on first use by `lclstream certs make` and reused afterwards."""
+    paths = {"ca": TLS_DIR / "ca.pem", "cert": TLS_DIR / "server.pem",
+             "key": TLS_DIR / "server.key"}
+    if not all(p.exists() for p in paths.values()):
+        from flight_server.security import certs
+
+        made = certs.make(TLS_DIR, tuple(certs.DEFAULT_HOSTS))
+        paths = {"ca": made["ca"], "cert": made["server_cert"], "key": made["server_key"]}
+    return paths
+
+
+class TlsServerProcess(ServerProcess):
+    """A ServerProcess whose banner may say grpc+tls://; its clients trust the bench's CA
+    (`tls_certs`). Plaintext servers work as well, so that both sides of a comparison start
+    the same way."""
+
+    def _wait_banner(self) -> str:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            match = TLS_BANNER.search(self.log.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise self._fail(f"exited with status {self._proc.returncode}")
+            time.sleep(0.05)
+        raise self._fail(f"printed no 'serving ... at grpc[+tls]://...' line in "
+                         f"{self.timeout:.0f} s")
+
+    @property
+    def tls_root_certs(self) -> str | None:
+        """The CA file a client of this server needs (None for plaintext)."""
+        return str(tls_certs()["ca"]) if self.location.startswith("grpc+tls") else None
+
+    def flight_client(self) -> flight.FlightClient:
+        middleware = [BearerToken(self.token)] if self.token else []
+        ca = self.tls_root_certs
+        options = {"tls_root_certs": Path(ca).read_bytes()} if ca else {}
+        return flight.connect(self.location, middleware=middleware, **options)
+
+    def client(self) -> Client:
+        return connect(self.location, self.token, tls_root_certs=self.tls_root_certs)

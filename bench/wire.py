@@ -1,5 +1,5 @@
-"""On the wire: compression through a rate-limited link, loopback with compression off, and a
-transfer cut short and resumed.
+"""On the wire: compression through a rate-limited link, loopback with compression off, a
+transfer cut short and resumed, and TLS against plaintext.
 
 `--only wire`:
 
@@ -25,6 +25,14 @@ transfer cut short and resumed.
    Target: (cut and resumed - uninterrupted) / uninterrupted < 5 % (median seconds), and the
    result equal to the uninterrupted one (rows and a fingerprint of every column). The relay
    also times the stall, from the cut to the first byte of the resumed stream.
+4. **TLS**: our server's DoGet over `grpc+tls://` against the same server settings over
+   `grpc://`, on loopback (two server processes of one command line, the TLS one with the bench's
+   certificate, `bench.common.tls_certs`): `Client.read` (`parallel=4`) of the demo runs'
+   `pnccd/image` and of the `--size` bench run (all columns), each transport read by a client
+   process of its own, taking turns in alternating order; target: TLS / plaintext >= 0.8 (median
+   GB/s). The bare reference Flight server (bench/reference_server.py's, run by
+   `python -m bench.wire --reference`, which can give it a certificate) over both beside them,
+   for information: what TLS costs Arrow Flight itself on this machine.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from bench.common import (
     MiB,
     Result,
     ServerProcess,
+    TlsServerProcess,
     bench_run,
     bench_token,
     fmt_bytes,
@@ -70,6 +79,7 @@ from bench.common import (
     our_server,
     print_table,
     section,
+    tls_certs,
     verdict_line,
     warm_cache,
 )
@@ -81,6 +91,7 @@ CODECS = ("none", "zstd", "lz4")
 TARGET_SPEEDUP = 2.0  # zstd / none on the link, for a column zstd compresses at least this much
 TARGET_LOOPBACK = 0.05  # |auto / none - 1| on loopback, median GB/s
 TARGET_RESUME = 0.05  # (cut and resumed - uninterrupted) / uninterrupted, median seconds
+TARGET_TLS = 0.8  # grpc+tls / grpc, median GB/s of the same reads from the same server settings
 CUT_AT = 0.9  # of the bytes an uninterrupted read carries
 RESUME_MIN_SIZE = 256 * MiB
 PARALLEL = 4  # Client.read's endpoints in flight (its default)
@@ -95,10 +106,17 @@ NETNS_PREFIX = "lclwire-"
 # -- the clients, in a process of their own ----------------------------------------------------
 
 
-def client_setup(location: str, token: str | None) -> None:
+def client_setup(location: str, token: str | None, tls_root_certs: str | None = None) -> None:
     from clients import connect
 
-    kept("client", lambda: connect(location, token))
+    kept("client", lambda: connect(location, token, tls_root_certs=tls_root_certs))
+
+
+def reference_setup(location: str, tls_root_certs: str | None) -> None:
+    import pyarrow.flight as flight
+
+    options = {"tls_root_certs": Path(tls_root_certs).read_bytes()} if tls_root_certs else {}
+    kept("client", lambda: flight.connect(location, **options))
 
 
 def fingerprint(table: pa.Table) -> tuple[tuple[str, int, int], ...]:
@@ -142,6 +160,19 @@ def client_read(experiment: str, runs: int | list[int], columns: list[str] | Non
     return {"nbytes": table.nbytes, "rows": table.num_rows, "seconds": seconds}
 
 
+def reference_read(keep: bool) -> dict[str, Any]:
+    """GetFlightInfo + DoGet of the whole run the reference server holds, as client_read."""
+    from bench.throughput import reference_get
+
+    _last.clear()
+    t0 = time.perf_counter()
+    table = reference_get(kept("client"))
+    seconds = time.perf_counter() - t0
+    if keep:
+        _last.append(table)
+    return {"nbytes": table.nbytes, "rows": table.num_rows, "seconds": seconds}
+
+
 def client_fingerprint() -> tuple[int, tuple[tuple[str, int, int], ...]]:
     """(rows, fingerprint) of the table kept by the last read, which is then dropped."""
     table = _last.pop()
@@ -165,6 +196,7 @@ class Reader:
     wire_bytes: list[int] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     check: Any = None  # the fingerprint of its first read
+    fn: Callable[..., dict[str, Any]] = client_read  # the read, in the client process
 
     def __post_init__(self) -> None:
         self.stats = Contender(self.label, lambda: 0, self.server,
@@ -176,7 +208,7 @@ class Reader:
         c = self.stats
         c0, s0 = psutil.Process(self.proc.process.pid).cpu_times(), self.server.cpu_times()
         w0 = self.wire()
-        answer = self.proc.call(client_read, *self.read, check)
+        answer = self.proc.call(self.fn, *self.read, check)
         self.wire_bytes.append(self.wire() - w0)
         c1, s1 = psutil.Process(self.proc.process.pid).cpu_times(), self.server.cpu_times()
         if check:
@@ -719,5 +751,147 @@ def backoff_first() -> float:
     return float(inspect.signature(Backoff).parameters["first"].default)
 
 
+# -- 4. TLS against plaintext ----------------------------------------------------------------
+
+
+def tls_pair(name: str, args: Sequence[str], token: str | None
+             ) -> tuple[TlsServerProcess, TlsServerProcess]:
+    """Two servers of the same command line, one plaintext, one serving grpc+tls with the
+    bench's certificate (`tls_certs`)."""
+    certs = tls_certs()
+    return (TlsServerProcess(f"{name}-plain", args, token=token),
+            TlsServerProcess(f"{name}-tls", [*args, "--tls-cert", str(certs["cert"]),
+                                             "--tls-key", str(certs["key"])], token=token))
+
+
+def tls_turns(servers: tuple[TlsServerProcess, TlsServerProcess], setup: Callable[..., None],
+              setup_args: Callable[[TlsServerProcess], tuple], read: tuple,
+              fn: Callable[..., dict[str, Any]], rounds: int) -> list[Reader]:
+    """Plaintext and TLS readers, each in a client process of its own, `rounds` reads each
+    after an unmeasured one (which checks both deliver the same table), taking turns in
+    alternating order."""
+    procs: list[ClientProcess] = []
+    try:
+        readers = []
+        for server, label in zip(servers, ("grpc", "grpc+tls"), strict=True):
+            proc = ClientProcess(f"wire-{server.name}-client", setup,
+                                 *setup_args(server)).ready()
+            procs.append(proc)
+            readers.append(Reader(label, proc, psutil.Process(server.pid), read, lambda: 0,
+                                  fn=fn))
+        take_turns(readers, rounds, alternate=True)
+    finally:
+        for proc in procs:
+            proc.close()
+    return readers
+
+
+def tls(args: argparse.Namespace) -> list[Result]:
+    section("wire: DoGet over grpc+tls against plaintext grpc (loopback, same server settings)")
+    runs = demo_runs(args.quick)
+    br = bench_run(args.size)
+    for path in [*sorted((DEMO / DEMO_EXPERIMENT).rglob("*.h5")), br.path]:
+        warm_cache(path)
+    token = bench_token()
+    rounds = 2 * args.reps
+    ours = our_server("wire-tls").args[1:]  # the bench data root, default settings
+    cases = [("demo frames", f"{FRAMES} of demo runs {runs[0]}-{runs[-1]}",
+              demo_server_args("127.0.0.1"), (DEMO_EXPERIMENT, runs, [FRAMES], None, PARALLEL)),
+             ("bench run", f"bench run {fmt_bytes(args.size)}, all columns", ours,
+              (br.experiment, br.number, None, None, PARALLEL))]
+    measured = []  # (short name, what, [plain, tls] readers, the compression both used)
+    for short, what, server_args, read in cases:
+        plain, secure = tls_pair("wire-tls", server_args, token)
+        with plain, secure:
+            labels = []
+            for server in (plain, secure):
+                with server.client() as probe:
+                    labels.append(compression_label(probe, *read[:3]))
+            readers = tls_turns((plain, secure), client_setup,
+                                lambda s: (s.location, s.token, s.tls_root_certs), read,
+                                client_read, rounds)
+        measured.append((short, what, readers, "/".join(sorted(set(labels)))))
+    ref_args = ["-m", "bench.wire", "--reference", str(br.path), br.experiment, str(br.number)]
+    plain, secure = tls_pair("wire-tls-reference", ref_args, None)
+    with plain, secure:
+        readers = tls_turns((plain, secure), reference_setup,
+                            lambda s: (s.location, s.tls_root_certs), (), reference_read,
+                            rounds)
+    measured.append(("reference", f"reference (bare Flight, in memory): bench run "
+                     f"{fmt_bytes(args.size)}", readers, "none"))
+
+    print(f"  each read in a client process of its own per server (connection kept); ours: "
+          f"Client.read ({PARALLEL} endpoints in flight, server default compression: the plan "
+          f"says which); the reference: GetFlightInfo + DoGet of its one endpoint; TLS 1.3 "
+          f"with the bench's certificate (`lclstream certs make`); {rounds} rounds after an "
+          f"unmeasured one, taking turns in alternating order; GB/s = 1e9 Arrow bytes/s, "
+          f"median; CPU = median CPU-s per GiB of the client process and of the server")
+    rows, results = [], []
+    for _, what, (plain, secure), codec in measured:
+        for r in (plain, secure):
+            cpu = r.cpu_per_gib()
+            rows.append([what, r.label, codec, fmt_bytes(r.stats.nbytes), f"{r.stats.best():.2f}",
+                         f"{r.stats.median():.2f}",
+                         f"{r.stats.median() / plain.stats.median():.2f}", f"{cpu[0]:.2f}",
+                         f"{cpu[1]:.2f}", f"{cpu[0] + cpu[1]:.2f}"])
+    print_table(["read", "transport", "compression", "Arrow bytes", "best GB/s", "median GB/s",
+                 "/grpc", "client CPU", "server CPU", "CPU total"], rows,
+                right=tuple(range(3, 10)))
+    for short, what, (plain, secure), _ in measured:
+        ratio = secure.stats.median() / plain.stats.median()
+        same = secure.check == plain.check
+        reference = short == "reference"
+        ok = None if reference else ratio >= TARGET_TLS and same
+        if not same:
+            print(f"  {what}: grpc+tls delivered another table than grpc (rows and a "
+                  f"fingerprint)")
+        verdict_line(f"TLS {short}: tls / grpc (median GB/s)", f"{ratio:.2f}",
+                     "-" if reference else f">= {TARGET_TLS}", ok)
+        results.append(Result(NAME, f"grpc+tls / grpc, {what} (median GB/s)",
+                              f"{secure.stats.median():.2f}/{plain.stats.median():.2f} = "
+                              f"{ratio:.2f}", "" if reference else f">= {TARGET_TLS}", ok))
+    return results
+
+
+def serve_reference(argv: Sequence[str]) -> int:
+    """`python -m bench.wire --reference RUN.h5 EXPERIMENT RUN [--tls-cert PEM --tls-key PEM]`:
+    bench/reference_server.py's bare Flight server holding the run in memory, over grpc+tls
+    when given a certificate (that server takes none), on a free loopback port."""
+    import pyarrow.flight as flight
+
+    from bench.reference_server import HeldRun, ReferenceServer, load_table
+    from flight_server.config import Settings
+    from flight_server.sources import describe
+    from flight_server.sources.streaming import BatchSizing
+
+    p = argparse.ArgumentParser(prog="python -m bench.wire --reference")
+    p.add_argument("file", type=Path)
+    p.add_argument("experiment")
+    p.add_argument("run", type=int)
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    args = p.parse_args(argv)
+    defaults = Settings()
+    sizing = BatchSizing(defaults.batch_bytes, defaults.first_batch_bytes, defaults.prefetch)
+    run = describe(args.file, args.experiment, args.run)
+    held = HeldRun(run, load_table(run, sizing), sizing)
+    scheme, options = "grpc", {}
+    if args.tls_cert is not None:
+        scheme = "grpc+tls"
+        options["tls_certificates"] = [flight.CertKeyPair(args.tls_cert.read_bytes(),
+                                                          args.tls_key.read_bytes())]
+    server = ReferenceServer(f"{scheme}://127.0.0.1:0", held, **options)
+    print(f"serving {args.file} (in memory) at {scheme}://127.0.0.1:{server.port}", flush=True)
+    server.serve()
+    return 0
+
+
 def run(args: argparse.Namespace) -> list[Result]:
-    return measure_each(NAME, (link_throughput, loopback, resume), args)
+    return measure_each(NAME, (link_throughput, loopback, resume, tls), args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--reference"]:
+        sys.exit("usage: python -m bench.wire --reference RUN.h5 EXPERIMENT RUN [--tls-cert "
+                 "PEM --tls-key PEM] (the benchmark itself: python -m bench --only wire)")
+    sys.exit(serve_reference(sys.argv[2:]))

@@ -512,9 +512,17 @@ class EndpointReader:
             try:
                 reader = self._flight.do_get(ticket)
                 self.schema = reader.schema
+                announced = None  # where to resume once the next data batch is here
                 for chunk in reader:
-                    at = read_progress(chunk.app_metadata.to_pybytes()
-                                       if chunk.app_metadata is not None else None)
+                    meta = (chunk.app_metadata.to_pybytes()
+                            if chunk.app_metadata is not None else None)
+                    at = read_progress(meta)
+                    if not chunk.data.num_rows and (ahead := read_progress(meta, "next_after")
+                                                    ) is not None:
+                        announced = ahead  # a marker, not data: not yielded
+                        continue
+                    if at is None and announced is not None:
+                        at, announced = announced, None
                     if at is not None:
                         self.next_event = at
                         backoff.succeeded()

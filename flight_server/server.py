@@ -272,6 +272,9 @@ class LclstreamServer(flight.FlightServerBase):
         options = wire.ipc_options()
         if options is None:
             return flight.GeneratorStream(schema, _guard_stream(batches, call))
+        if kind == "archive":  # compressed on the call's own thread, off the GIL
+            return flight.GeneratorStream(schema, compression.off_the_gil(
+                schema, _guard_stream(batches, call), options))
         return flight.GeneratorStream(schema, _guard_stream(batches, call), options=options)
 
     @rpc

@@ -1,5 +1,6 @@
 """Resuming a DoGet that broke off: each batch of an archived run carries, as its Flight
-app_metadata, the first event of the ticket's range that no batch so far covered; a client that
+app_metadata, the first event of the ticket's range that no batch so far covered (or, for a
+compressed stream, a zero-row batch before it announces that event); a client that
 lost the connection asks again with a resume ticket, the original sealed ticket and that event,
 and gets the rest of the range, every event exactly once. The server re-opens the seal (an
 altered ticket is refused) and checks the caller's rights again, as for any ticket."""
@@ -19,15 +20,23 @@ def progress(next_event: int) -> bytes:
     return json.dumps({"next": next_event}, separators=(",", ":")).encode()
 
 
-def read_progress(meta: bytes | None) -> int | None:
-    """The event to resume from, from a batch's app_metadata (None: the batch has none)."""
+def announce(next_event: int) -> bytes:
+    """The app_metadata of a zero-row batch sent just before a data batch that cannot carry its
+    own (a compressed batch, which Arrow serializes outside Python): once that next data batch
+    has arrived, resume from `next_event`. Until then, from where the batches before said."""
+    return json.dumps({"next_after": next_event}, separators=(",", ":")).encode()
+
+
+def read_progress(meta: bytes | None, key: str = "next") -> int | None:
+    """The event to resume from, from a batch's app_metadata (None: the batch has none);
+    `key="next_after"`: what an announcement says about the batch after it."""
     if not meta:
         return None
     try:
         doc: Any = json.loads(meta)
     except ValueError:
         return None
-    value = doc.get("next") if isinstance(doc, dict) else None
+    value = doc.get(key) if isinstance(doc, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 

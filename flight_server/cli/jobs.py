@@ -123,7 +123,11 @@ def cmd_mirror(args: argparse.Namespace) -> int:
             raise ValueError("a live stream is live/STREAM, e.g. live/daq")
         runs, what = None, f"live stream {stream}"
     else:
-        runs, what = _runs(args.what), f"runs {args.what}"
+        try:
+            runs, what = _runs(args.what), f"runs {args.what}"
+        except ValueError:
+            raise ValueError(f"give run numbers separated by commas (12,13), or live/STREAM "
+                             f"to follow a live stream; got {args.what!r}") from None
     with _connect(args) as client:
         mirrors = client.mirror(args.source, args.experiment, runs, stream=stream or None,
                                 into=args.into, source_token=args.source_token,

@@ -203,29 +203,33 @@ class _Follower:
         self.source, self.request, self.target, self.job_id = source, request, target, job_id
         self.expected = done  # the source offset below which everything is here (or empty)
         self.started = done > 0
+        self.committed = done
         self.events = self.bytes = 0
         self.stopped = threading.Event()
         self.subscription: Subscription | None = None
+        self.producer: Producer | None = None
+        self._commit_lock = threading.Lock()
 
     def run(self) -> Written:
         with self.source.connect() as remote, connect_target(self.target) as local:
-            producer = Producer(local, self.target.experiment, self.target.stream,
-                                producer_id=self.target.producer, reconnect_for=30.0)
+            self.producer = Producer(local, self.target.experiment, self.target.stream,
+                                     producer_id=self.target.producer, reconnect_for=30.0)
             watch = threading.Thread(target=self._watch, args=(local,), daemon=True,
                                      name=f"mirror-{self.job_id}-watch")
             watch.start()
             try:
                 while not self.stopped.is_set():
-                    if self._pass(remote, producer):
+                    if self._pass(remote):
                         break  # the source stream ended
                     if not self.stopped.is_set():
                         time.sleep(REDELIVERY_WAIT_S)
-                producer.close()
+                self.producer.close()
             finally:
                 self.stopped.set()
+                watch.join()
         return Written(self.expected, self.events, self.bytes)
 
-    def _pass(self, remote: flight.FlightClient, producer: Producer) -> bool:
+    def _pass(self, remote: flight.FlightClient) -> bool:
         """One subscription; True when the source stream ended, False when a delivery skipped
         ahead and was given back (or the job stopped)."""
         group = group_name(self.job_id)
@@ -235,7 +239,6 @@ class _Follower:
                            processing=self.request.processing, reconnect_for=PATIENCE_S,
                            skip_empty=False, compression=_compression(self.request))
         self.subscription = sub
-        committed = time.monotonic()
         try:
             for batch in sub:
                 if sub.next <= self.expected:
@@ -245,30 +248,39 @@ class _Follower:
                              self.job_id, sub.offset, self.expected)
                     return False
                 if batch.num_rows:
-                    producer.send(batch, seq=sub.next)
+                    self.producer.send(batch, seq=sub.next)
                     self.events += batch.num_rows
                     self.bytes += batch.nbytes
                 self.expected, self.started = sub.next, True
-                if time.monotonic() - committed > COMMIT_EVERY_S:
-                    self._commit(producer, sub)
-                    committed = time.monotonic()
             if self.stopped.is_set():
                 return False
-            self._commit(producer, sub)
+            self._commit(sub)
             return True
         finally:
             sub.close()
 
-    def _commit(self, producer: Producer, sub: Subscription) -> None:
+    def _commit(self, sub: Subscription) -> None:
         """Commit at the source what the local stream has acknowledged, no more."""
-        producer.flush()
-        sub.commit(self.expected)
+        with self._commit_lock:
+            upto = self.expected  # before the flush: everything below it was sent
+            if upto <= self.committed:
+                return
+            self.producer.flush()
+            sub.commit(upto)
+            self.committed = upto
 
     def _watch(self, local: flight.FlightClient) -> None:
-        """Stop following once the job no longer runs here (cancelled, failed, or started
-        again by a restarted server): an idle source would otherwise hold the task forever."""
+        """Every second: commit what is stored; stop following once the job no longer runs
+        here (cancelled, failed, or started again by a restarted server), since an idle
+        source would otherwise hold the task forever."""
         attempt = int(self.target.producer.rpartition("-")[2])
         while not self.stopped.wait(COMMIT_EVERY_S):
+            sub = self.subscription
+            if sub is not None:
+                try:
+                    self._commit(sub)
+                except Exception as exc:  # the next round, or the end of the stream, commits
+                    log.info("mirror %s: committing at the source: %s", self.job_id, exc)
             try:
                 status = action(local, "job", {"job": self.job_id})
             except flight.FlightError as exc:

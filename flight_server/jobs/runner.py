@@ -255,7 +255,7 @@ class Runner:
                 schema, endpoints = mirror.stream_schema(source, spec.source), []
             else:
                 schema, endpoints = mirror.plan(source, spec.source)
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:  # its answer, with its status
             raise MirrorSourceError(f"the source {source.location}: {_describe(exc)}") from None
         self.live.check_into(spec.experiment, spec.stream, schema)
         done = self._resume_at(job)

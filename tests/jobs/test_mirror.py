@@ -5,9 +5,11 @@ live streams, through a link that may drop, and with A's credentials sealed at B
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from flight_server.security.assembly import minter_for
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from schemas.digest import Digest
-from tests.helpers import LCLS2_EXP, free_port, start_server
+from tests.helpers import LCLS2_EXP, events, free_port, indices, run_cli, start_server
 from tests.jobs.conftest import JOB_SETTINGS, LONG_EVENTS, LONG_RUN, SMALL_RUN, act, wait_for
 from tests.wire import CountingRelay
 
@@ -214,3 +216,110 @@ def test_mirroring_needs_write_on_into(site_a, site_b) -> None:
     with connect(site_b.location, reader) as at_b, pytest.raises(flight.FlightUnauthorizedError):
         at_b.mirror(site_a.location, LCLS2_EXP, [SMALL_RUN], into=MIRROR_EXP,
                     source_token=alice_at(site_a))
+
+
+# -- live streams ---------------------------------------------------------------------------------
+
+def wait_until(check, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return found
+
+
+def group_of(at_a: Client, stream: str, job_id: str) -> dict | None:
+    listed = next((s for s in at_a.streams(LCLS2_EXP) if s["stream"] == stream), None)
+    if listed is None:
+        return None
+    return next((g for g in listed["groups"] if g["group"] == f"mirror-{job_id}"), None)
+
+
+def test_a_live_stream_is_followed_as_a_group_and_becomes_a_run_when_it_ends(site_a, at_b
+                                                                            ) -> None:
+    with connect(site_a.location, site_a.token("daq", read=(LCLS2_EXP,),
+                                               write=(LCLS2_EXP,))) as at_a:
+        producer = at_a.producer(LCLS2_EXP, "daq-1")
+        for i in range(5):
+            producer.send(events(i * 10))
+        producer.flush()
+        [job] = at_b.mirror(site_a.location, LCLS2_EXP, stream="daq-1", into=MIRROR_EXP,
+                            source_token=alice_at(site_a))
+        assert job.into == (MIRROR_EXP, "daq-1")
+        # the mirror is a consumer group at the source, committed as far as it has stored
+        group = wait_until(lambda: (g := group_of(at_a, "daq-1", job.id)) and
+                           g["committed"] == 50 and g)
+        assert group["members"] == 1 and group["lag"] == 0
+        for i in range(5, 12):
+            producer.send(events(i * 10))
+        ended = producer.end_run()
+    status = job.wait(progress=False)
+    assert status["state"] == "completed" and status["progress"]["events"] == 120
+    assert "the source stream ended at offset 120" in status["transitions"][-1]["reason"]
+    mirrored = at_b.read(MIRROR_EXP, status["run"])
+    assert indices(mirrored.to_batches()) == list(range(120))
+    with connect(site_a.location, alice_at(site_a)) as at_a:
+        source = at_a.read(LCLS2_EXP, ended["run"], mirrored.schema.names[1:])
+    assert source.select(mirrored.schema.names[1:]).equals(
+        mirrored.select(mirrored.schema.names[1:]))
+
+
+def test_cancelling_a_live_mirror_stops_following_an_idle_stream(site_a, at_b) -> None:
+    with connect(site_a.location, site_a.token("daq", read=(LCLS2_EXP,),
+                                               write=(LCLS2_EXP,))) as at_a:
+        with at_a.producer(LCLS2_EXP, "idle") as producer:
+            producer.send(events(0))
+        [job] = at_b.mirror(site_a.location, LCLS2_EXP, stream="idle", into=MIRROR_EXP,
+                            source_token=alice_at(site_a))
+        wait_until(lambda: (g := group_of(at_a, "idle", job.id)) and g["members"] == 1)
+        assert job.cancel()["state"] == "cancelled"
+        # the follower notices, though nothing arrives, and leaves the source's group
+        wait_until(lambda: group_of(at_a, "idle", job.id)["members"] == 0, timeout=30)
+
+
+def test_a_live_mirror_of_a_stream_that_does_not_exist_fails(site_a, at_b) -> None:
+    [job] = at_b.mirror(site_a.location, LCLS2_EXP, stream="nosuch", into=MIRROR_EXP,
+                        source_token=alice_at(site_a))
+    done = wait_for(at_b._flight, job.id)
+    assert done["state"] == "failed", done
+    assert f"the source {site_a.location}: ArrowKeyError" in done["error"], done
+    assert "no live stream 'nosuch'" in done["error"]
+
+
+def test_a_live_mirror_through_a_dropping_link_stores_every_event_once(site_a, at_b) -> None:
+    with connect(site_a.location, site_a.token("daq", read=(LCLS2_EXP,),
+                                               write=(LCLS2_EXP,))) as at_a:
+        with at_a.producer(LCLS2_EXP, "flaky") as producer:
+            for i in range(40):
+                producer.send(events(i * 10, width=512))
+        with CountingRelay(site_a.server.port, cut_after=600 << 10) as relay:
+            [job] = at_b.mirror(relay.location, LCLS2_EXP, stream="flaky", into=MIRROR_EXP,
+                                source_token=alice_at(site_a))
+            wait_until(lambda: (g := group_of(at_a, "flaky", job.id)) and g["committed"] == 400)
+            at_a.end_run(LCLS2_EXP, "flaky")
+            status = job.wait(progress=False)
+            assert relay.cuts >= 2
+    assert indices(at_b.read(MIRROR_EXP, status["run"]).to_batches()) == list(range(400))
+
+
+def test_the_command_line_narrows_your_token_for_the_source(jobs_server, site_a,
+                                                            caplog) -> None:
+    """`lclstream mirror` into site A from a server that issued your token: the job is handed
+    a token narrowed there to reading the one experiment."""
+    source = f"grpc://127.0.0.1:{jobs_server.port}"
+    admin_at_a = site_a.token("operator", admin=("*",))
+    caplog.set_level(logging.INFO, logger="lclstream.audit")
+    done = run_cli("mirror", source, LCLS2_EXP, str(SMALL_RUN), "--into", MIRROR_EXP,
+                   "--server", site_a.location, "--token", admin_at_a, "--wait", "--key", "cli")
+    assert done.returncode == 0, done.stderr
+    assert f"mirroring runs {SMALL_RUN} of {LCLS2_EXP} from {source}" in done.stdout
+    assert "completed" in done.stdout and f"run {SMALL_RUN}" in done.stdout
+    with connect(site_a.location, admin_at_a) as at_a:
+        [job] = [j for j in at_a.jobs() if j["into"]["stream"].endswith("-cli")]
+    narrowed = [r.getMessage() for r in caplog.records if '"narrow_token"' in r.getMessage()]
+    assert narrowed and '"outcome":"ok"' in narrowed[-1]
+    assert f'"grants":"{Grants(read=(LCLS2_EXP,)).describe()}"' in narrowed[-1]
+    assert job["state"] == "completed"
+    again = run_cli("mirror", source, LCLS2_EXP, "nope", "--into", MIRROR_EXP,
+                    "--server", site_a.location, "--token", admin_at_a)
+    assert again.returncode != 0 and "or live/STREAM" in again.stderr
