@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -112,6 +113,7 @@ def copy(source: Source, endpoints: list[Endpoint], done: int, target: Target) -
     """Every source event from job ordinal `done` on, into the target stream."""
     events = nbytes = 0
     total = sum(e.records for e in endpoints)
+    started = time.monotonic()
     with source.connect() as remote, connect_target(target) as local:
         producer = Producer(local, target.experiment, target.stream,
                             producer_id=target.producer, reconnect_for=30.0)
@@ -120,6 +122,8 @@ def copy(source: Source, endpoints: list[Endpoint], done: int, target: Target) -
             events += batch.num_rows
             nbytes += batch.nbytes
         producer.close()  # every batch acknowledged: durable in the stream
+    log.info("mirror into %s/%s: copied %d events (%d bytes) in %.1f s", target.experiment,
+             target.stream, events, nbytes, time.monotonic() - started)
     return Written(total, events, nbytes)
 
 
@@ -142,9 +146,11 @@ def _batches(remote: flight.FlightClient, endpoints: list[Endpoint], done: int
 def verify(source: Source, request: Request, target: Target, copied: Written) -> Written:
     """Compare the source's digest of the request, read again there now, with the digest of
     what the target stream holds; MirrorFailed when they differ."""
-    with source.connect() as remote:
-        theirs = RunDigest.from_json(action(remote, DIGEST, request.to_json()))
-    ours = local_digest(target)
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as there:  # both sites read at once
+        asked = there.submit(source_digest, source, request)
+        ours = local_digest(target)
+        theirs = asked.result()
     if ours != theirs:
         raise MirrorFailed(
             f"the copy differs from the source: the source's digest of the request is "
@@ -152,9 +158,15 @@ def verify(source: Source, request: Request, target: Target, copied: Written) ->
             f"{ours.sha256[:16]}… over {ours.events} events; the source run changed while it "
             "was copied, or the stream holds events from elsewhere. The stream was not made "
             "a run")
-    log.info("mirror into %s/%s verified: %s over %d events", target.experiment,
-             target.stream, ours.sha256, ours.events)
+    log.info("mirror into %s/%s verified in %.1f s: %s over %d events", target.experiment,
+             target.stream, time.monotonic() - started, ours.sha256, ours.events)
     return Written(copied.ordinal, 0, 0)
+
+
+def source_digest(source: Source, request: Request) -> RunDigest:
+    """The source's digest of the request, read again there now."""
+    with source.connect() as remote:
+        return RunDigest.from_json(action(remote, DIGEST, request.to_json()))
 
 
 def local_digest(target: Target) -> RunDigest:
