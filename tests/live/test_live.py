@@ -376,7 +376,11 @@ def test_retention_by_age(client: Client) -> None:
 
 
 def test_group_members_share_the_stream_exactly_once(client: Client) -> None:
-    produce(client, "train", 20)
+    # Batches of a realistic size (1.3 MB): the server takes a member's next batch as gRPC's
+    # flow control lets it send, so tiny ones would all go to whichever member asked first.
+    with client.producer(EXP, "train") as producer:
+        for i in range(20):
+            producer.send(events(10 * i, width=32768))
     client.end_run(EXP, "train")
     seen: dict[str, list[int]] = {}
     together = threading.Barrier(2)
