@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # psana (raw xtc2 runs) builds pykerberos against Kerberos and needs mpi4py built against MPICH.
-SYSTEM_PACKAGES := libkrb5-dev mpich libmpich-dev
+SYSTEM_PACKAGES := libkrb5-dev mpich libmpich-dev postgresql
 
 .PHONY: demo test fuzz bench lint clean system-packages
 
@@ -15,16 +15,17 @@ $(STAMP): pyproject.toml | system-packages
 	MPICC=mpicc $(BIN)/pip install --quiet --no-binary mpi4py -e '.[test,bench]'
 	touch $(STAMP)
 
-# krb5-config and mpicc are what the builds call; without them, install the packages (as root)
-# or stop with the command that does.
+# krb5-config and mpicc are what the psana builds call, initdb what the cluster tests start a
+# PostgreSQL with; without them, install the packages (as root) or stop with the command that does.
 system-packages:
-	@if ! command -v krb5-config >/dev/null || ! command -v mpicc >/dev/null; then \
+	@if ! command -v krb5-config >/dev/null || ! command -v mpicc >/dev/null \
+			|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing $(SYSTEM_PACKAGES) (psana needs them)"; \
+			echo "installing $(SYSTEM_PACKAGES) (psana and the cluster tests need them)"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 				apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 		else \
-			echo "psana needs Kerberos and MPICH development files; run:"; \
+			echo "psana needs Kerberos and MPICH development files, the cluster tests PostgreSQL; run:"; \
 			echo "    sudo apt-get install -y $(SYSTEM_PACKAGES)"; \
 			echo "and then make again."; \
 			exit 1; \

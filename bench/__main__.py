@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from bench import (
     bridges,
+    cluster,
     formats,
     jobs,
     latency,
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     xtc2.NAME: xtc2.run,
     bridges.NAME: bridges.run,
     wire.NAME: wire.run,
+    cluster.NAME: cluster.run,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -124,10 +125,38 @@ class Client:
             options["middleware"] = [*options.get("middleware", []),
                                      credentials.BearerToken(token)]
         options.update(credentials.tls_options(tls_root_certs, cert_chain, private_key))
+        self._options = options
         self._flight = flight.connect(location, **options)
+        # the other nodes a plan's endpoints name (a cluster), connected on first use, with
+        # the same credentials
+        self._nodes: dict[str, flight.FlightClient] = {}
+        self._nodes_lock = threading.Lock()
 
     def close(self) -> None:
         self._flight.close()
+        with self._nodes_lock:
+            for node in self._nodes.values():
+                node.close()
+            self._nodes.clear()
+
+    def at(self, location: str) -> flight.FlightClient:
+        """The connection to `location`: this client's own, or one made for it on first use."""
+        if location == self.location or location.startswith(REUSE_CONNECTION):
+            return self._flight
+        with self._nodes_lock:
+            if location not in self._nodes:
+                self._nodes[location] = flight.connect(location, **self._options)
+            return self._nodes[location]
+
+    def endpoint_reader(self, endpoint: flight.FlightEndpoint, resume: bool = True,
+                        start_from: int | None = None) -> EndpointReader:
+        """A reader of one endpoint from the nodes its plan named, in order (the first that
+        serves it, then its fallbacks), or from this client's server if it named none."""
+        uris = [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+                for loc in endpoint.locations]
+        nodes = [(uri, self.at(uri)) for uri in uris] or [(self.location, self._flight)]
+        return EndpointReader(nodes[0][1], endpoint.ticket, resume, start_from=start_from,
+                              fallbacks=nodes)
 
     def __enter__(self) -> Client:
         return self
@@ -261,7 +290,7 @@ class Client:
                    ) -> list[pa.Table]:
         def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
             with _clean_errors():
-                reader = EndpointReader(self._flight, endpoint.ticket, resume)
+                reader = self.endpoint_reader(endpoint, resume)
                 batches = []
                 for batch in reader:
                     batches.append(batch)
@@ -287,7 +316,7 @@ class Client:
         """The batches of every endpoint of a plan, in order, one endpoint after the other."""
         for endpoint in info.endpoints:
             with _clean_errors():
-                yield from EndpointReader(self._flight, endpoint.ticket, resume)
+                yield from self.endpoint_reader(endpoint, resume)
 
     # -- SQL -------------------------------------------------------------------------------
 
@@ -487,6 +516,9 @@ def _source(descriptor: flight.FlightDescriptor) -> str | None:
     return path[2].decode() if len(path) == 3 else None
 
 
+REUSE_CONNECTION = "arrow-flight-reuse-connection:"  # Flight's "the server you asked"
+
+
 class EndpointReader:
     """The batches of one endpoint. Each batch of an archived run says where the stream would
     resume after it; when the stream breaks off, the reader asks again from there with a resume
@@ -495,9 +527,14 @@ class EndpointReader:
 
     def __init__(self, flight_client: flight.FlightClient, ticket: flight.Ticket,
                  resume: bool = True, patience: float = 60.0,
-                 start_from: int | None = None) -> None:
+                 start_from: int | None = None,
+                 fallbacks: Sequence[tuple[str, flight.FlightClient]] = ()) -> None:
         self._flight, self._ticket, self._resume = flight_client, ticket, resume
         self._patience = patience
+        # (location, connection) of the nodes that serve the endpoint, in order: a break moves
+        # on to the next (a cluster's node gone), round and round until patience runs out
+        self._nodes = list(fallbacks) or [("", flight_client)]
+        self._failures: dict[str, str] = {}
         self.schema: pa.Schema | None = None
         self.resumed = 0  # how many times the stream was resumed
         # where to resume after the batches yielded so far (None: from the ticket's start)
@@ -506,11 +543,13 @@ class EndpointReader:
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         backoff = live.Backoff(self._patience)
         progressed = False  # since the last break: then the next attempt goes at once
+        node = 0
         while True:
             ticket = self._ticket if self.next_event is None else flight.Ticket(
                 resume_ticket(self._ticket.ticket, self.next_event))
+            location, connection = self._nodes[node]
             try:
-                reader = self._flight.do_get(ticket)
+                reader = connection.do_get(ticket)
                 self.schema = reader.schema
                 announced = None  # where to resume once the next data batch is here
                 for chunk in reader:
@@ -532,9 +571,16 @@ class EndpointReader:
             except Exception as exc:
                 if not self._resume or not live.transient(exc):
                     raise
-                # a stream that was delivering broke: ask again at once; back off only when
-                # attempts fail in a row (the server restarting)
-                if not progressed and not backoff.wait():
+                self._failures[location] = str(exc).split(". Detail:")[0][:200]
+                node = (node + 1) % len(self._nodes)
+                # a stream that was delivering broke: ask again at once (the next node, in a
+                # cluster); back off only when every node failed in a row (restarting)
+                if not progressed and node == 0 and not backoff.wait():
+                    if len(self._nodes) > 1:
+                        raise flight.FlightUnavailableError(
+                            "every location of the endpoint failed: " + "; ".join(
+                                f"{where}: {why}" for where, why in self._failures.items())
+                        ) from exc
                     raise
                 progressed = False
                 self.resumed += 1

@@ -60,18 +60,13 @@ class ReadTicket:
         self.location, self.schema = location, schema
         self.token, self.connect_options = token, connect_options
 
-    def __call__(self, ticket: bytes) -> pd.DataFrame:
+    def __call__(self, part: tuple[bytes, list[str]]) -> pd.DataFrame:
+        ticket, locations = part
+        endpoint = flight.FlightEndpoint(ticket, [flight.Location(u) for u in locations])
         with Client(self.location, self.token, **self.connect_options) as client:
-            batches = list(client.batches(_OneTicket(ticket)))  # type: ignore[arg-type]
+            batches = list(client.endpoint_reader(endpoint))
         table = pa.Table.from_batches(batches, schema=self.schema)
         return meta_frame(self.schema) if not len(table) else to_pandas(table)
-
-
-class _OneTicket:
-    """A plan of one endpoint: `Client.batches` reads only `endpoints`."""
-
-    def __init__(self, ticket: bytes) -> None:
-        self.endpoints = [flight.FlightEndpoint(ticket, [])]
 
 
 def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
@@ -86,7 +81,9 @@ def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str]
                            processing=processing)
     schema = info.schema
     meta = meta_frame(schema)
-    tickets = [endpoint.ticket.ticket for endpoint in info.endpoints]
+    # each partition: a ticket and the nodes that serve it (a cluster's), read there
+    tickets = [(endpoint.ticket.ticket, [loc.uri.decode() for loc in endpoint.locations])
+               for endpoint in info.endpoints]
     if not tickets:
         return dd.from_pandas(meta, npartitions=1)
     reader = ReadTicket(location, schema, token, connect_options)

@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from clients.client import Client, EndpointReader, progress_bar
+from clients.client import Client, progress_bar
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow",
            ".ipc": "arrow"}
@@ -90,6 +90,7 @@ def download(client: Client, info: flight.FlightInfo, request: bytes, output: Pa
         partial.mkdir(parents=True)
         state = {"v": 1, "request": request.decode(), "endpoints": [
             {"ticket": base64.b64encode(e.ticket.ticket).decode(), "next": None,
+             "locations": [loc.uri.decode() for loc in e.locations],
              "done": False, "segments": []} for e in info.endpoints]}
         _save(partial, state)
     bar = progress_bar(info.total_bytes, output.name) if progress else None
@@ -108,7 +109,9 @@ def download(client: Client, info: flight.FlightInfo, request: bytes, output: Pa
 def _fetch(client: Client, partial: Path, state: dict, k: int, bar: Any) -> None:
     endpoint = state["endpoints"][k]
     ticket = flight.Ticket(base64.b64decode(endpoint["ticket"]))
-    reader = EndpointReader(client._flight, ticket, start_from=endpoint["next"])
+    locations = [flight.Location(uri) for uri in endpoint.get("locations", [])]
+    reader = client.endpoint_reader(flight.FlightEndpoint(ticket, locations),
+                                    start_from=endpoint["next"])
     name = f"e{k:05d}-{len(endpoint['segments']):03d}.arrow"
     segment = [name, 0]  # the batches of this attempt that are safely on disk
     writer = sink = None

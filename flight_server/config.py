@@ -49,6 +49,9 @@ class Settings:
     log_file: Path | None = None  # the server's log, rotated by size (else stderr only)
     log_max_bytes: int = 64 * 1024 * 1024  # rotate the log and the audit file past this size
     log_backups: int = 5  # rotated files kept of each
+    # Prometheus /metrics and /healthz over HTTP on this port of `host` (0: a free one; None:
+    # off); see README "Metrics"
+    metrics_port: int | None = None
     # -- security (see README "Security") --
     auth: bool = True  # False only with --no-auth, and then only on loopback
     state_dir: Path | None = None  # server secrets; default <data>/.lclstream
@@ -88,6 +91,12 @@ class Settings:
     job_tls_roots: Path | None = None  # CA workers trust for job_server_location; default tls_cert
     job_tls_cert: Path | None = None  # the certificate workers present to a mutual-TLS server
     job_tls_key: Path | None = None  # and its private key
+    # -- cluster (see README "Running a cluster") --
+    cluster: bool = False  # one of several nodes over the same data root and state
+    state_url: str | None = None  # postgresql://...: the state the nodes share
+    advertise: str | None = None  # this node's location as clients reach it; default its own
+    heartbeat_s: float = 1.0  # how often a node says it is alive
+    node_timeout_s: float = 5.0  # a node silent this long leaves every new plan
 
     @property
     def tls(self) -> bool:
@@ -147,6 +156,8 @@ def _coerce(name: str, value: Any) -> Any:
             return None if value in (None, "") else str(value)
         if kind == "int":
             return int(value)
+        if kind == "int | None":
+            return None if value in (None, "") else int(value)
         if kind == "float":
             return float(value)
         if kind == "bool":

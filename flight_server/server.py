@@ -25,13 +25,16 @@ from flight_server.archive.planning import Plan
 from flight_server.archive.service import ACTIONS as ARCHIVE_ACTIONS
 from flight_server.archive.service import ArchiveService
 from flight_server.catalog import Catalog
+from flight_server.cluster import placement
+from flight_server.cluster.state import ClusterError, ClusterState, Node
 from flight_server.config import Settings
-from flight_server.errors import InvalidArgument
+from flight_server.errors import InvalidArgument, Unsupported
 from flight_server.jobs.service import ACTIONS as JOB_ACTIONS
 from flight_server.jobs.service import JobService
 from flight_server.live.service import ACTIONS as LIVE_ACTIONS
 from flight_server.live.service import LiveService, subscription_of
-from flight_server.security import assembly, delegation
+from flight_server.metrics import Metrics, MetricsServer
+from flight_server.security import assembly, delegation, keys
 from flight_server.security.middleware import MIDDLEWARE_KEY, CallRecord
 from flight_server.security.policy import bind_to_certificate, only_for_jobs
 from flight_server.sources import xtc2
@@ -47,11 +50,15 @@ from schemas.live import Subscription
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+LIVE_CLUSTER_REFUSAL = ("live streams are not shared between the nodes of a cluster yet (one "
+                        "node must own each stream): produce and subscribe on a server started "
+                        "without --cluster")
 # what a mirror job's token may do besides producing: read its stream back, ask after its job
 MIRROR_READS = frozenset({"do_get", "get_schema", "the action 'streams'", "the action 'job'"})
 
 ACTIONS = {
     "whoami": "JSON {subject, issuer, grants, expires, certificate}: who the server takes you for",
+    "health": "JSON {status, version, uptime_s, streams_active, jobs}: is the server serving",
     delegation.ACTION: delegation.DESCRIPTION,
 }
 
@@ -103,7 +110,7 @@ def _guard_stream(batches: Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes
                   call: CallRecord) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
     try:
         for batch in batches:  # a live stream's come with their delivery metadata
-            call.bytes_sent += (batch[0] if isinstance(batch, tuple) else batch).nbytes
+            call.sent((batch[0] if isinstance(batch, tuple) else batch).nbytes)
             yield batch
     except Exception as exc:
         if _expected(exc):
@@ -125,7 +132,10 @@ class LclstreamServer(flight.FlightServerBase):
         self.settings = settings
         self.compression = compression.parse_setting(settings.compression)  # fails early
         threading.Thread(target=xtc2.preload, name="psana-import", daemon=True).start()
+        self.metrics = Metrics(_version())  # a registry of this server's own
+        self.metrics_server: MetricsServer | None = None
         self.security = assembly.build(settings)
+        self.security.middleware.metrics = self.metrics
         self.catalog = catalog or Catalog(settings.data,
                                           psana_calibration=settings.psana_calibration)
         self.sizing = BatchSizing(settings.batch_bytes, settings.first_batch_bytes,
@@ -135,30 +145,64 @@ class LclstreamServer(flight.FlightServerBase):
                         spill_limit=settings.sql_spill_limit,
                         spill_root=settings.state_path() / "sql-spill")
         self.sql = SqlService(self.catalog, self.security.seal, self.sizing, self.read_pool,
-                              limits, _version(), lambda e: self.live.sql_tables(e))
+                              limits, _version(), lambda e: self.live.sql_tables(e),
+                              self.metrics)
+        # a cluster's nodes share the data root: none may recover (and so write) its streams
         self.live = LiveService(settings.data, settings.live(), self.catalog,
-                                self.security.seal, self.sizing)
+                                self.security.seal, self.sizing, recover=not settings.cluster)
         self.archive = ArchiveService(self.catalog, self.security.seal, self.sizing,
                                       self.read_pool, settings.partition_bytes)
         self.jobs = JobService(settings, self.catalog, self.live, self.security.minter,
                                self.sizing)
+        self.node = _cluster_node(settings)  # a cluster's: its keys checked before serving
+        self.metrics.watch_live(self.live.census)
+        self.metrics.watch_jobs(self.jobs.store.counts)
+        self.jobs.store.on_final = lambda job: self.metrics.job_finished(
+            job.state, job.started, job.created, job.finished)
         try:
+            if settings.metrics_port is not None:  # /healthz says "starting" until jobs resume
+                tls = (settings.tls_cert, settings.tls_key) if settings.tls_key else None
+                self.metrics_server = MetricsServer(self.metrics, settings.host,
+                                                    settings.metrics_port, tls)
+                log.info("metrics: %s/metrics, health: /healthz",
+                         self.metrics_server.url(settings.host))
             super().__init__(settings.location(),
                              middleware={MIDDLEWARE_KEY: self.security.middleware},
                              **{**self.security.server_options, **kwargs})
-            # Jobs a restart interrupted resume now: their workers can reach the server.
-            self.jobs.start(settings.location().rsplit(":", 1)[0] + f":{self.port}")
+            own = settings.location().rsplit(":", 1)[0] + f":{self.port}"
+            if self.node is not None:
+                try:
+                    self.node.join(settings.advertise or own)
+                except ClusterError:
+                    super().shutdown()  # bound already: release the port too
+                    raise
+                self.archive.locate = self._locate
+                self.metrics.watch_cluster(lambda: len(self.node.alive()),
+                                           lambda: self.node.state_ok)
+            else:  # jobs are not shared between a cluster's nodes (yet): none run there
+                # Jobs a restart interrupted resume now: their workers can reach the server.
+                self.jobs.start(own)
+            self.metrics.serving()
         except BaseException:  # the port is taken, say: release what was built
             self._close_services()
             raise
 
+    def _locate(self, partition: str) -> list[str]:
+        """The nodes that serve a partition: first by its hash, then a fallback."""
+        return placement.locations(partition, self.node.alive())
+
     def shutdown(self) -> None:
+        if self.node is not None:
+            self.node.leave()  # out of every new plan at once
+        self.metrics.stopping()  # /healthz answers 503: load balancers send no new calls
         self.jobs.stop()  # running jobs stay running in the table: the next start resumes them
         self.live.stop()  # live calls end (clients resume elsewhere), else gRPC waits for them
         super().shutdown()
         self._close_services()
 
     def _close_services(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.jobs.close()
         self.live.close()
         self.sql.close()
@@ -191,8 +235,13 @@ class LclstreamServer(flight.FlightServerBase):
                 (command := sql_command(descriptor.command)) is not None:
             return "sql", command
         if (sub := subscription_of(descriptor)) is not None:
-            return "live", sub
+            return "live", self._live_here(sub)
         return "archive", None
+
+    def _live_here(self, sub: Subscription) -> Subscription:
+        if self.node is not None:
+            raise Unsupported(LIVE_CLUSTER_REFUSAL)
+        return sub
 
     def _ticket(self, raw: bytes) -> tuple[str, Message | Subscription | Ticket]:
         """("sql", command) | ("live", subscription) | ("archive", ticket): a Flight SQL
@@ -201,7 +250,7 @@ class LclstreamServer(flight.FlightServerBase):
         if (command := sql_command(raw)) is not None:
             return "sql", command
         if (sub := self.live.ticket(raw)) is not None:
-            return "live", sub
+            return "live", self._live_here(sub)
         return "archive", self.archive.open_ticket(raw)
 
     # -- planning ----------------------------------------------------------------------------
@@ -261,8 +310,10 @@ class LclstreamServer(flight.FlightServerBase):
         kind, what = self._ticket(ticket.ticket)
         if kind == "sql":  # a Flight SQL ticket has no room for options: the server's default
             wire = compression.resolve(None, None, self.compression, call.peer)
+            call.streaming(kind)
             schema, batches = self.sql.do_get(call.identity, what, context.is_cancelled)
         else:
+            call.streaming(kind)
             wire = compression.resolve(what.compression, what.compression_level,
                                        self.compression, call.peer)
             if kind == "live":
@@ -287,6 +338,7 @@ class LclstreamServer(flight.FlightServerBase):
             only_for_jobs(call.identity, "Flight SQL")
             return self.sql.do_put(call.identity, what, reader, writer)
         if kind == "live" and descriptor.descriptor_type == flight.DescriptorType.PATH:
+            call.streaming(kind)
             return self.live.do_put(call, what, reader, writer, context.is_cancelled)
         raise pa.ArrowNotImplementedError(
             "DoPut takes a live stream's path [experiment, 'live', stream], or Flight SQL "
@@ -301,12 +353,19 @@ class LclstreamServer(flight.FlightServerBase):
     @rpc
     def do_action(self, context: flight.ServerCallContext,
                   action: flight.Action) -> Iterator[bytes]:
+        record: CallRecord = context.get_middleware(MIDDLEWARE_KEY)
+        known = [*ACTIONS, *ARCHIVE_ACTIONS, *LIVE_ACTIONS, *JOB_ACTIONS, *SQL_ACTIONS]
+        # counted by type in the metrics; a name the server does not know, as one: bounded
+        record.action = action.type if action.type in known or \
+            action.type in UNSUPPORTED_ACTIONS else "unknown"
         call = self._call(context, f"the action {excerpt(action.type)}")
         if action.type in JOB_ACTIONS:
             return self.jobs.do_action(call, action)
         if action.type in SQL_ACTIONS:
             return self.sql.do_action(call.identity, action)
         if action.type in LIVE_ACTIONS:
+            if self.node is not None and action.type != "streams":
+                raise Unsupported(LIVE_CLUSTER_REFUSAL)
             return self.live.do_action(call, action)
         if action.type in UNSUPPORTED_ACTIONS:
             raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")
@@ -316,6 +375,8 @@ class LclstreamServer(flight.FlightServerBase):
             body = action.body.to_pybytes() if action.body is not None else b""
             summed = self.archive.digest(call, body, context.is_cancelled)
             return iter([json.dumps(summed.to_json()).encode()])
+        if action.type == "health":
+            return iter([json.dumps(self.metrics.health()).encode()])
         if action.type == "whoami":
             who = call.identity
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),
@@ -325,9 +386,24 @@ class LclstreamServer(flight.FlightServerBase):
             body = action.body.to_pybytes() if action.body is not None else b""
             reply = delegation.narrow_token(call, self.security.minter, body)
             return iter([json.dumps(reply).encode()])
-        known = [*ACTIONS, *ARCHIVE_ACTIONS, *LIVE_ACTIONS, *JOB_ACTIONS, *SQL_ACTIONS]
         raise InvalidArgument(f"unknown action {excerpt(action.type)}; actions: "
                               f"{', '.join(known)}")
+
+
+def _cluster_node(settings: Settings) -> Node | None:
+    if not settings.cluster:
+        return None
+    if not settings.state_url:
+        raise ValueError("a cluster node needs the shared state: --state-url "
+                         "postgresql://USER@HOST:5432/DATABASE (state_url)")
+    if not settings.advertise and settings.host in ("0.0.0.0", "::"):
+        raise ClusterError(f"a node listening on {settings.host} must say where clients reach "
+                           "it: --advertise grpc+tls://HOST:PORT")
+    node = Node(ClusterState(settings.state_url), settings.heartbeat_s,
+                settings.node_timeout_s)
+    node.check_keys(keys.shared_keys(settings.state_path(), settings.token_algorithm,
+                                     settings.auth))
+    return node
 
 
 def _version() -> str:

@@ -44,6 +44,8 @@ class ArchiveService:
         self.sizing = sizing
         self.read_pool = pool
         self.partition_bytes = partition_bytes
+        # a cluster: the nodes that should serve a partition, in order (None: this server)
+        self.locate: Callable[[str], list[str]] | None = None
 
     @staticmethod
     def _may_read(call: CallRecord, experiment: str, run: int | None = None) -> None:
@@ -62,10 +64,17 @@ class ArchiveService:
     def flight_info(self, plan: planning.Plan, descriptor: flight.FlightDescriptor,
                     schema: pa.Schema | None = None) -> flight.FlightInfo:
         """`schema`: the plan's, with what only the server knows added (compression)."""
-        endpoints = [flight.FlightEndpoint(self.seal.seal(p.ticket), [])
+        endpoints = [flight.FlightEndpoint(self.seal.seal(p.ticket), self._locations(p.ticket))
                      for p in plan.partitions]
         return flight.FlightInfo(plan.schema if schema is None else schema, descriptor,
                                  endpoints, plan.total_records, plan.total_bytes, ordered=True)
+
+    def _locations(self, ticket: Ticket) -> list[str]:
+        if self.locate is None:
+            return []
+        # the partition, not the request: the same events go to the same node's page cache
+        return self.locate(f"{ticket.experiment}/{ticket.run}/{ticket.source or ''}/"
+                           f"{ticket.table or ''}/{ticket.start}:{ticket.stop}:{ticket.step}")
 
     def flight_infos(self, identity: Identity, pattern: str) -> list[flight.FlightInfo]:
         """Every run of every readable experiment whose name matches the glob, and the other

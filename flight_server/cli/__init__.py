@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dask-scheduler", metavar="ADDRESS",
                    help="run jobs on this Dask scheduler (tcp://host:8786) instead of an "
                    "embedded cluster")
+    s.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics and /healthz over HTTP on this port of "
+                        "--host (0 picks a free one; default: off)")
+    s.add_argument("--cluster", action="store_true",
+                   help="one of several nodes over the same data root and keys, sharing the "
+                        "state at --state-url (README: Running a cluster)")
+    s.add_argument("--state-url", metavar="URL",
+                   help="the cluster's shared state: postgresql://user@host:5432/db")
+    s.add_argument("--advertise", metavar="LOCATION",
+                   help="this node's location as clients reach it (grpc+tls://HOST:PORT; "
+                        "default: where it listens)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="generate demo data (once) and serve it")

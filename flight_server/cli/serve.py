@@ -39,6 +39,9 @@ def _serve(settings: config.Settings, banner: str | None = None,
     extra = on_start(server, location) if on_start else {}
     print(banner.format(location=location, **extra) if banner
           else f"serving {settings.data} at {location}", flush=True)
+    if server.metrics_server is not None:
+        url = server.metrics_server.url(settings.host)
+        print(f"metrics at {url}/metrics, health at {url}/healthz", flush=True)
     return _serve_until_signal(server, on_stop or (lambda: None))
 
 
@@ -140,7 +143,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
         "audit_log": args.audit_log, "log_file": args.log_file,
         "job_workers": args.job_workers, "dask_scheduler": args.dask_scheduler,
-        "compression": args.compression,
+        "compression": args.compression, "metrics_port": args.metrics_port,
+        "cluster": True if args.cluster else None, "state_url": args.state_url,
+        "advertise": args.advertise,
     })
     return _serve(settings)
 

@@ -215,7 +215,8 @@ class _Follower:
         self.source, self.request, self.target, self.job_id = source, request, target, job_id
         self.expected = done  # the source offset below which everything is here (or empty)
         self.started = done > 0
-        self.committed = done
+        # deliveries (stored, or skipped as stored before) not yet committed at the source
+        self.uncommitted = False
         self.events = self.bytes = 0
         self.stopped = threading.Event()
         self.subscription: Subscription | None = None
@@ -254,7 +255,10 @@ class _Follower:
         try:
             for batch in sub:
                 if sub.next <= self.expected:
-                    continue  # stored before (a redelivery after a restart)
+                    # stored before (a redelivery after a restart or a dropped connection):
+                    # given to this member again, so committed again
+                    self.uncommitted = True
+                    continue
                 if sub.offset > self.expected and self.started:
                     log.info("mirror %s: offset %d came before %d; giving it back",
                              self.job_id, sub.offset, self.expected)
@@ -264,6 +268,7 @@ class _Follower:
                     self.events += batch.num_rows
                     self.bytes += batch.nbytes
                 self.expected, self.started = sub.next, True
+                self.uncommitted = True
             if self.stopped.is_set():
                 return False
             self._commit(sub)
@@ -274,12 +279,16 @@ class _Follower:
     def _commit(self, sub: Subscription) -> None:
         """Commit at the source what the local stream has acknowledged, no more."""
         with self._commit_lock:
-            upto = self.expected  # before the flush: everything below it was sent
-            if upto <= self.committed:
+            if not self.uncommitted:
                 return
-            self.producer.flush()
-            sub.commit(upto)
-            self.committed = upto
+            self.uncommitted = False
+            upto = self.expected  # before the flush: everything below it was sent
+            try:
+                self.producer.flush()
+                sub.commit(upto)
+            except BaseException:
+                self.uncommitted = True
+                raise
 
     def _watch(self, local: flight.FlightClient) -> None:
         """Every second: commit what is stored; stop following once the job no longer runs

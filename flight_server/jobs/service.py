@@ -17,7 +17,7 @@ import pyarrow.flight as flight
 from flight_server.archive import planning
 from flight_server.catalog import Catalog
 from flight_server.config import Settings
-from flight_server.errors import InvalidArgument, NotFound
+from flight_server.errors import InvalidArgument, NotFound, Unsupported
 from flight_server.jobs.engine import Engine
 from flight_server.jobs.runner import Runner
 from flight_server.jobs.store import Job, JobStore
@@ -40,6 +40,8 @@ ACTIONS = {
     "cancel": "JSON {job}: cancel a job; answers its status once it has stopped",
 }
 
+CLUSTER_REFUSAL = ("data-request jobs are not shared between the nodes of a cluster yet: "
+                   "submit them to a server started without --cluster")
 ALL_JOBS = 1_000_000  # an admin's listing is filtered after reading: read them all
 
 
@@ -87,6 +89,8 @@ class JobService:
         return iter([json.dumps(answer).encode()])
 
     def _submit(self, call: CallRecord, body: bytes) -> dict[str, Any]:
+        if self.settings.cluster:
+            raise Unsupported(CLUSTER_REFUSAL)
         spec = parse_submit(body)
         identity = call.identity
         if spec.origin is None:

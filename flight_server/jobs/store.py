@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -24,6 +25,8 @@ from typing import Any
 
 from flight_server.errors import InvalidArgument
 from schemas.jobs import FINAL, QUEUED, RUNNING, STATES, TRANSITIONS, JobSpec, spec_from_json
+
+log = logging.getLogger(__name__)
 
 Owner = tuple[str, str]  # (subject, issuer): who submitted, as their token says
 
@@ -125,6 +128,9 @@ class JobStore:
         columns = {r[1] for r in self._con.execute("PRAGMA table_info(jobs)")}
         if "credentials" not in columns:  # a table from before mirror jobs
             self._con.execute("ALTER TABLE jobs ADD COLUMN credentials BLOB")
+        # Called with each job that reaches a final state, after its transaction (the metrics'
+        # job durations); a failure there is the observer's, never the transition's.
+        self.on_final: Callable[[Job], None] | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -205,7 +211,13 @@ class JobStore:
                 (state, error, run, state, RUNNING, events, events_total, state, RUNNING, now,
                  state in FINAL, now, state in FINAL, job_id))
             self._record(con, job_id, state, now, reason)
-            return self._load(con, job_id)
+            job = self._load(con, job_id)
+        if state in FINAL and self.on_final is not None:
+            try:
+                self.on_final(job)
+            except Exception:
+                log.exception("jobs: the observer of job %s's end failed", job_id)
+        return job
 
     def progress(self, job_id: str, events: int, nbytes: int,
                  events_total: int | None = None) -> None:
@@ -253,6 +265,12 @@ class JobStore:
         with self._lock:
             ids = [r[0] for r in self._con.execute(sql, (*args, limit))]
             return [self._load(self._con, i) for i in ids]
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (every state, 0 included)."""
+        with self._lock:
+            rows = self._con.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | dict(rows)
 
     def credentials(self, job_id: str) -> bytes | None:
         """A running mirror's sealed credentials (None once the job has ended)."""

@@ -36,14 +36,15 @@ def check_stream_name(name: str) -> None:
 
 
 class LiveStreams:
-    def __init__(self, root: Path, settings: LiveSettings) -> None:
+    def __init__(self, root: Path, settings: LiveSettings, recover: bool = True) -> None:
+        """`recover`: open the streams found on disk (False: a cluster node, which must not)."""
         self.root = Path(root)
         self.settings = settings
         self._lock = threading.Lock()
         self._streams: dict[tuple[str, str], Stream] = {}
         self._wake = threading.Event()  # "batch" policy: an append asks for a sync at once
         self._stop = False
-        for directory in sorted(self.root.glob(f"*/{LIVE_SEGMENT}/*/")):
+        for directory in sorted(self.root.glob(f"*/{LIVE_SEGMENT}/*/")) if recover else []:
             experiment, name = directory.parent.parent.name, directory.name
             if EXPERIMENT_NAME.match(experiment) and EXPERIMENT_NAME.match(name):
                 stream = Stream(experiment, name, directory, settings, self._wake.set)

@@ -106,8 +106,9 @@ class StreamColumns:
 
 class LiveService:
     def __init__(self, data: Path, settings: LiveSettings, catalog: Catalog,
-                 seal: TicketSeal, sizing: BatchSizing | None = None) -> None:
-        self.streams = LiveStreams(data, settings)
+                 seal: TicketSeal, sizing: BatchSizing | None = None,
+                 recover: bool = True) -> None:
+        self.streams = LiveStreams(data, settings, recover)
         self.catalog = catalog
         self.seal = seal
         self.sizing = sizing or BatchSizing()
@@ -152,6 +153,7 @@ class LiveService:
                 if meta.dropped is not None:
                     stream.note_dropped(meta.producer or "anonymous", meta.dropped)
                 if chunk.data is not None:
+                    call.received(chunk.data.nbytes)
                     batch = validated(chunk.data, "the batch")
                     run_writer.check_nulls(batch)
                     stream.append(batch, meta.producer, meta.seq, session,
@@ -198,6 +200,12 @@ class LiveService:
         stream = self.streams.find(experiment, name)
         if stream is not None:
             stream.fence()
+
+    def census(self) -> list[dict[str, Any]]:
+        """Every stream as the `streams` action describes it, with what its producers stored
+        since the server started (`ingested_events`, `ingested_bytes`): for the metrics."""
+        return [{**s.describe(), "ingested_events": s.ingested_events,
+                 "ingested_bytes": s.ingested_bytes} for s in self.streams.streams()]
 
     def sql_tables(self, experiment: str) -> dict[str, tuple[int, Callable[[], pa.Table]]]:
         """The experiment's streams that have not ended, each with its bytes and a snapshot of

@@ -114,6 +114,8 @@ class Stream:
         self.stopping = False
         self.ending = False  # an end_run is writing the run file: no producer may attach
         self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, events, bytes)
+        self.ingested_events = 0  # stored since the server started (the metrics' counters)
+        self.ingested_bytes = 0
 
     # -- state -------------------------------------------------------------------------------
 
@@ -258,6 +260,8 @@ class Stream:
                     old = self.ring.popleft()
                     self.ring_bytes -= old.batch.nbytes
                     old.batch = None
+                self.ingested_events += entry.events
+                self.ingested_bytes += entry.length
                 now = time.monotonic()
                 self._arrivals.append((now, entry.events, entry.length))
                 while self._arrivals[0][0] < now - RATE_WINDOW_S:

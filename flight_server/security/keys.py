@@ -61,6 +61,15 @@ def credential_key(state_dir: Path) -> bytes:
                                             random_secret))
 
 
+def shared_keys(state_dir: Path, algorithm: str, auth: bool) -> dict[str, bytes]:
+    """The keys every node of a cluster must hold alike: a ticket, a token or a sealed
+    credential one node made must open on every other."""
+    found = {"ticket.key": ticket_key(state_dir), "credential.key": credential_key(state_dir)}
+    if auth:
+        found[f"token signing key ({algorithm})"] = signing_key(state_dir, algorithm)
+    return found
+
+
 def signing_key(state_dir: Path, algorithm: str) -> bytes:
     """The key the server signs its own tokens with: an HS256 secret or an Ed25519 private key
     in PEM."""

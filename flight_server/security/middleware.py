@@ -13,11 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow.flight as flight
 
+from flight_server.metrics import Metrics, method_name
 from flight_server.security.audit import AuditLog
 from flight_server.security.policy import ANONYMOUS, Identity, Unauthenticated
 from flight_server.security.tokens import TokenMinter, TokenVerifier
@@ -61,11 +62,13 @@ def _credentials(authorization: str | None) -> tuple[str, str]:
 
 
 class CallRecord(flight.ServerMiddleware):
-    """One call: who made it, what it touched, what it sent. Written to the audit log when the
-    call completes; the RPC methods fill in experiment, run, peer and bytes."""
+    """One call: who made it, what it touched, what it sent. Written to the audit log and
+    counted in the metrics when the call completes; the RPC methods fill in experiment, run,
+    peer, bytes and (for DoAction) the action."""
 
     def __init__(self, audit: AuditLog, rpc: str, identity: Identity,
-                 reply_headers: dict[str, str] | None = None) -> None:
+                 reply_headers: dict[str, str] | None = None, metrics: Metrics | None = None,
+                 method: str = "", started: float | None = None) -> None:
         self.audit = audit
         self.rpc = rpc
         self.identity = identity
@@ -75,12 +78,48 @@ class CallRecord(flight.ServerMiddleware):
         self.experiment: str | None = None
         self.run: int | None = None
         self.bytes_sent = 0
+        self.bytes_received = 0
+        self.action: str | None = None  # DoAction: the action's type, if the server knows it
+        self.metrics = metrics
+        self.method = method  # as Flight names it: "DoGet"
+        self.started = time.perf_counter() if started is None else started
+        self._stream: str | None = None  # the kind of data stream this call holds open
+        self._count_sent: Callable[[float], None] | None = None  # looked up on first use
+        self._count_received: Callable[[float], None] | None = None
+
+    def sent(self, nbytes: int) -> None:
+        """A batch went out: counted per call (audit) and per method (metrics) as it goes, so
+        that a long subscription shows in the metrics before it ends."""
+        self.bytes_sent += nbytes
+        if self.metrics is not None:
+            if self._count_sent is None:
+                self._count_sent = self.metrics.sent(self.method)
+            self._count_sent(nbytes)
+
+    def received(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        if self.metrics is not None:
+            if self._count_received is None:
+                self._count_received = self.metrics.received(self.method)
+            self._count_received(nbytes)
+
+    def streaming(self, kind: str) -> None:
+        """The call holds a data stream of `kind` ("archive", "live", "sql") open until it
+        completes: counted in `lclstream_active_streams`."""
+        if self.metrics is not None and self._stream is None:
+            self._stream = kind
+            self.metrics.stream_opened(self.method, kind)
 
     def sending_headers(self) -> dict[str, str]:
         return self.reply_headers
 
     def call_completed(self, exception: BaseException | None) -> None:
         self.audit.call(self, exception)
+        if self.metrics is not None:
+            if self._stream is not None:
+                self.metrics.stream_closed(self.method, self._stream)
+            self.metrics.call_completed(self.method, exception,
+                                        time.perf_counter() - self.started, self.action)
 
 
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
@@ -94,22 +133,31 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         self.minter = minter
         self.users = users
         self.throttle = throttle or LoginThrottle()
+        self.metrics: Metrics | None = None  # set by the server that uses this factory
 
     def start_call(self, info: flight.CallInfo, headers: Mapping[str, list]) -> CallRecord:
+        started = time.perf_counter()
         rpc = info.method.name.lower()
+        method = method_name(info.method)
+
+        def record(identity: Identity, reply: dict[str, str] | None = None) -> CallRecord:
+            return CallRecord(self.audit, rpc, identity, reply, self.metrics, method, started)
+
         try:
             if self.verifier is None:
-                return CallRecord(self.audit, rpc, ANONYMOUS)
+                return record(ANONYMOUS)
             scheme, value = _credentials(_header(headers, "authorization"))
             if info.method == flight.FlightMethod.HANDSHAKE and scheme == "basic":
                 identity, token = self._login(value)
-                return CallRecord(self.audit, rpc, identity, {"authorization": f"Bearer {token}"})
+                return record(identity, {"authorization": f"Bearer {token}"})
             if scheme != "bearer":
                 raise Unauthenticated("Basic credentials are accepted only in Handshake; send "
                                       "'authorization: Bearer <token>'")
-            return CallRecord(self.audit, rpc, self.verifier.verify(value))
+            return record(self.verifier.verify(value))
         except flight.FlightError as exc:
             self.audit.refused(rpc, exc)
+            if self.metrics is not None:  # pyarrow calls no call_completed for these
+                self.metrics.call_completed(method, exc, time.perf_counter() - started)
             raise
 
     def _login(self, credentials: str) -> tuple[Identity, str]:

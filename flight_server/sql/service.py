@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 import schemas.flight_sql as fsql
 from flight_server.catalog import Catalog
 from flight_server.errors import InvalidArgument
+from flight_server.metrics import Metrics
 from flight_server.security.policy import Identity
 from flight_server.security.tickets import TicketSeal
 from flight_server.sources.streaming import BatchSizing
@@ -71,8 +73,10 @@ def sql_command(payload: bytes) -> Message | None:
 
 class SqlService:
     def __init__(self, catalog: Catalog, seal: TicketSeal, sizing: BatchSizing, pool: Executor,
-                 limits: Limits, version: str, live_tables: LiveTables | None = None) -> None:
+                 limits: Limits, version: str, live_tables: LiveTables | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.catalog = catalog
+        self.metrics = metrics
         self.live_tables = live_tables
         self.seal = seal
         self.sizing = sizing
@@ -145,25 +149,43 @@ class SqlService:
     def _stream(self, who: Identity, statement: Statement, is_cancelled: Callable[[], bool],
                 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         rows = statement.rows()
+        started = time.perf_counter()
         session = self._session(who, statement.query, is_cancelled)
         try:
             schema, first = self._results(session, statement.query, rows[0], is_cancelled)
-        except BaseException:
+        except BaseException as exc:
             session.close()
+            self._observe(started, exc)
             raise
 
         def batches() -> Iterator[pa.RecordBatch]:
+            ended: BaseException | None = None
             try:
                 yield from first
                 for params in rows[1:]:  # one result per parameter row, one after another
                     yield from self._results(session, statement.query, params, is_cancelled)[1]
+            except BaseException as exc:  # GeneratorExit too: the client went away
+                ended = exc
+                raise
             finally:
                 session.close()
+                self._observe(started, ended)
 
         stream = batches()
         # A generator dropped before its first batch never runs its `finally`: close then too.
         weakref.finalize(stream, session.close)
         return schema, stream
+
+    def _observe(self, started: float, ended: BaseException | None) -> None:
+        """A query's time, and why it stopped early if it did, for the metrics."""
+        if self.metrics is None:
+            return
+        cancelled = None
+        if isinstance(ended, flight.FlightTimedOutError):
+            cancelled = "timeout"
+        elif isinstance(ended, flight.FlightCancelledError | GeneratorExit):
+            cancelled = "client"
+        self.metrics.sql_query(time.perf_counter() - started, cancelled)
 
     def _results(self, session: Session, query: str, params: list[object],
                  is_cancelled: Callable[[], bool]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:

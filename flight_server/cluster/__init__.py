@@ -1,0 +1,1 @@
+"""Several nodes behind one plan: the shared state in PostgreSQL, and where endpoints go."""

@@ -1,0 +1,237 @@
+"""Three nodes over one data root and one PostgreSQL: plans spread endpoints over the live nodes
+with a fallback each, any node opens any node's tickets, a node that stops leaves new plans,
+clients read each endpoint where the plan says and fall back when a node goes, nodes with other
+keys are refused, and a restarted database costs nothing but state changes meanwhile."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients import connect
+from clients.client import EndpointReader
+from flight_server.cluster.state import ClusterError
+from flight_server.generator import generate_lcls2_run
+from flight_server.server import LclstreamServer
+from tests.cluster.postgres import Postgres
+from tests.helpers import (
+    LCLS2_EXP,
+    LCLSTREAM,
+    cli_env,
+    events,
+    free_port,
+    interrupt,
+    start_server,
+    wait_for_location,
+)
+
+RUN, EVENTS = 5, 600
+CLUSTER = {"cluster": True, "heartbeat_s": 0.2, "node_timeout_s": 1.5,
+           "partition_bytes": 512 << 10, "batch_bytes": 64 << 10,
+           "first_batch_bytes": 16 << 10}
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres().init()
+    yield pg
+    pg.remove()
+
+
+@pytest.fixture(scope="module")
+def cluster_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cluster-data")
+    generate_lcls2_run(root / LCLS2_EXP / "hdf5" / "smalldata" / f"{LCLS2_EXP}_Run{RUN:04d}.h5",
+                       RUN, n_events=EVENTS, seed=5, chunk_events=20)
+    return root
+
+
+def node(data: Path, pg: Postgres, **settings) -> LclstreamServer:
+    return start_server(data, state_url=pg.url, **{**CLUSTER, **settings})
+
+
+@pytest.fixture
+def three(cluster_data: Path, postgres: Postgres) -> Iterator[list[LclstreamServer]]:
+    nodes = [node(cluster_data, postgres) for _ in range(3)]
+    for n in nodes:  # each has seen the others
+        wait_until(lambda n=n: len(n.node.alive()) == 3)
+    yield nodes
+    for n in nodes:
+        n.shutdown()
+
+
+def wait_until(check, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def location(server: LclstreamServer) -> str:
+    return f"grpc://127.0.0.1:{server.port}"
+
+
+def uris(endpoint: flight.FlightEndpoint) -> list[str]:
+    return [loc.uri.decode() for loc in endpoint.locations]
+
+
+def test_a_plan_spreads_endpoints_over_the_nodes_with_a_fallback(three) -> None:
+    nodes = {location(n) for n in three}
+    with connect(location(three[0])) as c:
+        info = c.plan(LCLS2_EXP, RUN)
+        expected = c.read(LCLS2_EXP, RUN)
+    assert len(info.endpoints) >= 6
+    placed = [uris(e) for e in info.endpoints]
+    assert all(len(p) == 2 and p[0] != p[1] and set(p) <= nodes for p in placed)
+    assert {p[0] for p in placed} == nodes  # every node serves a share
+    # any node plans alike: the same partition, the same node (its page cache stays warm)
+    with connect(location(three[2])) as c:
+        assert [uris(e) for e in c.plan(LCLS2_EXP, RUN).endpoints] == placed
+    # each endpoint read where its plan says: a ticket sealed by node 0 opens on any node
+    for endpoint in info.endpoints:
+        first, fallback = uris(endpoint)
+        for where in (first, fallback):
+            with connect(where) as there:
+                assert there._flight.do_get(endpoint.ticket).read_all().num_rows > 0
+    with connect(location(three[1])) as c:  # the client reads each where the plan says
+        assert c.read(LCLS2_EXP, RUN).equals(expected)
+        assert set(c._nodes) == nodes - {location(three[1])}
+
+
+def test_a_node_that_stops_leaves_new_plans(three, cluster_data, postgres) -> None:
+    gone = location(three[2])
+    three[2].shutdown()  # a clean stop leaves the state at once; the others see it next beat
+    with connect(location(three[0])) as c:
+        wait_until(lambda: all(gone not in uris(e) for e in c.plan(LCLS2_EXP, RUN).endpoints),
+                   timeout=1.0)
+    three[2] = node(cluster_data, postgres)  # for the fixture's teardown
+
+
+def test_a_client_falls_back_when_a_node_goes_mid_read(cluster_data, postgres) -> None:
+    """Two nodes in processes of their own: the one serving the first endpoint is killed after
+    its first batch; the read goes on at the fallback, from the next event, and equals an
+    uninterrupted read."""
+    procs = [serve(cluster_data, postgres) for _ in range(2)]
+    try:
+        first_location = procs[0][1]
+        with connect(first_location) as c:
+            wait_until(lambda: len({u for e in c.plan(LCLS2_EXP, RUN).endpoints
+                                    for u in uris(e)}) == 2)
+            expected = c.read(LCLS2_EXP, RUN)
+            info = c.plan(LCLS2_EXP, RUN)
+            victim, victim_proc = procs[1][1], procs[1][0]  # not the node planning
+            k = next(i for i, e in enumerate(info.endpoints) if uris(e)[0] == victim)
+            batches = [b for e in info.endpoints[:k] for b in c.endpoint_reader(e)]
+            reader = c.endpoint_reader(info.endpoints[k])
+            batches.append(next(iter_ := iter(reader)))
+            victim_proc.send_signal(signal.SIGKILL)
+            victim_proc.wait()
+            batches += list(iter_)
+            assert reader.resumed >= 1
+            # killed, it never said goodbye: it leaves new plans once its heartbeats stop
+            started = time.monotonic()
+            wait_until(lambda: all(victim not in uris(e)
+                                   for e in c.plan(LCLS2_EXP, RUN).endpoints))
+            assert time.monotonic() - started < 5
+            rest = [b for e in info.endpoints[k + 1:] for b in c.endpoint_reader(e)]
+        got = pa.Table.from_batches(batches + rest)
+        assert got.equals(expected)
+    finally:
+        for proc, _ in procs:
+            interrupt(proc)
+
+
+def test_every_location_down_is_a_clear_error(three) -> None:
+    with connect(location(three[0])) as c:
+        endpoint = c.plan(LCLS2_EXP, RUN).endpoints[0]
+    dead = [f"grpc://127.0.0.1:{free_port()}" for _ in range(2)]
+    nodes = [(where, flight.connect(where)) for where in dead]
+    reader = EndpointReader(nodes[0][1], endpoint.ticket, patience=0.5, fallbacks=nodes)
+    with pytest.raises(flight.FlightUnavailableError) as err:
+        list(reader)
+    message = str(err.value)
+    assert "every location of the endpoint failed" in message
+    assert all(where in message for where in dead)
+
+
+def test_a_node_with_other_keys_is_refused_at_start(cluster_data, postgres, three,
+                                                    tmp_path) -> None:
+    with pytest.raises(ClusterError, match="differs from the cluster's"):
+        node(cluster_data, postgres, state_dir=tmp_path / "other-keys")
+
+
+def test_without_the_database_nodes_serve_on_and_recover(three, postgres) -> None:
+    with connect(location(three[1])) as c:
+        expected = c.read(LCLS2_EXP, RUN)
+        postgres.stop()
+        try:
+            wait_until(lambda: not three[1].node.state_ok)
+            info = c.plan(LCLS2_EXP, RUN)  # planned with the nodes last seen alive
+            assert {u for e in info.endpoints for u in uris(e)} == {location(n) for n in three}
+            assert c.read(LCLS2_EXP, RUN).equals(expected)
+        finally:
+            postgres.start()
+        wait_until(lambda: all(n.node.state_ok for n in three))
+
+
+def test_a_cluster_node_needs_the_state_url(cluster_data) -> None:
+    with pytest.raises(ValueError, match="--state-url"):
+        start_server(cluster_data, cluster=True)
+
+
+def serve(data: Path, pg: Postgres) -> tuple[subprocess.Popen, str]:
+    env = cli_env(LCLSTREAM_HEARTBEAT_S="0.2", LCLSTREAM_NODE_TIMEOUT_S="1.5",
+                  LCLSTREAM_PARTITION_BYTES=str(512 << 10), LCLSTREAM_BATCH_BYTES=str(64 << 10),
+                  LCLSTREAM_JOBS_DATABASE=str(data.parent / f"jobs-{os.getpid()}-"
+                                              f"{free_port()}.sqlite"))
+    proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data), "--port", "0",
+                             "--cluster", "--state-url", pg.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    return proc, wait_for_location(proc)
+
+
+def test_live_streams_and_jobs_are_refused_on_a_node_and_never_recovered(three,
+                                                                       cluster_data) -> None:
+    """Not shared between nodes yet: a node refuses them rather than let two nodes write one
+    stream of the shared data root."""
+    with connect(location(three[0])) as c:
+        with pytest.raises(pa.ArrowNotImplementedError, match="not shared between the nodes"):
+            with c.producer(LCLS2_EXP, "daq") as producer:
+                producer.send(events(0))
+        with pytest.raises(pa.ArrowNotImplementedError, match="not shared between the nodes"):
+            next(iter(c.subscribe(LCLS2_EXP, "daq")))
+        with pytest.raises(pa.ArrowNotImplementedError, match="jobs are not shared"):
+            c.submit(LCLS2_EXP, RUN, ["gmd/energy"], into=(LCLS2_EXP, "x"))
+        assert c.streams() == []
+    assert not (cluster_data / LCLS2_EXP / "live").exists()
+
+
+def test_metrics_count_the_nodes_alive(cluster_data, postgres) -> None:
+    with_metrics = node(cluster_data, postgres, metrics_port=0)
+    try:
+        url = with_metrics.metrics_server.url("127.0.0.1") + "/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text)
+                  for s in f.samples}
+        assert values["lclstream_cluster_nodes_alive"] >= 1
+        assert values["lclstream_cluster_state_reachable"] == 1
+    finally:
+        with_metrics.shutdown()
+
+
+def test_a_node_must_advertise_a_location_of_its_own(cluster_data, postgres, three) -> None:
+    taken = location(three[0])
+    with pytest.raises(ClusterError, match="already serves at"):
+        node(cluster_data, postgres, advertise=taken)
+    with pytest.raises(ClusterError, match="must say where clients reach it"):
+        node(cluster_data, postgres, host="0.0.0.0")
