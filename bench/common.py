@@ -351,17 +351,20 @@ class ServerProcess:
         tail = self.log.read_text(errors="replace")[-2000:]
         return RuntimeError(f"server '{self.name}' {why}; log {self.log}:\n{tail}")
 
+    banner = BANNER  # the line that says where it serves
+
     def _wait_banner(self) -> str:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            match = BANNER.search(self.log.read_text(errors="replace"))
+            match = self.banner.search(self.log.read_text(errors="replace"))
             if match:
                 return match.group(1)
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise self._fail(f"exited with status {self._proc.returncode}")
             time.sleep(0.05)
-        raise self._fail(f"printed no 'serving ... at grpc://...' line in {self.timeout:.0f} s")
+        raise self._fail(f"printed no line matching {self.banner.pattern!r} in "
+                         f"{self.timeout:.0f} s")
 
     def _wait_answering(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -619,18 +622,7 @@ class TlsServerProcess(ServerProcess):
     (`tls_certs`). Plaintext servers work as well, so that both sides of a comparison start
     the same way."""
 
-    def _wait_banner(self) -> str:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            match = TLS_BANNER.search(self.log.read_text(errors="replace"))
-            if match:
-                return match.group(1)
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise self._fail(f"exited with status {self._proc.returncode}")
-            time.sleep(0.05)
-        raise self._fail(f"printed no 'serving ... at grpc[+tls]://...' line in "
-                         f"{self.timeout:.0f} s")
+    banner = TLS_BANNER
 
     @property
     def tls_root_certs(self) -> str | None:

@@ -219,15 +219,11 @@ class Runner:
         parts = list(self._parts(plan, done))
         why = (f"started on {self.engine.describe()}: {len(parts)} tasks" if done == 0 else
                f"resumed after {done} of {total} source events: {len(parts)} tasks")
-        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total)
-        attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
-                          job.bytes)
-        self._running[job.id] = attempt  # the gate opens before any worker can write
+        attempt, target = self._begin(job, why, done, total)
+        job = attempt.job
         if not parts:
             self._complete(attempt)
             return
-        target = tasks.Target(self.location, self._token(job), self.tls_roots,
-                              self.tls_identity, spec.experiment, spec.stream, attempt.producer)
         retries = self.settings.job_retries
         key = f"{job.id}-{job.attempt}"
         first = client.submit(tasks.produce, parts[0], target, key=f"produce-{key}-0",
@@ -267,12 +263,8 @@ class Runner:
         else:
             why = (f"copying {total} events {origin}" if done == 0 else
                    f"resumed after {done} of {total} source events {origin}")
-        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total)
-        attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
-                          job.bytes)
-        self._running[job.id] = attempt  # the gate opens before any worker can write
-        target = tasks.Target(self.location, self._token(job), self.tls_roots,
-                              self.tls_identity, spec.experiment, spec.stream, attempt.producer)
+        attempt, target = self._begin(job, why, done, total)
+        job = attempt.job
         key = f"{job.id}-{job.attempt}"
         retries = self.settings.job_retries
         if spec.follows:
@@ -288,6 +280,18 @@ class Runner:
         for future in writes:
             future.add_done_callback(self._ended_callback(job.id, job.attempt))
         log.info("job %s: %s", job.id, why)
+
+    def _begin(self, job: Job, why: str, done: int, total: int | None
+               ) -> tuple[Attempt, tasks.Target]:
+        """The job is running: its attempt, admitted from now on, and where its tasks write."""
+        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total)
+        attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
+                          job.bytes)
+        self._running[job.id] = attempt  # the gate opens before any worker can write
+        spec = job.spec
+        target = tasks.Target(self.location, self._token(job), self.tls_roots,
+                              self.tls_identity, spec.experiment, spec.stream, attempt.producer)
+        return attempt, target
 
     def _source(self, job: Job) -> mirror.Source:
         origin = job.spec.origin
