@@ -286,6 +286,7 @@ class LclstreamServer(flight.FlightServerBase):
                    descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         kind, what = self._descriptor(descriptor)
         call = self._call(context, "get_schema")
+        self.jobs.reads_own_stream(call.identity, kind, what)
         if kind == "sql":
             return flight.SchemaResult(self.sql.schema(call.identity, what))
         if kind == "live":
@@ -308,6 +309,7 @@ class LclstreamServer(flight.FlightServerBase):
                ticket: flight.Ticket) -> flight.FlightDataStream:
         call = self._call(context, "do_get")
         kind, what = self._ticket(ticket.ticket)
+        self.jobs.reads_own_stream(call.identity, kind, what)
         if kind == "sql":  # a Flight SQL ticket has no room for options: the server's default
             wire = compression.resolve(None, None, self.compression, call.peer)
             call.streaming(kind)

@@ -24,7 +24,7 @@ from flight_server.jobs.store import Job, JobStore
 from flight_server.live.service import LiveService
 from flight_server.security import keys
 from flight_server.security.middleware import CallRecord
-from flight_server.security.policy import Identity, authorize
+from flight_server.security.policy import Forbidden, Identity, authorize
 from flight_server.security.sealed import CredentialSeal
 from flight_server.security.tokens import TokenMinter
 from flight_server.sources.streaming import BatchSizing
@@ -121,6 +121,17 @@ class JobService:
         visible = [j for j in self.store.jobs(None, state, ALL_JOBS)
                    if self._may_see(identity, j)]
         return [self._summary(j) for j in visible[:limit]]
+
+    def reads_own_stream(self, identity: Identity, kind: str, what: Any) -> None:
+        """A job's token reads nothing but its own stream (a mirror compares it with the
+        source): not the runs, not another stream of the experiment it may write into."""
+        if identity.job is None:
+            return
+        job = self.store.get(identity.job, None)
+        own = job is not None and kind == "live" and (what.experiment, what.stream) == (
+            job.spec.experiment, job.spec.stream)
+        if not own:
+            raise Forbidden(f"a job's token (job {identity.job}) reads its own stream only")
 
     # -- whose jobs --------------------------------------------------------------------------
 

@@ -323,3 +323,21 @@ def test_the_command_line_narrows_your_token_for_the_source(jobs_server, site_a,
     again = run_cli("mirror", source, LCLS2_EXP, "nope", "--into", MIRROR_EXP,
                     "--server", site_a.location, "--token", admin_at_a)
     assert again.returncode != 0 and "or live/STREAM" in again.stderr
+
+
+def test_a_mirror_jobs_token_reads_its_own_stream_only(site_a, site_b, at_b) -> None:
+    [copied, job] = [at_b.mirror(site_a.location, LCLS2_EXP, [SMALL_RUN], into=MIRROR_EXP,
+                                 source_token=alice_at(site_a), end_run=end_run)[0]
+                     for end_run in (True, False)]
+    run = copied.wait(progress=False)["run"]
+    done = job.wait(progress=False)
+    into = MIRROR_EXP, done["into"]["stream"]
+    token = site_b.server.security.minter.mint(
+        f"job:{job.id}", Grants(read=(MIRROR_EXP,), write=(MIRROR_EXP,)), 600, job=job.id)
+    run_ticket = at_b.plan(MIRROR_EXP, run).endpoints[0].ticket
+    with connect(site_b.location, token) as worker:
+        assert worker.read_stream(*into).num_rows == done["progress"]["events_total"]
+        with pytest.raises(flight.FlightUnauthorizedError, match="its own stream only"):
+            worker._flight.do_get(run_ticket).read_all()  # a run of the experiment
+        with pytest.raises(flight.FlightUnauthorizedError, match="its own stream only"):
+            next(iter(worker.subscribe(MIRROR_EXP, "daq-1")))  # another stream there
