@@ -351,7 +351,7 @@ class Client:
         `send(batch)`, `flush()`, `close()`, `end_run()`. Options: `producer_id` (stable across
         restarts of the producing program, to make its resends idempotent), `retention_bytes`,
         `retention_seconds`, `max_unacked_bytes`."""
-        return live.Producer(self._flight, experiment, stream, **options)
+        return live.Producer(self._flight, experiment, stream, follow=self.at, **options)
 
     def subscribe(self, experiment: str, stream: str, from_: str | int | Any = "earliest",
                   group: str | None = None, columns: Sequence[str] | None = None,
@@ -363,7 +363,7 @@ class Client:
         `compression=` as for `request`."""
         return live.Subscription(self._flight, experiment, stream, from_=from_, group=group,
                                  columns=columns, filter=filter, processing=processing,
-                                 **options)
+                                 follow=self.at, **options)
 
     def read_stream(self, experiment: str, stream: str,
                     columns: Sequence[str] | None = None) -> pa.Table:

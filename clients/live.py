@@ -18,13 +18,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from schemas.live import LIVE_SEGMENT, Ack, Delivery, ProducerMeta, is_going_away
+from schemas.live import LIVE_SEGMENT, Ack, Delivery, ProducerMeta, is_going_away, owner_named_in
 from schemas.live import Subscription as Request
 from schemas.request import compression_choice
 
@@ -77,8 +77,13 @@ class Producer:
     def __init__(self, flight_client: flight.FlightClient, experiment: str, stream: str, *,
                  producer_id: str | None = None, retention_bytes: int | None = None,
                  retention_seconds: float | None = None,
-                 max_unacked_bytes: int = 256 << 20, reconnect_for: float = 60.0) -> None:
+                 max_unacked_bytes: int = 256 << 20, reconnect_for: float = 60.0,
+                 follow: Follow | None = None) -> None:
         self._flight = flight_client
+        # a cluster: the connection to a location (a live stream is its owner node's); after
+        # following, a lost owner sends the producer back home, to be told the new one
+        self._home, self._follow = flight_client, follow
+        self._owner: str | None = None
         self.experiment, self.stream = experiment, stream
         self.producer_id = producer_id or uuid.uuid4().hex
         self._retention = {k: v for k, v in (("bytes", retention_bytes),
@@ -160,6 +165,8 @@ class Producer:
         the ack reader, not the writer), or `exc` if it is not a lost connection."""
         if self._acks is not None:
             self._acks.join(timeout=5)
+        if self._follow and self._owner is None:
+            self._owner = owner_named_in(exc)  # a cluster node's answer may reach the writer
         if self._error is None and not transient(exc):
             self._fail(exc)
         self._raise_error()
@@ -191,6 +198,7 @@ class Producer:
                         self.last_ack = ack
                     self._cond.notify_all()
         except Exception as exc:
+            self._owner = owner_named_in(exc) if self._follow else None
             if not transient(exc):
                 self._fail(exc)
             with self._cond:
@@ -222,6 +230,8 @@ class Producer:
         backoff = Backoff(self.reconnect_for)
         while True:
             self._close_connection(quiet=True)
+            self._flight = _next_node(self._flight, self._home, self._follow, self._owner)
+            self._owner = None
             try:
                 self._open(self._schema)
                 with self._cond:
@@ -235,6 +245,8 @@ class Producer:
                 return
             except Exception as exc:
                 self._check_answer(exc)
+                if self._owner is not None:
+                    continue  # told where the stream is: go there at once
                 if not backoff.wait():
                     self._fail(exc)
                     self._raise_error()
@@ -259,27 +271,35 @@ class Producer:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every batch sent so far is acknowledged (durable on the server)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._unacked and self._error is None:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(self._unacked)} batches not acknowledged after "
-                                       f"{timeout} s")
-                if self._acks is not None and not self._acks.is_alive():
-                    break  # the connection dropped: resend below
-                self._cond.wait(0.2)
-        self._raise_error()
-        if self._unacked:
+        backoff = Backoff(self.reconnect_for)  # calls that end unacknowledged, in a row
+        while True:
+            with self._cond:
+                while self._unacked and self._error is None:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"{len(self._unacked)} batches not acknowledged "
+                                           f"after {timeout} s")
+                    if self._acks is not None and not self._acks.is_alive():
+                        break  # the connection dropped: resend below
+                    self._cond.wait(0.2)
+            self._raise_error()
+            if not self._unacked:
+                return
             # The call ended with batches unacknowledged: its status says whether the server
-            # refused them (raised here) or the connection was lost (resent).
+            # refused them (raised here), the connection was lost or the server cannot take
+            # them now (resent, for up to reconnect_for), or another node owns the stream.
             with self._writer_lock:
                 writer, self._writer = self._writer, None
+            last: BaseException = flight.FlightUnavailableError("the call ended")
             try:
                 if writer is not None:
                     writer.close()
             except Exception as exc:
+                last = exc
                 self._check_answer(exc)
+            if self._owner is None and not backoff.wait():
+                self._fail(last)
+                self._raise_error()
             self._reconnect()
-            self.flush(timeout)
 
     def discard_refused(self) -> None:
         """After the server refused a batch (raised by `send` or `flush`): forget what it did
@@ -324,6 +344,20 @@ class Producer:
             self._close_connection(quiet=True)
 
 
+Follow = Callable[[str], flight.FlightClient]  # a location -> a connection to it
+
+
+def _next_node(current: flight.FlightClient, home: flight.FlightClient,
+               follow: Follow | None, owner: str | None) -> flight.FlightClient:
+    """Where to ask next: the owner a cluster node named; after a failure elsewhere than
+    home, home again (a node that owned the stream is gone: home says who owns it now)."""
+    if follow is None:
+        return current
+    if owner is not None:
+        return follow(owner)
+    return home
+
+
 def action(flight_client: flight.FlightClient, name: str, body: dict[str, Any]) -> Any:
     import json
 
@@ -344,8 +378,9 @@ class Subscription:
                  member: str | None = None, columns: Sequence[str] | None = None,
                  filter: str | None = None, processing: Sequence[dict] | None = None,
                  reconnect_for: float = 60.0, skip_empty: bool = True,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, follow: Follow | None = None) -> None:
         self._flight = flight_client
+        self._home, self._follow = flight_client, follow  # as for Producer
         if isinstance(from_, dt.datetime):
             from_ = (from_ if from_.tzinfo else from_.replace(tzinfo=dt.UTC)).isoformat()
         self.request = Request(experiment, stream, from_, group,
@@ -382,6 +417,10 @@ class Subscription:
                     return
                 if not transient(exc):
                     raise
+                owner = owner_named_in(exc) if self._follow else None
+                self._flight = _next_node(self._flight, self._home, self._follow, owner)
+                if owner is not None:
+                    continue  # told where the stream is: go there at once
                 log.info("subscription to %s/%s lost (%s); resuming at %s", request.experiment,
                          request.stream, type(exc).__name__, self.next)
                 if not backoff.wait():

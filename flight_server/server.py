@@ -28,7 +28,7 @@ from flight_server.catalog import Catalog
 from flight_server.cluster import placement
 from flight_server.cluster.state import ClusterError, ClusterState, Node
 from flight_server.config import Settings
-from flight_server.errors import InvalidArgument, Unsupported
+from flight_server.errors import InvalidArgument
 from flight_server.jobs.service import ACTIONS as JOB_ACTIONS
 from flight_server.jobs.service import JobService
 from flight_server.live.service import ACTIONS as LIVE_ACTIONS
@@ -50,9 +50,6 @@ from schemas.live import Subscription
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-LIVE_CLUSTER_REFUSAL = ("live streams are not shared between the nodes of a cluster yet (one "
-                        "node must own each stream): produce and subscribe on a server started "
-                        "without --cluster")
 # what a mirror job's token may do besides producing: read its stream back, ask after its job
 MIRROR_READS = frozenset({"do_get", "get_schema", "the action 'streams'", "the action 'job'"})
 
@@ -147,9 +144,10 @@ class LclstreamServer(flight.FlightServerBase):
         self.sql = SqlService(self.catalog, self.security.seal, self.sizing, self.read_pool,
                               limits, _version(), lambda e: self.live.sql_tables(e),
                               self.metrics)
-        # a cluster's nodes share the data root: none may recover (and so write) its streams
+        # a cluster's nodes share the data root: each stream is opened by the node that owns it
+        owner = (lambda e, n: self.node.owner(e, n)) if settings.cluster else None
         self.live = LiveService(settings.data, settings.live(), self.catalog,
-                                self.security.seal, self.sizing, recover=not settings.cluster)
+                                self.security.seal, self.sizing, owner)
         self.archive = ArchiveService(self.catalog, self.security.seal, self.sizing,
                                       self.read_pool, settings.partition_bytes)
         self.jobs = JobService(settings, self.catalog, self.live, self.security.minter,
@@ -235,13 +233,8 @@ class LclstreamServer(flight.FlightServerBase):
                 (command := sql_command(descriptor.command)) is not None:
             return "sql", command
         if (sub := subscription_of(descriptor)) is not None:
-            return "live", self._live_here(sub)
+            return "live", sub
         return "archive", None
-
-    def _live_here(self, sub: Subscription) -> Subscription:
-        if self.node is not None:
-            raise Unsupported(LIVE_CLUSTER_REFUSAL)
-        return sub
 
     def _ticket(self, raw: bytes) -> tuple[str, Message | Subscription | Ticket]:
         """("sql", command) | ("live", subscription) | ("archive", ticket): a Flight SQL
@@ -250,7 +243,7 @@ class LclstreamServer(flight.FlightServerBase):
         if (command := sql_command(raw)) is not None:
             return "sql", command
         if (sub := self.live.ticket(raw)) is not None:
-            return "live", self._live_here(sub)
+            return "live", sub
         return "archive", self.archive.open_ticket(raw)
 
     # -- planning ----------------------------------------------------------------------------
@@ -366,8 +359,6 @@ class LclstreamServer(flight.FlightServerBase):
         if action.type in SQL_ACTIONS:
             return self.sql.do_action(call.identity, action)
         if action.type in LIVE_ACTIONS:
-            if self.node is not None and action.type != "streams":
-                raise Unsupported(LIVE_CLUSTER_REFUSAL)
             return self.live.do_action(call, action)
         if action.type in UNSUPPORTED_ACTIONS:
             raise pa.ArrowNotImplementedError(f"the action {action.type} is not supported")

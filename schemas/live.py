@@ -183,6 +183,25 @@ class Ack:
         return cls(doc.get("seq"), doc["offset"], doc["events"], doc.get("duplicate", False))
 
 
+OWNER_SAYS = "is served by its owner, the node at "
+
+
+def owner_message(experiment: str, stream: str, location: str) -> str:
+    """A cluster node's answer for a live stream another node owns (UNAVAILABLE): clients
+    connect to `location` and ask again."""
+    return f"live stream {experiment}/{stream} {OWNER_SAYS}{location} ; connect there"
+
+
+def owner_named_in(error: BaseException) -> str | None:
+    """The owner's location, if `error` is a cluster node's redirect."""
+    text = str(error)
+    at = text.find(OWNER_SAYS)
+    if at < 0:
+        return None
+    location = text[at + len(OWNER_SAYS):].split(" ", 1)[0]
+    return location if location.startswith("grpc") else None
+
+
 GOING_AWAY = b'{"going_away":true}'  # sent instead of an ack: the server is stopping; finish
 # the DoPut (what was not acknowledged is resent after reconnecting)
 

@@ -1,1 +1,2 @@
-"""Several nodes behind one plan: the shared state in PostgreSQL, and where endpoints go."""
+"""Several nodes behind one plan: the shared state in PostgreSQL (nodes, key fingerprints, live
+streams' owners), and where endpoints go."""

@@ -1,10 +1,13 @@
 """The state nodes of a cluster share, in PostgreSQL (`--state-url postgresql://...`): which
-nodes are alive (each heartbeats; one silent for `node_timeout_s` leaves every new plan), and
-the fingerprints of the keys every node must share (a ticket one node sealed opens on any
-other; a node started with other keys is refused at start).
+nodes are alive (each heartbeats; one silent for `node_timeout_s` leaves every new plan), the
+fingerprints of the keys every node must share (a ticket one node sealed opens on any other; a
+node started with other keys is refused at start), and which node owns each live stream (the
+one that may open its files; a stream whose owner stopped heartbeating goes to the next node
+that claims it).
 
 Times are the database's (`now()`), so nodes' clocks need not agree. A node keeps serving
-reads while the database is away: planning uses the nodes it last saw alive.
+reads while the database is away: planning uses the nodes it last saw alive; no stream changes
+owner meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 
 import psycopg
+import pyarrow.flight as flight
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,12 @@ CREATE TABLE IF NOT EXISTS lclstream_nodes (
     location TEXT NOT NULL,
     started TIMESTAMPTZ NOT NULL DEFAULT now(),
     last_seen TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS lclstream_streams (
+    experiment TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (experiment, stream)
 );
 CREATE TABLE IF NOT EXISTS lclstream_keys (
     name TEXT PRIMARY KEY,
@@ -38,6 +48,10 @@ CONNECT_TIMEOUT_S = 5
 
 class ClusterError(RuntimeError):
     """This node cannot join the cluster; the message says why and what to do."""
+
+
+class StateUnavailable(flight.FlightUnavailableError):
+    """A state change (a live stream's owner) cannot be made while the database is away."""
 
 
 def fingerprint(secret: bytes) -> str:
@@ -100,6 +114,23 @@ class ClusterState:
 
     def leave(self, node: str) -> None:
         self.execute("DELETE FROM lclstream_nodes WHERE id = %s", (node,))
+
+    def claim_stream(self, experiment: str, stream: str, location: str,
+                     timeout_s: float) -> str:
+        """The location of the node that owns the live stream: `location` if it had no owner
+        or its owner stopped heartbeating (then it is this node's now), else the owner's."""
+        rows = self.execute(
+            "INSERT INTO lclstream_streams AS s (experiment, stream, owner) "
+            "VALUES (%s, %s, %s) ON CONFLICT (experiment, stream) DO UPDATE "
+            "SET owner = excluded.owner WHERE s.owner = excluded.owner OR NOT EXISTS ("
+            "  SELECT 1 FROM lclstream_nodes n WHERE n.location = s.owner"
+            "  AND now() - n.last_seen < make_interval(secs => %s)) RETURNING owner",
+            (experiment, stream, location, timeout_s))
+        if rows:
+            return rows[0][0]
+        [(owner,)] = self.execute("SELECT owner FROM lclstream_streams WHERE experiment = %s "
+                                  "AND stream = %s", (experiment, stream))
+        return owner
 
     def live_nodes(self, timeout_s: float) -> list[tuple[str, str]]:
         """(id, location) of the nodes heard from within `timeout_s`, by id."""
@@ -179,6 +210,18 @@ class Node:
                                 "the %d nodes last seen alive", str(exc).strip(),
                                 len(self._alive))
                 self.state_ok = False
+
+    def owner(self, experiment: str, stream: str) -> str | None:
+        """None if this node owns the live stream (claimed now if it had no living owner),
+        else the owner's location. The state unreachable: StateUnavailable, since a stream
+        must not get two owners."""
+        try:
+            owner = self.state.claim_stream(experiment, stream, self.location, self.timeout_s)
+        except psycopg.Error as exc:
+            raise StateUnavailable(
+                f"the cluster's state is unreachable ({str(exc).strip()[:200]}), so no node "
+                f"can take live stream {experiment}/{stream} on now; try again shortly") from None
+        return None if owner == self.location else owner
 
     def alive(self) -> list[str]:
         """The locations of the nodes alive at the last heartbeat (this one included)."""

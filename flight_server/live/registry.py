@@ -13,20 +13,27 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.flight as flight
 
 from flight_server.catalog import EXPERIMENT_NAME
 from flight_server.config import LiveSettings
 from flight_server.errors import InvalidArgument, NotFound, close_matches, listing
 from flight_server.live.stream import AckSession, Stream
 from schemas.json_input import excerpt
-from schemas.live import LIVE_SEGMENT
+from schemas.live import LIVE_SEGMENT, owner_message
 
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY_S = 1.0
+
+
+class Elsewhere(flight.FlightUnavailableError):
+    """Another node of the cluster owns the live stream: the message names it, and clients
+    follow (schemas/live.py `owner_named_in`)."""
 
 
 def check_stream_name(name: str) -> None:
@@ -36,15 +43,19 @@ def check_stream_name(name: str) -> None:
 
 
 class LiveStreams:
-    def __init__(self, root: Path, settings: LiveSettings, recover: bool = True) -> None:
-        """`recover`: open the streams found on disk (False: a cluster node, which must not)."""
+    def __init__(self, root: Path, settings: LiveSettings,
+                 owner: Callable[[str, str], str | None] | None = None) -> None:
+        """`owner(experiment, stream)`: in a cluster, None if this node owns the stream (it
+        claims one nobody living owns), else the owner's location. A cluster node opens a
+        stream found on disk only once it owns it, never at start."""
         self.root = Path(root)
+        self.owner = owner
         self.settings = settings
         self._lock = threading.Lock()
         self._streams: dict[tuple[str, str], Stream] = {}
         self._wake = threading.Event()  # "batch" policy: an append asks for a sync at once
         self._stop = False
-        for directory in sorted(self.root.glob(f"*/{LIVE_SEGMENT}/*/")) if recover else []:
+        for directory in sorted(self.root.glob(f"*/{LIVE_SEGMENT}/*/")) if owner is None else []:
             experiment, name = directory.parent.parent.name, directory.name
             if EXPERIMENT_NAME.match(experiment) and EXPERIMENT_NAME.match(name):
                 stream = Stream(experiment, name, directory, settings, self._wake.set)
@@ -60,7 +71,7 @@ class LiveStreams:
 
     def get(self, experiment: str, name: str) -> Stream:
         with self._lock:
-            stream = self._streams.get((experiment, name))
+            stream = self._streams.get((experiment, name)) or self._taken(experiment, name)
             if stream is None:
                 names = [n for (e, n) in self._streams if e == experiment]
                 raise NotFound(f"experiment '{experiment}' has no live stream '{name}'."
@@ -70,7 +81,24 @@ class LiveStreams:
     def find(self, experiment: str, name: str) -> Stream | None:
         """The stream, or None: for callers to whom a missing stream is no error."""
         with self._lock:
-            return self._streams.get((experiment, name))
+            return self._streams.get((experiment, name)) or self._taken(experiment, name)
+
+    def _taken(self, experiment: str, name: str, create: bool = False) -> Stream | None:
+        """A cluster node's stream it has not opened yet: opened from disk (or created) once
+        this node owns it; Elsewhere when another node does. Under the registry's lock."""
+        if self.owner is None or not EXPERIMENT_NAME.match(name) or ".." in name:
+            return None
+        directory = self.directory(experiment, name)
+        if not create and not directory.is_dir():
+            return None
+        elsewhere = self.owner(experiment, name)
+        if elsewhere is not None:
+            raise Elsewhere(owner_message(experiment, name, elsewhere))
+        stream = Stream(experiment, name, directory, self.settings, self._wake.set)
+        self._streams[(experiment, name)] = stream
+        log.info("live stream %s/%s: this node owns it now (%d events on disk)", experiment,
+                 name, stream.log.end)
+        return stream
 
     def attach(self, experiment: str, name: str, schema: pa.Schema,
                session: AckSession) -> Stream:
@@ -80,6 +108,8 @@ class LiveStreams:
         check_stream_name(name)
         with self._lock:
             stream = self._streams.get((experiment, name))
+            if stream is None and self.owner is not None:
+                stream = self._taken(experiment, name, create=True)
             if stream is None:
                 stream = Stream(experiment, name, self.directory(experiment, name),
                                 self.settings, self._wake.set)

@@ -107,8 +107,8 @@ class StreamColumns:
 class LiveService:
     def __init__(self, data: Path, settings: LiveSettings, catalog: Catalog,
                  seal: TicketSeal, sizing: BatchSizing | None = None,
-                 recover: bool = True) -> None:
-        self.streams = LiveStreams(data, settings, recover)
+                 owner: Callable[[str, str], str | None] | None = None) -> None:
+        self.streams = LiveStreams(data, settings, owner)
         self.catalog = catalog
         self.seal = seal
         self.sizing = sizing or BatchSizing()

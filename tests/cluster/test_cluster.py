@@ -30,6 +30,7 @@ from tests.helpers import (
     cli_env,
     events,
     free_port,
+    indices,
     interrupt,
     start_server,
     wait_for_location,
@@ -200,20 +201,72 @@ def serve(data: Path, pg: Postgres) -> tuple[subprocess.Popen, str]:
     return proc, wait_for_location(proc)
 
 
-def test_live_streams_and_jobs_are_refused_on_a_node_and_never_recovered(three,
-                                                                       cluster_data) -> None:
-    """Not shared between nodes yet: a node refuses them rather than let two nodes write one
-    stream of the shared data root."""
-    with connect(location(three[0])) as c:
-        with pytest.raises(pa.ArrowNotImplementedError, match="not shared between the nodes"):
-            with c.producer(LCLS2_EXP, "daq") as producer:
-                producer.send(events(0))
-        with pytest.raises(pa.ArrowNotImplementedError, match="not shared between the nodes"):
-            next(iter(c.subscribe(LCLS2_EXP, "daq")))
+def test_a_live_stream_is_served_by_its_owner_and_clients_follow(three) -> None:
+    """The node a stream is first produced at owns it (recorded in the state); a producer or a
+    subscriber at another node is told where it is and follows, and every event is there
+    once, in order."""
+    a, b, c = (location(n) for n in three)
+    with connect(b) as at_b, connect(a) as at_a, connect(c) as at_c:
+        with at_b.producer(LCLS2_EXP, "daq", producer_id="p1") as first:
+            first.send(events(0))
+        with at_c.producer(LCLS2_EXP, "daq", producer_id="p2") as second:  # follows to b
+            second.send(events(10))
+            second.flush()
+            assert second._flight is at_c._nodes[b], (list(at_c._nodes), b)
+        got = []
+        with at_a.subscribe(LCLS2_EXP, "daq") as sub:  # follows to b
+            for batch in sub:
+                got += indices([batch])
+                if len(got) >= 20:
+                    break
+        assert got == list(range(20))
+        assert [s["stream"] for s in at_b.streams()] == ["daq"]
+        assert at_a.streams() == [] and at_c.streams() == []  # each lists what it owns
         with pytest.raises(pa.ArrowNotImplementedError, match="jobs are not shared"):
-            c.submit(LCLS2_EXP, RUN, ["gmd/energy"], into=(LCLS2_EXP, "x"))
-        assert c.streams() == []
-    assert not (cluster_data / LCLS2_EXP / "live").exists()
+            at_a.submit(LCLS2_EXP, RUN, ["gmd/energy"], into=(LCLS2_EXP, "x"))
+
+
+def test_when_the_owner_goes_another_node_takes_the_stream_on(three, cluster_data,
+                                                              postgres) -> None:
+    a, b = location(three[0]), location(three[1])
+    with connect(a) as at_a, connect(b) as at_b:
+        producer = at_b.producer(LCLS2_EXP, "handover", producer_id="p")
+        producer.send(events(0), seq=1)
+        producer.flush()
+        # a producer at node a follows to b
+        via_a = at_a.producer(LCLS2_EXP, "handover", producer_id="p", reconnect_for=30)
+        via_a.send(events(10), seq=2)
+        via_a.flush()
+        producer.close()
+        three[1].shutdown()  # the owner leaves; its stream stays on the shared disk
+        via_a.send(events(20), seq=3)  # back home, which takes the stream on from disk
+        via_a.close()
+        assert [s["stream"] for s in at_a.streams()] == ["handover"]
+        with at_a.subscribe(LCLS2_EXP, "handover") as sub:
+            got = []
+            for batch in sub:
+                got += indices([batch])
+                if len(got) >= 30:
+                    break
+        assert got == list(range(30))
+    three[1] = node(cluster_data, postgres)  # for the fixture's teardown
+
+
+def test_without_the_state_no_stream_changes_owner(three, postgres) -> None:
+    with connect(location(three[0])) as at_a:
+        with at_a.producer(LCLS2_EXP, "kept") as producer:
+            producer.send(events(0))
+        postgres.stop()
+        try:
+            with at_a.producer(LCLS2_EXP, "kept") as producer:  # its own: goes on
+                producer.send(events(10))
+            refused = at_a.producer(LCLS2_EXP, "new", reconnect_for=1)
+            with pytest.raises(flight.FlightUnavailableError, match="state is unreachable"):
+                refused.send(events(0))
+                refused.close()
+            assert "new" not in {s["stream"] for s in at_a.streams()}
+        finally:
+            postgres.start()
 
 
 def test_metrics_count_the_nodes_alive(cluster_data, postgres) -> None:
