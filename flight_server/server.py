@@ -185,9 +185,9 @@ class LclstreamServer(flight.FlightServerBase):
             self._close_services()
             raise
 
-    def _locate(self, partition: str) -> list[str]:
-        """The nodes that serve a partition: first by its hash, then a fallback."""
-        return placement.locations(partition, self.node.alive())
+    def _locate(self, partitions: list[str]) -> list[list[str]]:
+        """The nodes that serve each partition of a plan: first, then a fallback."""
+        return placement.spread(partitions, self.node.alive())
 
     def shutdown(self) -> None:
         if self.node is not None:

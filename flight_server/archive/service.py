@@ -44,8 +44,9 @@ class ArchiveService:
         self.sizing = sizing
         self.read_pool = pool
         self.partition_bytes = partition_bytes
-        # a cluster: the nodes that should serve a partition, in order (None: this server)
-        self.locate: Callable[[str], list[str]] | None = None
+        # a cluster: the nodes that should serve each partition of a plan, in order (None:
+        # this server)
+        self.locate: Callable[[list[str]], list[list[str]]] | None = None
 
     @staticmethod
     def _may_read(call: CallRecord, experiment: str, run: int | None = None) -> None:
@@ -64,17 +65,18 @@ class ArchiveService:
     def flight_info(self, plan: planning.Plan, descriptor: flight.FlightDescriptor,
                     schema: pa.Schema | None = None) -> flight.FlightInfo:
         """`schema`: the plan's, with what only the server knows added (compression)."""
-        endpoints = [flight.FlightEndpoint(self.seal.seal(p.ticket), self._locations(p.ticket))
-                     for p in plan.partitions]
+        tickets = [p.ticket for p in plan.partitions]
+        endpoints = [flight.FlightEndpoint(self.seal.seal(t), where)
+                     for t, where in zip(tickets, self._locations(tickets), strict=True)]
         return flight.FlightInfo(plan.schema if schema is None else schema, descriptor,
                                  endpoints, plan.total_records, plan.total_bytes, ordered=True)
 
-    def _locations(self, ticket: Ticket) -> list[str]:
+    def _locations(self, tickets: list[Ticket]) -> list[list[str]]:
         if self.locate is None:
-            return []
-        # the partition, not the request: the same events go to the same node's page cache
-        return self.locate(f"{ticket.experiment}/{ticket.run}/{ticket.source or ''}/"
-                           f"{ticket.table or ''}/{ticket.start}:{ticket.stop}:{ticket.step}")
+            return [[] for _ in tickets]
+        # the partitions, not the request: the same events go to the same node's page cache
+        return self.locate([f"{t.experiment}/{t.run}/{t.source or ''}/{t.table or ''}/"
+                            f"{t.start}:{t.stop}:{t.step}" for t in tickets])
 
     def flight_infos(self, identity: Identity, pattern: str) -> list[flight.FlightInfo]:
         """Every run of every readable experiment whose name matches the glob, and the other
