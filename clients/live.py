@@ -274,6 +274,7 @@ class Producer:
         backoff = Backoff(self.reconnect_for)  # calls that end unacknowledged, in a row
         while True:
             with self._cond:
+                waiting = len(self._unacked)
                 while self._unacked and self._error is None:
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(f"{len(self._unacked)} batches not acknowledged "
@@ -284,6 +285,8 @@ class Producer:
             self._raise_error()
             if not self._unacked:
                 return
+            if len(self._unacked) < waiting:
+                backoff.succeeded()  # acknowledgements came: a flaky link, not a dead end
             # The call ended with batches unacknowledged: its status says whether the server
             # refused them (raised here), the connection was lost or the server cannot take
             # them now (resent, for up to reconnect_for), or another node owns the stream.
