@@ -175,6 +175,7 @@ class LclstreamServer(flight.FlightServerBase):
                     super().shutdown()  # bound already: release the port too
                     raise
                 self.archive.locate = self._locate
+                self.node.on_fenced = self.live.streams.release_all
                 self.metrics.watch_cluster(lambda: len(self.node.alive()),
                                            lambda: self.node.state_ok)
             else:  # jobs are not shared between a cluster's nodes (yet): none run there

@@ -16,8 +16,9 @@ import contextlib
 import hashlib
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pyarrow.flight as flight
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS lclstream_keys (
 );
 """
 CONNECT_TIMEOUT_S = 5
+FENCE_AT = 0.6  # of node_timeout_s without a heartbeat: the node lets go of its live streams
 
 
 class ClusterError(RuntimeError):
@@ -158,6 +160,11 @@ class Node:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state_ok = True  # whether the last heartbeat reached the database
+        # Fenced: heartbeats have failed for long enough that the others may think this node
+        # dead and take its live streams on; it must have let go of them first.
+        self.fenced = False
+        self.on_fenced: Callable[[], None] = lambda: None
+        self._last_ok = time.monotonic()
 
     def check_keys(self, keys: dict[str, bytes]) -> None:
         """Before serving: this node's keys are the cluster's (ClusterError if not)."""
@@ -203,19 +210,30 @@ class Node:
                 self._refresh()
                 if not self.state_ok:
                     log.info("cluster: the state database is back")
-                self.state_ok = True
+                self.state_ok, self.fenced = True, False
+                self._last_ok = time.monotonic()
             except psycopg.Error as exc:
                 if self.state_ok:
                     log.warning("cluster: the state database is away (%s); serving on with "
                                 "the %d nodes last seen alive", str(exc).strip(),
                                 len(self._alive))
                 self.state_ok = False
+                silent = time.monotonic() - self._last_ok
+                if not self.fenced and silent > FENCE_AT * self.timeout_s:
+                    # before the others could count this node dead: nothing of a live stream
+                    # is written here from now until the state says who owns it
+                    self.fenced = True
+                    log.warning("cluster: no heartbeat for %.1f s; letting go of the live "
+                                "streams this node holds", silent)
+                    self.on_fenced()
 
     def owner(self, experiment: str, stream: str) -> str | None:
         """None if this node owns the live stream (claimed now if it had no living owner),
         else the owner's location. The state unreachable: StateUnavailable, since a stream
         must not get two owners."""
         try:
+            if self.fenced:
+                raise psycopg.OperationalError("no heartbeat has reached it lately")
             owner = self.state.claim_stream(experiment, stream, self.location, self.timeout_s)
         except psycopg.Error as exc:
             raise StateUnavailable(

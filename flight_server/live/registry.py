@@ -128,6 +128,31 @@ class LiveStreams:
         if not any(p.is_file() for p in stream.directory.rglob("*")):
             shutil.rmtree(stream.directory, ignore_errors=True)
 
+    def release_all(self) -> None:
+        """A cluster node that may have lost its streams to another: sync and close every one
+        it holds; their live calls end (clients come back and are told who owns it now)."""
+        with self._lock:
+            held = list(self._streams.values())
+            self._streams.clear()
+        for stream in held:
+            try:
+                stream.sync()  # what was acknowledged is on disk for the next owner
+            finally:
+                stream.stop()
+        threading.Thread(target=self._close_when_idle, args=(held,), daemon=True,
+                         name="live-release").start()
+        log.info("live: let go of %d streams", len(held))
+
+    @staticmethod
+    def _close_when_idle(streams: list[Stream], patience: float = 30.0) -> None:
+        """Close released streams once their calls have ended (a read in progress must not
+        meet a closed file)."""
+        deadline = time.monotonic() + patience
+        for stream in streams:
+            while (stream.sessions or stream.consumers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stream.close()
+
     def streams(self) -> list[Stream]:
         with self._lock:
             return list(self._streams.values())

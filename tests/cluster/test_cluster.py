@@ -253,20 +253,35 @@ def test_when_the_owner_goes_another_node_takes_the_stream_on(three, cluster_dat
 
 
 def test_without_the_state_no_stream_changes_owner(three, postgres) -> None:
-    with connect(location(three[0])) as at_a:
-        with at_a.producer(LCLS2_EXP, "kept") as producer:
-            producer.send(events(0))
+    """The database away: streams a node holds go on for a while, no new stream gets an
+    owner; away long enough that other nodes could take them on, the node lets go of its
+    streams first. Back, the producer goes on and every event is there once."""
+    a = three[0]
+    with connect(location(a)) as at_a:
+        producer = at_a.producer(LCLS2_EXP, "kept", producer_id="p", reconnect_for=60)
+        producer.send(events(0), seq=1)
+        producer.flush()
         postgres.stop()
         try:
-            with at_a.producer(LCLS2_EXP, "kept") as producer:  # its own: goes on
-                producer.send(events(10))
-            refused = at_a.producer(LCLS2_EXP, "new", reconnect_for=1)
+            producer.send(events(10), seq=2)  # held here: goes on
+            producer.flush()
+            refused = at_a.producer(LCLS2_EXP, "new", reconnect_for=0.5)
             with pytest.raises(flight.FlightUnavailableError, match="state is unreachable"):
                 refused.send(events(0))
                 refused.close()
-            assert "new" not in {s["stream"] for s in at_a.streams()}
+            wait_until(lambda: a.node.fenced)
+            assert at_a.streams() == []  # let go, before anyone could take them on
         finally:
             postgres.start()
+        producer.send(events(20), seq=3)  # waits for the state, then goes on
+        producer.close()
+        with at_a.subscribe(LCLS2_EXP, "kept") as sub:
+            got = []
+            for batch in sub:
+                got += indices([batch])
+                if len(got) >= 30:
+                    break
+        assert got == list(range(30))
 
 
 def test_metrics_count_the_nodes_alive(cluster_data, postgres) -> None:
