@@ -55,7 +55,8 @@ MIRROR_READS = frozenset({"do_get", "get_schema", "the action 'streams'", "the a
 
 ACTIONS = {
     "whoami": "JSON {subject, issuer, grants, expires, certificate}: who the server takes you for",
-    "health": "JSON {status, version, uptime_s, streams_active, jobs}: is the server serving",
+    "health": "JSON {status, version, uptime_s, streams_active, jobs, cluster?}: is the server "
+              "serving (a cluster node: its id, the nodes alive, whether the state answers)",
     delegation.ACTION: delegation.DESCRIPTION,
 }
 
@@ -370,7 +371,10 @@ class LclstreamServer(flight.FlightServerBase):
             summed = self.archive.digest(call, body, context.is_cancelled)
             return iter([json.dumps(summed.to_json()).encode()])
         if action.type == "health":
-            return iter([json.dumps(self.metrics.health()).encode()])
+            body = self.metrics.health()
+            if self.node is not None:
+                body["cluster"] = self.node.describe()
+            return iter([json.dumps(body).encode()])
         if action.type == "whoami":
             who = call.identity
             body = {"subject": who.subject, "issuer": who.issuer, "grants": who.grants.to_claim(),

@@ -241,6 +241,11 @@ class Node:
                 f"can take live stream {experiment}/{stream} on now; try again shortly") from None
         return None if owner == self.location else owner
 
+    def describe(self) -> dict[str, object]:
+        """This node in the `health` action's answer."""
+        return {"node": self.id, "location": self.location, "nodes_alive": self.alive(),
+                "state_reachable": self.state_ok, "fenced": self.fenced}
+
     def alive(self) -> list[str]:
         """The locations of the nodes alive at the last heartbeat (this one included)."""
         return [location for _, location in self._alive]

@@ -5,6 +5,7 @@ keys are refused, and a restarted database costs nothing but state changes meanw
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -293,6 +294,12 @@ def test_metrics_count_the_nodes_alive(cluster_data, postgres) -> None:
                   for s in f.samples}
         assert values["lclstream_cluster_nodes_alive"] >= 1
         assert values["lclstream_cluster_state_reachable"] == 1
+        with connect(location(with_metrics)) as c:
+            [answer] = c._flight.do_action(flight.Action("health", b""))
+        cluster = json.loads(answer.body.to_pybytes())["cluster"]
+        assert cluster["location"] == location(with_metrics)
+        assert location(with_metrics) in cluster["nodes_alive"]
+        assert cluster["state_reachable"] is True and cluster["fenced"] is False
     finally:
         with_metrics.shutdown()
 
