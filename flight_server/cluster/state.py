@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS lclstream_keys (
 );
 """
 CONNECT_TIMEOUT_S = 5
+SCHEMA_LOCK = 0x6C63_6C73  # the advisory lock taken while the tables are made
 FENCE_AT = 0.6  # of node_timeout_s without a heartbeat: the node lets go of its live streams
 
 
@@ -86,8 +87,11 @@ class ClusterState:
                 raise
 
     def create(self) -> None:
+        """The tables, once: nodes a batch system starts together must not race to make them
+        (concurrent CREATE ... IF NOT EXISTS can still collide in PostgreSQL's catalog)."""
         with self._lock:
-            self._connection().execute(SCHEMA)
+            self._connection().execute(
+                f"BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT;")
 
     def check_keys(self, keys: dict[str, bytes], node: str) -> None:
         """Record the keys' fingerprints if no node has yet; refuse keys that differ."""
@@ -107,6 +111,8 @@ class ClusterState:
                     "of its *.key files)")
 
     def register(self, node: str, location: str) -> None:
+        # the rows of nodes gone for a day (killed, never to leave) are of no more use
+        self.execute("DELETE FROM lclstream_nodes WHERE now() - last_seen > interval '1 day'")
         self.execute("INSERT INTO lclstream_nodes (id, location) VALUES (%s, %s) "
                      "ON CONFLICT (id) DO UPDATE SET location = excluded.location, "
                      "last_seen = now()", (node, location))

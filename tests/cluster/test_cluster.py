@@ -9,11 +9,13 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -21,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients import connect
 from clients.client import EndpointReader
-from flight_server.cluster.state import ClusterError
+from flight_server.cluster.state import ClusterError, ClusterState
 from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
 from tests.cluster.postgres import Postgres
@@ -310,3 +312,23 @@ def test_a_node_must_advertise_a_location_of_its_own(cluster_data, postgres, thr
         node(cluster_data, postgres, advertise=taken)
     with pytest.raises(ClusterError, match="must say where clients reach it"):
         node(cluster_data, postgres, host="0.0.0.0")
+
+
+def test_nodes_started_together_make_the_state_once(postgres) -> None:
+    with psycopg.connect(postgres.url, autocommit=True) as con:
+        con.execute("CREATE DATABASE race")
+    url = postgres.url.rsplit("/", 1)[0] + "/race"
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            ClusterState(url).create()
+        except BaseException as exc:  # collected: the test says which
+            errors.append(exc)
+
+    starting = [threading.Thread(target=start) for _ in range(8)]
+    for t in starting:
+        t.start()
+    for t in starting:
+        t.join()
+    assert errors == []
