@@ -341,3 +341,22 @@ def test_a_mirror_jobs_token_reads_its_own_stream_only(site_a, site_b, at_b) -> 
             worker._flight.do_get(run_ticket).read_all()  # a run of the experiment
         with pytest.raises(flight.FlightUnauthorizedError, match="its own stream only"):
             next(iter(worker.subscribe(MIRROR_EXP, "daq-1")))  # another stream there
+
+
+def test_a_mirror_from_a_site_that_compresses(jobs_data, tmp_path, at_b) -> None:
+    """Between real sites the source compresses (zstd, its default for any peer not on its
+    own machine): the copy arrives compressed, batch markers and all, and is verified."""
+    shutil.copytree(jobs_data / LCLS2_EXP, tmp_path / "data" / LCLS2_EXP)
+    zstd_site = start_site(tmp_path, compression="zstd")
+    try:
+        token = zstd_site.token("alice", read=(LCLS2_EXP,))
+        [job] = at_b.mirror(zstd_site.location, LCLS2_EXP, [SMALL_RUN], into=MIRROR_EXP,
+                            source_token=token)
+        status = job.wait(progress=False)
+        with connect(zstd_site.location, token) as there:
+            assert there.plan(LCLS2_EXP, SMALL_RUN).schema.metadata[b"lclstream.compression"] \
+                == b"zstd"
+            theirs = there.read(LCLS2_EXP, SMALL_RUN)
+        same_table(at_b.read(MIRROR_EXP, status["run"]), theirs, status["run"])
+    finally:
+        zstd_site.server.shutdown()
