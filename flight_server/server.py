@@ -153,12 +153,13 @@ class LclstreamServer(flight.FlightServerBase):
                                       self.read_pool, settings.partition_bytes)
         self.jobs = JobService(settings, self.catalog, self.live, self.security.minter,
                                self.sizing)
-        self.node = _cluster_node(settings)  # a cluster's: its keys checked before serving
+        self.node: Node | None = None
         self.metrics.watch_live(self.live.census)
         self.metrics.watch_jobs(self.jobs.store.counts)
         self.jobs.store.on_final = lambda job: self.metrics.job_finished(
             job.state, job.started, job.created, job.finished)
         try:
+            self.node = _cluster_node(settings)  # a cluster's: its keys checked before serving
             if settings.metrics_port is not None:  # /healthz says "starting" until jobs resume
                 tls = (settings.tls_cert, settings.tls_key) if settings.tls_key else None
                 self.metrics_server = MetricsServer(self.metrics, settings.host,

@@ -49,8 +49,8 @@ SCHEMA_LOCK = 0x6C63_6C73  # the advisory lock taken while the tables are made
 FENCE_AT = 0.6  # of node_timeout_s without a heartbeat: the node lets go of its live streams
 
 
-class ClusterError(RuntimeError):
-    """This node cannot join the cluster; the message says why and what to do."""
+class ClusterError(ValueError):
+    """This node cannot join the cluster as configured; the message says why and what to do."""
 
 
 class StateUnavailable(flight.FlightUnavailableError):

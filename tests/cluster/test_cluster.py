@@ -35,6 +35,7 @@ from tests.helpers import (
     free_port,
     indices,
     interrupt,
+    run_cli,
     start_server,
     wait_for_location,
 )
@@ -332,3 +333,9 @@ def test_nodes_started_together_make_the_state_once(postgres) -> None:
     for t in starting:
         t.join()
     assert errors == []
+
+
+def test_the_command_line_says_what_a_cluster_node_lacks(cluster_data) -> None:
+    done = run_cli("serve", "--data", str(cluster_data), "--port", "0", "--cluster")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "error: a cluster node needs the shared state: --state-url" in done.stderr
