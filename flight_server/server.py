@@ -27,6 +27,7 @@ from flight_server.archive.service import ArchiveService
 from flight_server.catalog import Catalog
 from flight_server.cluster import placement
 from flight_server.cluster.state import ClusterError, ClusterState, Node
+from flight_server.cluster.users import UsersTable
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument
 from flight_server.jobs.service import ACTIONS as JOB_ACTIONS
@@ -160,6 +161,10 @@ class LclstreamServer(flight.FlightServerBase):
             job.state, job.started, job.created, job.finished)
         try:
             self.node = _cluster_node(settings)  # a cluster's: its keys checked before serving
+            if self.node is not None and self.security.middleware.users is not None:
+                users = UsersTable(self.node.state)  # password logins: the cluster's users
+                users.adopt(settings.users_path())
+                self.security.middleware.users = users
             if settings.metrics_port is not None:  # /healthz says "starting" until jobs resume
                 tls = (settings.tls_cert, settings.tls_key) if settings.tls_key else None
                 self.metrics_server = MetricsServer(self.metrics, settings.host,

@@ -72,28 +72,38 @@ def cmd_token_narrow(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_user_add(args: argparse.Namespace) -> int:
+def _users(args: argparse.Namespace):
+    """The users file of a single server, or a cluster's users (its --state-url)."""
+    settings = config.load(args.config, {"data": args.data, "state_dir": args.state_dir,
+                                         "state_url": args.state_url})
+    if settings.state_url:
+        from flight_server.cluster.state import ClusterState
+        from flight_server.cluster.users import UsersTable
+
+        state = ClusterState(settings.state_url)
+        state.create()
+        return UsersTable(state)
     from flight_server.security.users import UsersFile
 
-    users = UsersFile(_settings(args).users_path())
+    return UsersFile(settings.users_path())
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    users = _users(args)
     users.add(args.name, _read_password(args, confirm=True), _grants(args))
     print(f"user '{args.name}' saved in {users.path} (grants: {_grants(args).describe()})")
     return 0
 
 
 def cmd_user_remove(args: argparse.Namespace) -> int:
-    from flight_server.security.users import UsersFile
-
-    users = UsersFile(_settings(args).users_path())
+    users = _users(args)
     users.remove(args.name)
     print(f"user '{args.name}' removed from {users.path}")
     return 0
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    from flight_server.security.users import UsersFile
-
-    for user in UsersFile(_settings(args).users_path()).users().values():
+    for user in _users(args).users().values():
         print(f"{user.name}\t{user.grants.describe()}")
     return 0
 
@@ -145,6 +155,12 @@ def _server_state_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="the server's TOML settings file")
 
 
+def _user_options(p: argparse.ArgumentParser) -> None:
+    _server_state_options(p)
+    p.add_argument("--state-url", metavar="URL", help="a cluster's shared state "
+                   "(postgresql://...): its users, rather than the state dir's users.json")
+
+
 def _grant_options(p: argparse.ArgumentParser) -> None:
     for right, what in (("read", "read"), ("write", "push live data to"),
                         ("admin", "administer (implies read and write)")):
@@ -185,14 +201,14 @@ def register(sub: argparse._SubParsersAction, client_arguments) -> None:
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from standard input instead of prompting")
     _grant_options(add)
-    _server_state_options(add)
+    _user_options(add)
     add.set_defaults(func=cmd_user_add)
     remove = usub.add_parser("remove", help="remove a user")
     remove.add_argument("name")
-    _server_state_options(remove)
+    _user_options(remove)
     remove.set_defaults(func=cmd_user_remove)
     lst = usub.add_parser("list", help="list users and their grants")
-    _server_state_options(lst)
+    _user_options(lst)
     lst.set_defaults(func=cmd_user_list)
 
     login = sub.add_parser("login", help="log in with a password; keeps the token in the keyring")

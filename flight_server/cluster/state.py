@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS lclstream_streams (
     owner TEXT NOT NULL,
     PRIMARY KEY (experiment, stream)
 );
+CREATE TABLE IF NOT EXISTS lclstream_users (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL,
+    grants TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS lclstream_keys (
     name TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -67,6 +72,10 @@ class ClusterState:
         self.url = url
         self._lock = threading.Lock()
         self._con: psycopg.Connection | None = None
+
+    def describe(self) -> str:
+        """Where the state is, without a password."""
+        return _redacted(self.url)
 
     def _connection(self) -> psycopg.Connection:
         if self._con is None or self._con.closed or self._con.broken:
@@ -203,7 +212,7 @@ class Node:
         try:
             yield
         except psycopg.Error as exc:
-            raise ClusterError(f"cannot reach the cluster state at {_redacted(self.state.url)}: "
+            raise ClusterError(f"cannot reach the cluster state at {self.state.describe()}: "
                                f"{str(exc).strip()}") from None
 
     def _refresh(self) -> None:

@@ -22,7 +22,7 @@ from flight_server.metrics import Metrics, method_name
 from flight_server.security.audit import AuditLog
 from flight_server.security.policy import ANONYMOUS, Identity, Unauthenticated
 from flight_server.security.tokens import TokenMinter, TokenVerifier
-from flight_server.security.users import LoginThrottle, UsersFile
+from flight_server.security.users import LoginThrottle, Users
 
 MAX_AUTHORIZATION_BYTES = 6144  # under gRPC's 8 KiB for all headers; IdP tokens reach ~4 KiB
 MIDDLEWARE_KEY = "auth"
@@ -126,7 +126,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Authenticates every call; `None` as verifier means --no-auth (everyone is anonymous)."""
 
     def __init__(self, audit: AuditLog, verifier: TokenVerifier | None = None,
-                 minter: TokenMinter | None = None, users: UsersFile | None = None,
+                 minter: TokenMinter | None = None, users: Users | None = None,
                  throttle: LoginThrottle | None = None) -> None:
         self.audit = audit
         self.verifier = verifier

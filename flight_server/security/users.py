@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from flight_server.security.grants import Grants
 from flight_server.security.keys import ensure_dir, write_private
@@ -55,7 +56,7 @@ def check_password(password: str, stored: str) -> bool:
 
 
 # Checked against when the user does not exist, so both paths cost one scrypt.
-_DUMMY_HASH = hash_password(secrets.token_hex(16))
+DUMMY_HASH = hash_password(secrets.token_hex(16))
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,14 @@ class User:
     name: str
     hash: str
     grants: Grants
+
+
+class Users(Protocol):
+    """Where password-login users are kept: this file, or a cluster's state (cluster/users)."""
+
+    def exists(self) -> bool: ...
+
+    def verify(self, name: str, password: str) -> User | None: ...
 
 
 class UsersFile:
@@ -96,7 +105,7 @@ class UsersFile:
     def verify(self, name: str, password: str) -> User | None:
         """The user when the password matches, else None; constant work either way."""
         user = self.users().get(name)
-        ok = check_password(password, user.hash if user else _DUMMY_HASH)
+        ok = check_password(password, user.hash if user else DUMMY_HASH)
         return user if ok and user else None
 
     # -- editing (the CLI) -------------------------------------------------------------------

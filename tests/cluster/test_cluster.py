@@ -24,7 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients import connect
 from clients.client import EndpointReader
 from flight_server.cluster.state import ClusterError, ClusterState
+from flight_server.cluster.users import UsersTable
 from flight_server.generator import generate_lcls2_run
+from flight_server.security.grants import Grants
+from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
 from tests.cluster.postgres import Postgres
 from tests.helpers import (
@@ -339,3 +342,41 @@ def test_the_command_line_says_what_a_cluster_node_lacks(cluster_data) -> None:
     done = run_cli("serve", "--data", str(cluster_data), "--port", "0", "--cluster")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "error: a cluster node needs the shared state: --state-url" in done.stderr
+
+
+def test_password_users_are_the_clusters(three, postgres) -> None:
+    """Users kept in the cluster's state: added once (`lclstream user add --state-url`), any
+    node logs them in; removed once, no node does."""
+    added = run_cli("user", "add", "carol", "--read", LCLS2_EXP, "--password-stdin",
+                    "--state-url", postgres.url, input="correct horse battery\n")
+    assert added.returncode == 0, added.stderr
+    assert "the cluster's state (postgresql://lclstream@127.0.0.1" in added.stdout
+    listed = run_cli("user", "list", "--state-url", postgres.url)
+    assert f"carol\tread {LCLS2_EXP}" in listed.stdout
+    for n in three:
+        c = flight.connect(location(n))
+        _, bearer = c.authenticate_basic_token("carol", "correct horse battery")
+        options = flight.FlightCallOptions(headers=[(b"authorization", bearer)])
+        [answer] = c.do_action(flight.Action("whoami", b""), options)
+        assert json.loads(answer.body.to_pybytes())["subject"] == "carol"
+        c.close()
+    assert run_cli("user", "remove", "carol", "--state-url", postgres.url).returncode == 0
+    c = flight.connect(location(three[2]))
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        c.authenticate_basic_token("carol", "correct horse battery")
+    c.close()
+
+
+def test_a_clusters_first_node_takes_the_users_file_in(postgres, tmp_path) -> None:
+    with psycopg.connect(postgres.url, autocommit=True) as con:
+        con.execute("CREATE DATABASE adopt")
+    state = ClusterState(postgres.url.rsplit("/", 1)[0] + "/adopt")
+    state.create()
+    single = UsersFile(tmp_path / "users.json")
+    single.add("dave", "a long password", Grants(read=(LCLS2_EXP,)))
+    table = UsersTable(state)
+    assert table.adopt(single.path) == 1
+    assert table.verify("dave", "a long password").grants == Grants(read=(LCLS2_EXP,))
+    single.add("erin", "another long one", Grants())
+    assert table.adopt(single.path) == 0  # once: the cluster's users are its own from then on
+    assert table.verify("erin", "another long one") is None
