@@ -85,6 +85,17 @@ def wait_until(check, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def first_events(subscription, n: int) -> list[int]:
+    """The indices of the first `n` events a subscription delivers."""
+    got: list[int] = []
+    with subscription as sub:
+        for batch in sub:
+            got += indices([batch])
+            if len(got) >= n:
+                return got
+    return got
+
+
 def location(server: LclstreamServer) -> str:
     return f"grpc://127.0.0.1:{server.port}"
 
@@ -220,13 +231,7 @@ def test_a_live_stream_is_served_by_its_owner_and_clients_follow(three) -> None:
             second.send(events(10))
             second.flush()
             assert second._flight is at_c._nodes[b], (list(at_c._nodes), b)
-        got = []
-        with at_a.subscribe(LCLS2_EXP, "daq") as sub:  # follows to b
-            for batch in sub:
-                got += indices([batch])
-                if len(got) >= 20:
-                    break
-        assert got == list(range(20))
+        assert first_events(at_a.subscribe(LCLS2_EXP, "daq"), 20) == list(range(20))  # via b
         assert [s["stream"] for s in at_b.streams()] == ["daq"]
         assert at_a.streams() == [] and at_c.streams() == []  # each lists what it owns
         with pytest.raises(pa.ArrowNotImplementedError, match="jobs are not shared"):
@@ -249,13 +254,7 @@ def test_when_the_owner_goes_another_node_takes_the_stream_on(three, cluster_dat
         via_a.send(events(20), seq=3)  # back home, which takes the stream on from disk
         via_a.close()
         assert [s["stream"] for s in at_a.streams()] == ["handover"]
-        with at_a.subscribe(LCLS2_EXP, "handover") as sub:
-            got = []
-            for batch in sub:
-                got += indices([batch])
-                if len(got) >= 30:
-                    break
-        assert got == list(range(30))
+        assert first_events(at_a.subscribe(LCLS2_EXP, "handover"), 30) == list(range(30))
     three[1] = node(cluster_data, postgres)  # for the fixture's teardown
 
 
@@ -282,13 +281,7 @@ def test_without_the_state_no_stream_changes_owner(three, postgres) -> None:
             postgres.start()
         producer.send(events(20), seq=3)  # waits for the state, then goes on
         producer.close()
-        with at_a.subscribe(LCLS2_EXP, "kept") as sub:
-            got = []
-            for batch in sub:
-                got += indices([batch])
-                if len(got) >= 30:
-                    break
-        assert got == list(range(30))
+        assert first_events(at_a.subscribe(LCLS2_EXP, "kept"), 30) == list(range(30))
 
 
 def test_metrics_count_the_nodes_alive(cluster_data, postgres) -> None:
