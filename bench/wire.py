@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import inspect
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +81,7 @@ from bench.common import (
     verdict_line,
     warm_cache,
 )
+from tests.wire import CountingRelay  # the tests' relay: counts bytes, cuts connections
 
 NAME = "wire"
 LINK_RATE = "1gbit"
@@ -252,138 +251,6 @@ def compression_label(client: Any, experiment: str, runs: Any, columns: list[str
     return (info.schema.metadata or {}).get(COMPRESSION_KEY, b"?").decode()
 
 
-# -- a counting relay (the idea of tests/wire.py's, copied: the bench does not import tests) -----
-
-
-class CountingRelay:
-    """Listens on a free loopback port and relays each connection to `target`, counting the bytes
-    each way; `arm(n)` has it cut the connection carrying the n-th byte towards the client from
-    then on (once), as a flaky wide-area link does, mid-message. Bytes move by splice(2) through
-    a pipe (the kernel copies them; the pump threads wait and copy without the GIL), yet a 1 GiB
-    DoGet through it on a 2-core machine took about 1.5x its time direct: compare reads that all
-    go through it. Its peer, for the server, is loopback."""
-
-    CHUNK = 1 << 20
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.to_client = 0
-        self.to_server = 0
-        self.cuts = 0
-        self.cut_time: float | None = None  # perf_counter of the last cut
-        self.resumed_time: float | None = None  # first byte towards the client after it
-        self._cut_left: int | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
-
-    @property
-    def location(self) -> str:
-        return f"grpc://127.0.0.1:{self.port}"
-
-    def downstream(self) -> int:
-        with self._lock:
-            return self.to_client
-
-    def arm(self, cut_after: int) -> None:
-        with self._lock:
-            self._cut_left = max(1, cut_after)
-            self.cut_time = self.resumed_time = None
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._cut_left = None
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.target)
-            except OSError:
-                if self._closed:
-                    return
-                continue
-            for s in (client, server):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._sockets += [client, server]
-            for src, dst, down in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(src, dst, down), daemon=True,
-                                 name="relay-pump").start()
-
-    def _count(self, n: int, down: bool) -> bool:
-        """Count n bytes moved; True when they end at the armed cut."""
-        with self._lock:
-            if not down:
-                self.to_server += n
-                return False
-            self.to_client += n
-            if self.cut_time is not None and self.resumed_time is None:
-                self.resumed_time = time.perf_counter()
-            if self._cut_left is None:
-                return False
-            self._cut_left -= n
-            if self._cut_left > 0:
-                return False
-            self._cut_left = None
-            self.cuts += 1
-            self.cut_time = time.perf_counter()
-            return True
-
-    def _want(self, down: bool) -> int:
-        with self._lock:
-            left = self._cut_left if down else None
-        return self.CHUNK if left is None else min(self.CHUNK, left)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
-        splice = getattr(os, "splice", None)
-        pipe = os.pipe() if splice is not None else None
-        buf = memoryview(bytearray(self.CHUNK))
-        try:
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(pipe[1], 1031, self.CHUNK)  # F_SETPIPE_SZ
-            while True:
-                want = self._want(down)
-                if pipe is not None:
-                    n = splice(src.fileno(), pipe[1], want)
-                    moved = 0
-                    while moved < n:
-                        moved += splice(pipe[0], dst.fileno(), n - moved)
-                else:
-                    n = src.recv_into(buf, want)
-                    dst.sendall(buf[:n])
-                if n == 0 or self._count(n, down):
-                    break
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            if pipe is not None:
-                for fd in pipe:
-                    os.close(fd)
-
-    def close(self) -> None:
-        self._closed = True
-        self.listener.close()
-        with self._lock:
-            for s in self._sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def __enter__(self) -> CountingRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 # -- the shaped link: two network namespaces' worth of veth ---------------------------------------
 
 
@@ -529,7 +396,7 @@ def link_or_relay() -> Iterator[tuple[ServerProcess, str, Callable[[], int], str
                            token=bench_token())
     with server:
         port = int(server.location.rsplit(":", 1)[1])
-        with CountingRelay(("127.0.0.1", port)) as relay:
+        with CountingRelay(port) as relay:
             yield server, relay.location, relay.downstream, \
                 "counting relay on loopback, no rate limit; wire bytes counted by the relay"
 
@@ -678,7 +545,7 @@ def resume(args: argparse.Namespace) -> list[Result]:
     warm_cache(br.path)
     with (
         our_server("lclstream-wire-resume", partition_bytes=HUGE_PARTITION) as server,
-        CountingRelay(("127.0.0.1", int(server.location.rsplit(":", 1)[1]))) as relay,
+        CountingRelay(int(server.location.rsplit(":", 1)[1])) as relay,
     ):
         proc = ClientProcess("wire-resume-client", client_setup, relay.location,
                              server.token).ready()
