@@ -152,15 +152,17 @@ class LclstreamServer(flight.FlightServerBase):
                                 self.security.seal, self.sizing, owner)
         self.archive = ArchiveService(self.catalog, self.security.seal, self.sizing,
                                       self.read_pool, settings.partition_bytes)
-        self.jobs = JobService(settings, self.catalog, self.live, self.security.minter,
-                               self.sizing)
         self.node: Node | None = None
+        self.jobs: JobService | None = None
         self.metrics.watch_live(self.live.census)
-        self.metrics.watch_jobs(self.jobs.store.counts)
-        self.jobs.store.on_final = lambda job: self.metrics.job_finished(
-            job.state, job.started, job.created, job.finished)
         try:
             self.node = _cluster_node(settings)  # a cluster's: its keys checked before serving
+            # (a cluster's job table is in the state the node has just reached)
+            self.jobs = JobService(settings, self.catalog, self.live, self.security.minter,
+                                   self.sizing)
+            self.metrics.watch_jobs(self.jobs.store.counts)
+            self.jobs.store.on_final = lambda job: self.metrics.job_finished(
+                job.state, job.started, job.created, job.finished)
             if self.node is not None and self.security.middleware.users is not None:
                 users = UsersTable(self.node.state)  # password logins: the cluster's users
                 users.adopt(settings.users_path())
@@ -182,16 +184,23 @@ class LclstreamServer(flight.FlightServerBase):
                     super().shutdown()  # bound already: release the port too
                     raise
                 self.archive.locate = self._locate
-                self.node.on_fenced = self.live.streams.release_all
+                self.node.on_fenced = self._fenced
                 self.metrics.watch_cluster(lambda: len(self.node.alive()),
                                            lambda: self.node.state_ok)
-            else:  # jobs are not shared between a cluster's nodes (yet): none run there
-                # Jobs a restart interrupted resume now: their workers can reach the server.
+                # the jobs of every node, this one's included, on the scheduler they share
+                self.jobs.start(self.node.location, self.node.id, settings.node_timeout_s)
+            else:  # Jobs a restart interrupted resume now: their workers can reach the server.
                 self.jobs.start(own)
             self.metrics.serving()
         except BaseException:  # the port is taken, say: release what was built
             self._close_services()
             raise
+
+    def _fenced(self) -> None:
+        """The state has been out of reach for long enough that the other nodes may count this
+        one dead: let go of its jobs and live streams before they take them on."""
+        self.jobs.abandon()
+        self.live.streams.release_all()
 
     def _locate(self, partitions: list[str]) -> list[list[str]]:
         """The nodes that serve each partition of a plan: first, then a fallback."""
@@ -201,7 +210,8 @@ class LclstreamServer(flight.FlightServerBase):
         if self.node is not None:
             self.node.leave()  # out of every new plan at once
         self.metrics.stopping()  # /healthz answers 503: load balancers send no new calls
-        self.jobs.stop()  # running jobs stay running in the table: the next start resumes them
+        if self.jobs is not None:
+            self.jobs.stop()  # running jobs stay running in the table: the next start resumes them
         self.live.stop()  # live calls end (clients resume elsewhere), else gRPC waits for them
         super().shutdown()
         self._close_services()
@@ -209,7 +219,8 @@ class LclstreamServer(flight.FlightServerBase):
     def _close_services(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
-        self.jobs.close()
+        if self.jobs is not None:
+            self.jobs.close()
         self.live.close()
         self.sql.close()
         self.read_pool.shutdown(wait=True, cancel_futures=True)

@@ -75,7 +75,7 @@ class ClusterState:
 
     def describe(self) -> str:
         """Where the state is, without a password."""
-        return _redacted(self.url)
+        return redacted(self.url)
 
     def _connection(self) -> psycopg.Connection:
         if self._con is None or self._con.closed or self._con.broken:
@@ -276,7 +276,7 @@ class Node:
         self.state.close()
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL without a password."""
     head, at, tail = url.rpartition("@")
     if not at:

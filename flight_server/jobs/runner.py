@@ -5,6 +5,13 @@ One thread makes every decision; Dask's callbacks only tell it that a task ended
 writes through the live stream's admission check (`admit`): only the producer of the job's
 current attempt, only into its stream, only while it runs. Cancelling closes that gate and
 fences the stream, so nothing is stored after `cancel` returns.
+
+In a cluster every node runs such a queue over the shared job table, on the one Dask scheduler
+the nodes share. A node starts a job only once it owns the job's stream (so the gate that
+admits the job's batches is its own), and claims the job in the same transaction that checks it
+is still queued: a job starts once. A cancel asked of another node is recorded in the table;
+the node running the job stops it within a second. A node that stops heartbeating has its
+running jobs queued again by the others, to resume after what their streams hold.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,11 +30,12 @@ import pyarrow.flight as flight
 
 from flight_server.archive import planning
 from flight_server.catalog import Catalog
+from flight_server.cluster.state import StateUnavailable
 from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound
 from flight_server.jobs import mirror, tasks
 from flight_server.jobs.engine import Engine, EngineUnavailable
-from flight_server.jobs.store import Job, JobStore
+from flight_server.jobs.store import InvalidTransition, Job, JobStore
 from flight_server.live.service import LiveService
 from flight_server.security.grants import Grants
 from flight_server.security.policy import Forbidden, Identity
@@ -40,6 +49,8 @@ log = logging.getLogger(__name__)
 
 JOB_TOKEN_TTL_S = 7 * 24 * 3600  # a bound; the token works only while its job runs anyway
 IDLE_WAKE_S = 1.0
+QUEUE_LOOKAHEAD = 100  # queued jobs a cluster node looks through for those it may start
+CANCEL_WAIT_S = 5.0  # beyond a node timeout: how long a cancel waits for another node to stop
 
 
 class MirrorSourceError(RuntimeError):
@@ -62,9 +73,10 @@ class Attempt:
     bytes: int
     writes: list[Any] = field(default_factory=list)  # the write tasks' futures, in order
     futures: list[Any] = field(default_factory=list)  # every future of the attempt
-    written: int = 0
+    settled: set[str] = field(default_factory=set)  # keys of the write tasks accounted for
     seen: int = 0  # the highest seq a worker has sent: progress within a partition
     cancelling: bool = False
+    run: int | None = None  # the run its stream became, once it has
 
     @property
     def number(self) -> int:
@@ -93,6 +105,8 @@ class Runner:
         self.credentials = credentials
         self.data = str(settings.data.resolve())
         self.location: str | None = None
+        self.node: str | None = None  # this cluster node's id (None: one server)
+        self.node_timeout_s = 0.0
         self.tls_roots = self._tls_roots(settings)
         self.tls_identity = self._tls_identity(settings)
         self._lock = threading.RLock()  # the decisions: starting, settling, cancelling
@@ -121,10 +135,15 @@ class Runner:
 
     # -- life --------------------------------------------------------------------------------
 
-    def start(self, server_location: str) -> None:
-        """Begin taking jobs; `server_location` is where this server listens."""
+    def start(self, server_location: str, node: str | None = None,
+              node_timeout_s: float = 0.0) -> None:
+        """Begin taking jobs; `server_location` is where this server listens. `node`: this
+        cluster node's id; its queue then also recovers the jobs of nodes gone silent for
+        `node_timeout_s`, all along rather than once at start."""
         self.location = self.settings.job_server_location or _reachable(server_location)
-        self._recover()
+        self.node, self.node_timeout_s = node, node_timeout_s
+        if node is None:
+            self._recover()
         self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
         self._thread.start()
 
@@ -145,13 +164,27 @@ class Runner:
         """Jobs the last server left running: cancelled if their owner asked, else queued
         again, to resume after the events their stream holds."""
         for job in self.store.in_state(RUNNING):
-            if job.cancel_requested:
-                self.store.transition(job.id, CANCELLED, "cancelled: the server stopped while "
-                                      "the job was being cancelled")
-                continue
-            done = self._resume_at(job)
-            self.store.transition(job.id, QUEUED, f"the server restarted; the job resumes "
-                                  f"after the {done} source events its stream holds")
+            self._requeue(job, "the server restarted")
+
+    def _requeue(self, job: Job, why: str, expect_node: str | None = None) -> None:
+        if job.cancel_requested:
+            self.store.transition(job.id, CANCELLED, f"cancelled: {why} while the job was "
+                                  "being cancelled", expect=RUNNING, expect_node=expect_node)
+            return
+        done = max(job.events, self._stream_holds(job) or 0)
+        self.store.transition(job.id, QUEUED, f"{why}; the job resumes after the {done} source "
+                              "events its stream holds", expect=RUNNING,
+                              expect_node=expect_node)
+
+    def _stream_holds(self, job: Job) -> int | None:
+        """How far the job's stream holds its results; None where another node owns the
+        stream (the job's progress in the table says, then)."""
+        try:
+            if self.live.claim(job.spec.experiment, job.spec.stream) is not None:
+                return None
+        except StateUnavailable:
+            return None
+        return self._resume_at(job)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -160,12 +193,41 @@ class Runner:
             try:
                 while True:
                     try:
-                        self._settle(*self._ended.get_nowait())
+                        ended = self._ended.get_nowait()
                     except queue.Empty:
                         break
+                    try:
+                        self._settle(*ended)
+                    except StateUnavailable:
+                        self._ended.put(ended)  # recorded once the state is back
+                        raise
+                if self.node is not None:
+                    self._cluster_duties()
                 self._start_queued()
+            except StateUnavailable as exc:
+                self.waiting = str(exc)
+                log.warning("jobs: %s", exc)
             except Exception:  # a bug here must not stop the queue for everyone
                 log.exception("jobs: the queue loop failed; it goes on")
+
+    def _cluster_duties(self) -> None:
+        """Stop the jobs here that another node was asked to cancel; queue again the jobs of
+        nodes gone silent (and those this node let go of when it lost the state)."""
+        with self._lock:
+            for job_id, who in self.store.cancels_for(self.node):
+                if job_id in self._running:
+                    self._cancel_running(job_id, who)
+            for job in self.store.orphans(self.node, self.node_timeout_s):
+                if job.id in self._running:
+                    continue
+                gone = ("this node lost the cluster's state" if job.node == self.node else
+                        f"node {job.node} stopped heartbeating")
+                try:
+                    self._requeue(job, gone, expect_node=job.node)
+                except InvalidTransition:
+                    pass  # another node got there first
+                else:
+                    log.info("job %s: %s; queued again", job.id, gone)
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -174,7 +236,8 @@ class Runner:
             room = self.settings.jobs_running - len(self._running)
             if room <= 0:
                 return
-            queued = self.store.in_state(QUEUED, room)
+            # one server starts the oldest; a cluster node those whose streams it may own
+            queued = self.store.in_state(QUEUED, room if self.node is None else QUEUE_LOOKAHEAD)
             if not queued:
                 self.waiting = None
                 return
@@ -185,18 +248,37 @@ class Runner:
                 return
             self.waiting = None
             for job in queued:
+                if room <= 0:
+                    break
                 if job.cancel_requested:
-                    self.store.transition(job.id, CANCELLED, "cancelled before it started")
+                    self._settle_cancelled(job)
                     continue
+                if self.live.claim(job.spec.experiment, job.spec.stream) is not None:
+                    continue  # its stream's owner starts it
+                room -= 1
                 try:
                     self._launch(client, job)
+                except InvalidTransition:  # another node started or cancelled it first
+                    self._running.pop(job.id, None)
                 except (InvalidArgument, NotFound, MirrorSourceError, flight.FlightError,
                         pa.ArrowException, OSError) as exc:
-                    self._running.pop(job.id, None)
-                    state = self.store.get(job.id, None).state
-                    if state == RUNNING or state == QUEUED:
+                    if isinstance(exc, StateUnavailable):
+                        raise
+                    attempt = self._running.pop(job.id, None)
+                    expect = QUEUED if attempt is None else RUNNING
+                    try:
                         self.store.transition(job.id, FAILED, "it could not start",
-                                              error=_describe(exc))
+                                              error=_describe(exc), expect=expect,
+                                              expect_node=None if attempt is None else self.node)
+                    except InvalidTransition:
+                        pass  # cancelled meanwhile, or another node's now
+
+    def _settle_cancelled(self, job: Job) -> None:
+        try:
+            self.store.transition(job.id, CANCELLED, "cancelled before it started",
+                                  expect=QUEUED)
+        except InvalidTransition:
+            pass  # another node settled it
 
     def _resume_at(self, job: Job) -> int:
         """Source events done: as far as the stream holds the job's results (or the table
@@ -284,7 +366,8 @@ class Runner:
     def _begin(self, job: Job, why: str, done: int, total: int | None
                ) -> tuple[Attempt, tasks.Target]:
         """The job is running: its attempt, admitted from now on, and where its tasks write."""
-        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total)
+        job = self.store.transition(job.id, RUNNING, why, events=done, events_total=total,
+                                    node=self.node, expect=QUEUED)
         attempt = Attempt(job, f"{producer_prefix(job.id)}{job.attempt}", total, done,
                           job.bytes)
         self._running[job.id] = attempt  # the gate opens before any worker can write
@@ -337,12 +420,14 @@ class Runner:
                 return  # an earlier attempt's task, or one cancelled with its job
             status = future.status
             if status == "finished":
-                written: tasks.Written = future.result()
-                attempt.done = max(attempt.done, written.ordinal)
-                attempt.bytes += written.bytes
-                attempt.written += 1
-                self.store.progress(job_id, attempt.done, attempt.bytes)
-                if attempt.written == len(attempt.writes):
+                if future.key not in attempt.settled:  # (a retry, after the state was away)
+                    written: tasks.Written = future.result()
+                    done = max(attempt.done, written.ordinal)
+                    nbytes = attempt.bytes + written.bytes
+                    self.store.progress(job_id, done, nbytes)
+                    attempt.done, attempt.bytes = done, nbytes
+                    attempt.settled.add(future.key)
+                if len(attempt.settled) == len(attempt.writes):
                     self._complete(attempt)
             elif status == "error":
                 self._fail(attempt, _describe(future.exception()))
@@ -361,9 +446,11 @@ class Runner:
         elif spec.origin is not None:
             why += "; the copy's digest equals the source's"
         try:
-            if spec.end_run and self.live.has_events(spec.experiment, spec.stream):
-                ended = self._end_stream(spec)
-                run = ended["run"]
+            if spec.end_run and attempt.run is None and self.live.has_events(
+                    spec.experiment, spec.stream):
+                attempt.run = self._end_stream(spec)["run"]
+            if attempt.run is not None:
+                run = attempt.run
                 why += f"; the stream became run {run} of {spec.experiment}"
             elif spec.end_run:
                 why += "; no event passed, so no run was made"
@@ -371,9 +458,10 @@ class Runner:
             self._fail(attempt, f"its results are in the stream, but ending the stream as a "
                                 f"run failed: {_describe(exc)}")
             return
+        # recorded first: without the state, the attempt stays here, to be completed later
+        self.store.transition(job.id, COMPLETED, why, run=run)
         del self._running[job.id]
         self._release(attempt)
-        self.store.transition(job.id, COMPLETED, why, run=run)
         log.info("job %s: completed (%s)", job.id, why)
 
     def _end_stream(self, spec: JobSpec) -> dict[str, Any]:
@@ -387,10 +475,11 @@ class Runner:
         return self.live.end_stream(spec.experiment, spec.stream)
 
     def _fail(self, attempt: Attempt, error: str) -> None:
-        self._stop_tasks(attempt)
-        del self._running[attempt.job.id]
+        # recorded first: without the state, the attempt stays as it is, to fail later
         self.store.transition(attempt.job.id, FAILED, "a task failed after its retries",
                               error=error)
+        self._stop_tasks(attempt)
+        del self._running[attempt.job.id]
         log.warning("job %s failed: %s", attempt.job.id, error)
 
     def _stop_tasks(self, attempt: Attempt) -> None:
@@ -411,22 +500,59 @@ class Runner:
     # -- what the service asks ---------------------------------------------------------------
 
     def cancel(self, job_id: str, who: str) -> None:
-        """Stop the job; once this returns, its stream takes nothing more from it."""
+        """Stop the job; once this returns, its stream takes nothing more from it. In a
+        cluster, a job another node runs is stopped there: this waits until it has been (or
+        until the others have found that node dead and settled the job)."""
         with self._lock:
             job = self.store.get(job_id, None)
             if job is None or job.state not in (QUEUED, RUNNING):
                 return
-            self.store.request_cancel(job_id)
-            attempt = self._running.get(job_id)
-            if attempt is not None:
-                self._stop_tasks(attempt)
-                del self._running[job_id]
-                why = (f"cancelled by {who} after {attempt.progress} of {attempt.total} source "
-                       "events")
-            else:
-                why = f"cancelled by {who} while queued"
-            self.store.transition(job_id, CANCELLED, why)
+            self.store.request_cancel(job_id, who)
+            if job_id in self._running:
+                self._cancel_running(job_id, who)
+                return
+            try:
+                self.store.transition(job_id, CANCELLED, f"cancelled by {who} while queued",
+                                      expect=QUEUED)
+                return
+            except InvalidTransition:
+                pass  # running on another node
+        deadline = time.monotonic() + self.node_timeout_s + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            job = self.store.get(job_id, None)
+            if job.state not in (QUEUED, RUNNING):
+                return
+            if job.state == QUEUED:  # queued again meanwhile: it will not start
+                try:
+                    self.store.transition(job_id, CANCELLED, f"cancelled by {who} while "
+                                          "queued", expect=QUEUED)
+                    return
+                except InvalidTransition:
+                    pass
+            time.sleep(0.05)
+        raise StateUnavailable(f"job {job_id} runs on {job.node}, which has not stopped it "
+                               f"yet; the cancel is recorded, and the job stops there (or is "
+                               "cancelled once that node is found dead)")
+
+    def _cancel_running(self, job_id: str, who: str) -> None:
+        attempt = self._running[job_id]
+        self._stop_tasks(attempt)
+        self.store.transition(job_id, CANCELLED, f"cancelled by {who} after "
+                              f"{attempt.progress} of {attempt.total} source events")
+        del self._running[job_id]
         self._wake.set()
+
+    def abandon(self) -> None:
+        """Let every running job go without recording it (the state is out of reach): their
+        tasks stop and their batches are refused here; the node that finds them orphaned
+        (this one, once the state is back) queues them again."""
+        with self._lock:
+            for attempt in list(self._running.values()):
+                self._stop_tasks(attempt)
+            abandoned, self._running = list(self._running), {}
+        if abandoned:
+            log.warning("jobs: let go of %d running jobs: %s", len(abandoned),
+                        ", ".join(abandoned))
 
     def live_progress(self, job_id: str) -> int | None:
         attempt = self._running.get(job_id)

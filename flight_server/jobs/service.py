@@ -20,7 +20,8 @@ from flight_server.config import Settings
 from flight_server.errors import InvalidArgument, NotFound, Unsupported
 from flight_server.jobs.engine import Engine
 from flight_server.jobs.runner import Runner
-from flight_server.jobs.store import Job, JobStore
+from flight_server.jobs.shared_store import SharedJobStore
+from flight_server.jobs.store import Job, JobStore, LocalJobStore
 from flight_server.live.service import LiveService
 from flight_server.security import keys
 from flight_server.security.middleware import CallRecord
@@ -40,8 +41,10 @@ ACTIONS = {
     "cancel": "JSON {job}: cancel a job; answers its status once it has stopped",
 }
 
-CLUSTER_REFUSAL = ("data-request jobs are not shared between the nodes of a cluster yet: "
-                   "submit them to a server started without --cluster")
+NO_SHARED_SCHEDULER = (
+    "this cluster runs no data-request jobs: its nodes share one Dask scheduler for them, and "
+    "this node was started without one; start every node with --dask-scheduler "
+    "tcp://HOST:8786 (README: Running a cluster)")
 ALL_JOBS = 1_000_000  # an admin's listing is filtered after reading: read them all
 
 
@@ -52,15 +55,29 @@ class JobService:
         self.catalog = catalog
         self.sizing = sizing
         self.live = live
-        self.store = JobStore(settings.jobs_path())
+        # a cluster's nodes share the job table, and run their jobs on one Dask scheduler
+        self.store: JobStore = (SharedJobStore(settings.state_url) if settings.cluster
+                                else LocalJobStore(settings.jobs_path()))
         self.engine = Engine(settings.dask_scheduler, settings.job_workers)
         self.credentials = CredentialSeal(keys.credential_key(settings.state_path()))
         self.runner = Runner(settings, self.store, self.engine, catalog, live, minter, sizing,
                              self.credentials)
         live.admit_job = self.runner.admit
 
-    def start(self, server_location: str) -> None:
-        self.runner.start(server_location)
+    @property
+    def runs(self) -> bool:
+        """Whether this server runs jobs: a cluster's node only with the shared scheduler."""
+        return not self.settings.cluster or self.settings.dask_scheduler is not None
+
+    def start(self, server_location: str, node: str | None = None,
+              node_timeout_s: float = 0.0) -> None:
+        """Take jobs; `node`: this cluster node's id (its jobs are recorded as its)."""
+        if self.runs:
+            self.runner.start(server_location, node, node_timeout_s)
+
+    def abandon(self) -> None:
+        """A cluster node that lost the state lets its jobs go (another node resumes them)."""
+        self.runner.abandon()
 
     def stop(self) -> None:
         self.runner.stop()
@@ -89,8 +106,8 @@ class JobService:
         return iter([json.dumps(answer).encode()])
 
     def _submit(self, call: CallRecord, body: bytes) -> dict[str, Any]:
-        if self.settings.cluster:
-            raise Unsupported(CLUSTER_REFUSAL)
+        if not self.runs:
+            raise Unsupported(NO_SHARED_SCHEDULER)
         spec = parse_submit(body)
         identity = call.identity
         if spec.origin is None:

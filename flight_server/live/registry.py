@@ -83,6 +83,11 @@ class LiveStreams:
         with self._lock:
             return self._streams.get((experiment, name)) or self._taken(experiment, name)
 
+    def claim(self, experiment: str, name: str) -> str | None:
+        """None once this node owns the stream (claimed if no living node does), else the
+        owner's location. One server owns every stream. StateUnavailable without the state."""
+        return None if self.owner is None else self.owner(experiment, name)
+
     def _taken(self, experiment: str, name: str, create: bool = False) -> Stream | None:
         """A cluster node's stream it has not opened yet: opened from disk (or created) once
         this node owns it; Elsewhere when another node does. Under the registry's lock."""

@@ -190,6 +190,11 @@ class LiveService:
                 f"{schema_difference(stream.schema, schema)}. Name a new stream, or ask for "
                 "the columns and processing the stream holds")
 
+    def claim(self, experiment: str, name: str) -> str | None:
+        """A job starts on the node that owns its stream: None if that is this one (claimed
+        now if no living node owns it), else the owner's location."""
+        return self.streams.claim(experiment, name)
+
     def last_seq(self, experiment: str, name: str, producers: Callable[[str], bool]
                  ) -> int | None:
         stream = self.streams.find(experiment, name)

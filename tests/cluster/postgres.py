@@ -5,6 +5,7 @@ the `postgres` system user when the tests run as root (PostgreSQL refuses to run
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ class Postgres:
         self.port = free_port()
         self.bin = _bindir()
         self.as_root = os.geteuid() == 0
+        self._databases = itertools.count()
 
     @property
     def url(self) -> str:
@@ -59,6 +61,13 @@ class Postgres:
                              autocommit=True) as con:
             con.execute("CREATE DATABASE lclstream")
         return self
+
+    def database(self) -> str:
+        """The URL of a new, empty database of this server: state no other test has seen."""
+        name = f"fresh{next(self._databases)}"
+        with psycopg.connect(self.url, autocommit=True) as con:
+            con.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",

@@ -6,7 +6,6 @@ keys are refused, and a restarted database costs nothing but state changes meanw
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -29,6 +28,7 @@ from flight_server.generator import generate_lcls2_run
 from flight_server.security.grants import Grants
 from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
+from tests.cluster.conftest import CLUSTER, location, wait_until
 from tests.cluster.postgres import Postgres
 from tests.helpers import (
     LCLS2_EXP,
@@ -44,16 +44,6 @@ from tests.helpers import (
 )
 
 RUN, EVENTS = 5, 600
-CLUSTER = {"cluster": True, "heartbeat_s": 0.2, "node_timeout_s": 1.5,
-           "partition_bytes": 512 << 10, "batch_bytes": 64 << 10,
-           "first_batch_bytes": 16 << 10}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    pg = Postgres().init()
-    yield pg
-    pg.remove()
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +68,6 @@ def three(cluster_data: Path, postgres: Postgres) -> Iterator[list[LclstreamServ
         n.shutdown()
 
 
-def wait_until(check, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def first_events(subscription, n: int) -> list[int]:
     """The indices of the first `n` events a subscription delivers."""
     got: list[int] = []
@@ -94,10 +77,6 @@ def first_events(subscription, n: int) -> list[int]:
             if len(got) >= n:
                 return got
     return got
-
-
-def location(server: LclstreamServer) -> str:
-    return f"grpc://127.0.0.1:{server.port}"
 
 
 def uris(endpoint: flight.FlightEndpoint) -> list[str]:
@@ -210,9 +189,7 @@ def test_a_cluster_node_needs_the_state_url(cluster_data) -> None:
 
 def serve(data: Path, pg: Postgres) -> tuple[subprocess.Popen, str]:
     env = cli_env(LCLSTREAM_HEARTBEAT_S="0.2", LCLSTREAM_NODE_TIMEOUT_S="1.5",
-                  LCLSTREAM_PARTITION_BYTES=str(512 << 10), LCLSTREAM_BATCH_BYTES=str(64 << 10),
-                  LCLSTREAM_JOBS_DATABASE=str(data.parent / f"jobs-{os.getpid()}-"
-                                              f"{free_port()}.sqlite"))
+                  LCLSTREAM_PARTITION_BYTES=str(512 << 10), LCLSTREAM_BATCH_BYTES=str(64 << 10))
     proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data), "--port", "0",
                              "--cluster", "--state-url", pg.url], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env)
@@ -234,7 +211,8 @@ def test_a_live_stream_is_served_by_its_owner_and_clients_follow(three) -> None:
         assert first_events(at_a.subscribe(LCLS2_EXP, "daq"), 20) == list(range(20))  # via b
         assert [s["stream"] for s in at_b.streams()] == ["daq"]
         assert at_a.streams() == [] and at_c.streams() == []  # each lists what it owns
-        with pytest.raises(pa.ArrowNotImplementedError, match="jobs are not shared"):
+        # started without a Dask scheduler to share, a cluster runs no jobs, and says so
+        with pytest.raises(pa.ArrowNotImplementedError, match="share one Dask scheduler"):
             at_a.submit(LCLS2_EXP, RUN, ["gmd/energy"], into=(LCLS2_EXP, "x"))
 
 

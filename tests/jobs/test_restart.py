@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from clients import connect
-from flight_server.jobs.store import JobStore
+from flight_server.jobs.store import LocalJobStore
 from schemas.jobs import RUNNING, parse_submit
 from tests.helpers import (
     LCLS2_EXP,
@@ -79,11 +79,11 @@ def test_a_killed_server_resumes_its_jobs_exactly_once(jobs_data: Path, tmp_path
 def test_a_job_being_cancelled_when_the_server_stopped_stays_cancelled(
         jobs_data: Path, tmp_path: Path) -> None:
     database = tmp_path / "jobs.sqlite"
-    store = JobStore(database)
+    store = LocalJobStore(database)
     spec = parse_submit(json.dumps(submit_body("gone")))
     job, _ = store.submit(("tester", "lclstream"), spec, limit=8)
     store.transition(job.id, RUNNING, "started")
-    store.request_cancel(job.id)  # the server died before the job had stopped
+    store.request_cancel(job.id, "alice")  # the server died before the job had stopped
     store.close()
     srv = start_server(jobs_data, jobs_database=database)
     try:

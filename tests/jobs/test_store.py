@@ -1,5 +1,6 @@
 """The job table (flight_server/jobs/store.py): owners, idempotency, the per-user limit, states
-and their history, and persistence across a reopen and a kill -9."""
+and their history, and persistence across a reopen and a kill -9; the table logic runs on both
+backends, SQLite and a cluster's PostgreSQL (jobs/shared_store.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flight_server.cluster.state import ClusterState, StateUnavailable
 from flight_server.errors import InvalidArgument
-from flight_server.jobs.store import InvalidTransition, JobStore
+from flight_server.jobs.shared_store import SharedJobStore
+from flight_server.jobs.store import InvalidTransition, JobStore, LocalJobStore
 from schemas.jobs import (
     CANCELLED,
     COMPLETED,
@@ -25,6 +29,7 @@ from schemas.jobs import (
     JobSpec,
     parse_submit,
 )
+from tests.cluster.postgres import Postgres
 
 ALICE, BOB, OTHER_ALICE = ("alice", "lclstream"), ("bob", "lclstream"), ("alice", "elsewhere")
 
@@ -42,9 +47,20 @@ def spec(key: str | None = None, stream: str | None = None) -> JobSpec:
     return parse_submit(json.dumps(body))
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = JobStore(tmp_path / "state" / "jobs.sqlite")
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres().init()
+    yield pg
+    pg.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    """One server's table, and a cluster's (in a database of its own per test)."""
+    if request.param == "sqlite":
+        s: JobStore = LocalJobStore(tmp_path / "state" / "jobs.sqlite")
+    else:
+        s = SharedJobStore(request.getfixturevalue("postgres").database())
     yield s
     s.close()
 
@@ -148,11 +164,11 @@ def test_the_limit_holds_under_concurrent_submits(store: JobStore) -> None:
 
 def test_jobs_survive_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite"
-    store = JobStore(path)
+    store = LocalJobStore(path)
     job, _ = store.submit(ALICE, spec("k"), limit=8)
     store.transition(job.id, RUNNING, "started")
     store.close()
-    store = JobStore(path)
+    store = LocalJobStore(path)
     try:
         again = store.get(job.id, ALICE)
         assert again == store.jobs(None)[0] and again.state == RUNNING
@@ -164,9 +180,9 @@ def test_jobs_survive_a_reopen(tmp_path: Path) -> None:
 
 CHILD = """
 import os, signal, sys, json
-from flight_server.jobs.store import JobStore
+from flight_server.jobs.store import LocalJobStore
 from schemas.jobs import parse_submit
-store = JobStore(sys.argv[1])
+store = LocalJobStore(sys.argv[1])
 body = {"v": 1, "source": {"v": 1, "experiment": "e", "runs": [1]},
         "into": {"experiment": "e", "stream": "s"}}
 job, _ = store.submit(("alice", "lclstream"), parse_submit(json.dumps(body)), 8)
@@ -181,7 +197,7 @@ def test_an_acknowledged_submit_survives_kill_9(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert done.returncode == -signal.SIGKILL
     job_id = done.stdout.strip()
-    store = JobStore(path)
+    store = LocalJobStore(path)
     try:
         job = store.get(job_id, ALICE)
         assert job is not None and job.state == QUEUED and job.created <= time.time()
@@ -197,3 +213,106 @@ def test_two_active_jobs_never_share_a_stream(store: JobStore) -> None:
     store.transition(first.id, COMPLETED, "done")
     second, created = store.submit(BOB, spec(stream="shared"), limit=8)
     assert created and second.state == QUEUED  # a finished job's stream may take another
+
+
+def test_a_state_another_writer_changed_first_is_refused(store: JobStore) -> None:
+    """Nodes start and stop a job with `expect`: the second of two nodes to start a queued job
+    is told that it runs already, and a node never settles another node's job."""
+    job, _ = store.submit(ALICE, spec(), limit=8)
+    started = store.transition(job.id, RUNNING, "started", node="a", expect=QUEUED)
+    assert started.node == "a" and started.status()["node"] == "a"
+    with pytest.raises(InvalidTransition, match="running"):
+        store.transition(job.id, RUNNING, "started too", node="b", expect=QUEUED)
+    with pytest.raises(InvalidTransition, match="running on a"):
+        store.transition(job.id, QUEUED, "node b thought a dead", expect=RUNNING,
+                         expect_node="b")
+    requeued = store.transition(job.id, QUEUED, "a went silent", expect=RUNNING,
+                                expect_node="a")
+    assert requeued.node == "a"  # who ran it last, until another node starts it
+    assert store.transition(job.id, RUNNING, "resumed", node="b").node == "b"
+
+
+def test_a_cancel_is_recorded_for_the_node_that_runs_the_job(store: JobStore) -> None:
+    job, _ = store.submit(ALICE, spec(), limit=8)
+    other, _ = store.submit(ALICE, spec(), limit=8)
+    store.transition(job.id, RUNNING, "started", node="a")
+    store.transition(other.id, RUNNING, "started", node="b")
+    assert store.cancels_for("a") == []
+    store.request_cancel(job.id, "alice")
+    store.request_cancel(job.id, "an admin")  # the first to ask is named
+    assert store.cancels_for("a") == [(job.id, "alice")] and store.cancels_for("b") == []
+    assert store.get(job.id, ALICE).status()["cancel_requested"] is True
+    store.transition(job.id, CANCELLED, "cancelled by alice")
+    assert store.cancels_for("a") == []  # settled
+
+
+def test_two_nodes_racing_for_the_queue_start_each_job_once(postgres: Postgres) -> None:
+    """Two stores on one database, as two nodes: each tries to start every queued job; every
+    job starts exactly once."""
+    url = postgres.database()
+    nodes = [SharedJobStore(url), SharedJobStore(url)]
+    try:
+        ids = [nodes[0].submit(ALICE, spec(), limit=50)[0].id for _ in range(20)]
+        started: dict[str, list[str]] = {"a": [], "b": []}
+
+        def take(name: str, store: JobStore) -> None:
+            for job in store.in_state(QUEUED):
+                try:
+                    store.transition(job.id, RUNNING, f"started on {name}", node=name,
+                                     expect=QUEUED)
+                    started[name].append(job.id)
+                except InvalidTransition:
+                    pass
+
+        threads = [threading.Thread(target=take, args=(name, s))
+                   for name, s in zip("ab", nodes, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(started["a"] + started["b"]) == sorted(ids)
+        assert all(j.attempt == 1 for j in nodes[1].jobs(None))
+    finally:
+        for s in nodes:
+            s.close()
+
+
+def test_the_jobs_of_a_silent_node_are_orphans(postgres: Postgres) -> None:
+    url = postgres.database()
+    state = ClusterState(url)
+    state.create()
+    store = SharedJobStore(url)
+    try:
+        state.register("a", "grpc://a:1")
+        state.register("b", "grpc://b:1")
+        on = {}
+        for node in "ab":
+            job, _ = store.submit(ALICE, spec(), limit=8)
+            on[node] = store.transition(job.id, RUNNING, "started", node=node).id
+        assert [j.id for j in store.orphans("a", timeout_s=30)] == [on["a"]]  # a's own
+        state.execute("UPDATE lclstream_nodes SET last_seen = now() - interval '1 minute' "
+                      "WHERE id = 'b'")
+        assert {j.id for j in store.orphans("a", timeout_s=30)} == {on["a"], on["b"]}
+        assert [j.id for j in store.orphans("c", timeout_s=30)] == [on["b"]]
+    finally:
+        store.close()
+        state.close()
+
+
+def test_without_the_database_the_table_is_unavailable_and_comes_back(
+        postgres: Postgres) -> None:
+    store = SharedJobStore(postgres.database())
+    try:
+        job, _ = store.submit(ALICE, spec(), limit=8)
+        postgres.stop()
+        try:
+            with pytest.raises(StateUnavailable, match="unreachable"):
+                store.submit(ALICE, spec(), limit=8)
+            with pytest.raises(StateUnavailable):
+                store.get(job.id, ALICE)
+        finally:
+            postgres.start()
+        assert store.get(job.id, ALICE).state == QUEUED  # reconnected, nothing lost
+        assert store.submit(ALICE, spec(), limit=8)[1]
+    finally:
+        store.close()
