@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,8 +25,11 @@ from clients import convert, credentials, jobs, live, sql
 from schemas import Request
 from schemas import metadata as md
 from schemas.errors import status_named_in
+from schemas.live import owner_named_in
 from schemas.request import EventSlice, compression_choice
 from schemas.resume import read_progress, resume_ticket
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 
@@ -131,6 +135,7 @@ class Client:
         # the same credentials
         self._nodes: dict[str, flight.FlightClient] = {}
         self._nodes_lock = threading.Lock()
+        self._peers: list[str] = []  # the other nodes plans named: where to plan if ours is down
 
     def close(self) -> None:
         self._flight.close()
@@ -254,7 +259,35 @@ class Client:
             self.request(experiment, runs, columns, events, **shape).encode()
         )
         with _clean_errors():
-            return self._flight.get_flight_info(descriptor)
+            return self._plan_anywhere(descriptor)
+
+    def _plan_anywhere(self, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        """GetFlightInfo at this client's server, else (it is down: UNAVAILABLE) at the other
+        nodes of its cluster that earlier plans named, in turn: any node plans alike."""
+        failed: list[str] = []
+        for where in [self.location, *self._peers]:
+            try:
+                info = self.at(where).get_flight_info(descriptor)
+            except flight.FlightUnavailableError as exc:
+                failed.append(f"{where} ({str(exc).split('. Detail:')[0][:200]})")
+                continue
+            if failed:
+                log.info("planned at %s: %s", where, "; ".join(failed))
+            self._learn(info)
+            return info
+        raise flight.FlightUnavailableError(
+            "no node could plan the request: " + "; ".join(failed) + (
+                "" if self._peers else " (no other node of a cluster is known to this client "
+                "yet: connect to another)"))
+
+    def _learn(self, info: flight.FlightInfo) -> None:
+        """Remember the cluster's other nodes, as the plan's endpoints name them."""
+        for endpoint in info.endpoints:
+            for loc in endpoint.locations:
+                uri = loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+                if (uri != self.location and not uri.startswith(REUSE_CONNECTION)
+                        and uri not in self._peers):
+                    self._peers.append(uri)
 
     def schema(self, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
                table: str | None = None, source: str | None = None) -> pa.Schema:
@@ -386,9 +419,19 @@ class Client:
             return pa.Table.from_batches(batches, schema=sub.schema)
 
     def streams(self, experiment: str = "*") -> list[dict[str, Any]]:
-        """Live streams you may read: events, rate, bytes on disk, consumer group lag."""
+        """Live streams you may read: events, rate, bytes on disk, consumer group lag. In a
+        cluster each node describes the streams it owns: this asks every node alive."""
+        body = {"experiment": experiment}
         with _clean_errors():
-            return live.action(self._flight, "streams", {"experiment": experiment})
+            found = live.action(self._flight, "streams", body)
+            health = live.action(self._flight, "health", {})
+            for node in (health.get("cluster") or {}).get("nodes_alive", []):
+                if node != self.location and node != health["cluster"]["location"]:
+                    try:
+                        found += live.action(self.at(node), "streams", body)
+                    except flight.FlightUnavailableError as exc:  # gone since the last
+                        log.info("streams: node %s did not answer: %s", node, exc)  # beat
+        return sorted(found, key=lambda s: (s["experiment"], s["stream"]))
 
     def end_run(self, experiment: str, stream: str, run: int | None = None) -> dict[str, Any]:
         """End a live stream (no producer connected): it becomes a run of its experiment."""
@@ -396,7 +439,18 @@ class Client:
         if run is not None:
             body["run"] = run
         with _clean_errors():
-            return live.action(self._flight, "end_run", body)
+            return self._at_owner("end_run", body)
+
+    def _at_owner(self, name: str, body: dict[str, Any]) -> Any:
+        """A live stream's action, at the cluster node that owns the stream if this client's
+        server says another does."""
+        try:
+            return live.action(self._flight, name, body)
+        except flight.FlightUnavailableError as exc:
+            owner = owner_named_in(exc)
+            if owner is None:
+                raise
+            return live.action(self.at(owner), name, body)
 
     # -- data-request jobs -------------------------------------------------------------------
 

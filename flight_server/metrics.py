@@ -289,7 +289,11 @@ class Metrics:
                                 "uptime_s": round(self.uptime(), 3)}
         if full:
             body["streams_active"] = self.streams_active()
-            body["jobs"] = dict(self._jobs()) if self._jobs is not None else {}
+            try:
+                body["jobs"] = dict(self._jobs()) if self._jobs is not None else {}
+            except Exception as exc:  # a cluster's job table is away: the server serves on
+                body["jobs"] = None
+                body["jobs_unavailable"] = str(exc)
         return body
 
 

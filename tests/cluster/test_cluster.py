@@ -149,6 +149,28 @@ def test_a_client_falls_back_when_a_node_goes_mid_read(cluster_data, postgres) -
             interrupt(proc)
 
 
+def test_a_client_plans_elsewhere_when_its_node_is_killed(cluster_data, postgres) -> None:
+    """The node a client plans at is killed: the client plans at another node an earlier plan
+    named, and reads every event once (the killed node's endpoints from their fallbacks)."""
+    procs = [serve(cluster_data, postgres) for _ in range(2)]
+    try:
+        home, other = procs[0][1], procs[1][1]
+        with connect(home) as c:
+            wait_until(lambda: {u for e in c.plan(LCLS2_EXP, RUN).endpoints
+                                for u in uris(e)} == {home, other})
+            expected = c.read(LCLS2_EXP, RUN)
+            procs[0][0].send_signal(signal.SIGKILL)
+            procs[0][0].wait()
+            assert c.read(LCLS2_EXP, RUN).equals(expected)
+        with connect(home) as stranger:  # knows no other node: says so
+            with pytest.raises(flight.FlightUnavailableError,
+                               match=f"no node could plan the request: {home}.*connect to"):
+                stranger.plan(LCLS2_EXP, RUN)
+    finally:
+        for proc, _ in procs:
+            interrupt(proc)
+
+
 def test_every_location_down_is_a_clear_error(three) -> None:
     with connect(location(three[0])) as c:
         endpoint = c.plan(LCLS2_EXP, RUN).endpoints[0]
@@ -209,8 +231,11 @@ def test_a_live_stream_is_served_by_its_owner_and_clients_follow(three) -> None:
             second.flush()
             assert second._flight is at_c._nodes[b], (list(at_c._nodes), b)
         assert first_events(at_a.subscribe(LCLS2_EXP, "daq"), 20) == list(range(20))  # via b
-        assert [s["stream"] for s in at_b.streams()] == ["daq"]
-        assert at_a.streams() == [] and at_c.streams() == []  # each lists what it owns
+        # any node lists the cluster's streams (each node describes those it owns)
+        for at in (at_a, at_b, at_c):
+            assert [(s["stream"], s["events"]) for s in at.streams()] == [("daq", 20)]
+        at_c.end_run(LCLS2_EXP, "daq")  # at its owner
+        assert at_a.streams()[0]["run"] is not None
         # started without a Dask scheduler to share, a cluster runs no jobs, and says so
         with pytest.raises(pa.ArrowNotImplementedError, match="share one Dask scheduler"):
             at_a.submit(LCLS2_EXP, RUN, ["gmd/energy"], into=(LCLS2_EXP, "x"))

@@ -7,6 +7,7 @@ test ends it: they run as long as a test needs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,14 +44,20 @@ def scheduler() -> Iterator[str]:
         yield dask.scheduler_address
 
 
-def node(data: Path, pg: Postgres, scheduler: str) -> LclstreamServer:
-    return start_server(data, state_url=pg.url, dask_scheduler=scheduler,
+def node(data: Path, state_url: str, scheduler: str) -> LclstreamServer:
+    return start_server(data, state_url=state_url, dask_scheduler=scheduler,
                         **{**CLUSTER, **JOB_SETTINGS})
 
 
 @pytest.fixture
-def three(data: Path, postgres: Postgres, scheduler: str) -> Iterator[list[LclstreamServer]]:
-    nodes = [node(data, postgres, scheduler) for _ in range(3)]
+def state_url(postgres: Postgres) -> str:
+    """A database of the test's own: no job of another test counts against its limits."""
+    return postgres.database()
+
+
+@pytest.fixture
+def three(data: Path, state_url: str, scheduler: str) -> Iterator[list[LclstreamServer]]:
+    nodes = [node(data, state_url, scheduler) for _ in range(3)]
     for n in nodes:
         wait_until(lambda n=n: len(n.node.alive()) == 3)
     yield nodes
@@ -138,7 +145,7 @@ def test_a_job_is_cancelled_from_a_node_that_does_not_run_it(three, source) -> N
         producer.close()
 
 
-def test_a_job_on_a_node_that_goes_is_resumed_by_another(three, source, data, postgres,
+def test_a_job_on_a_node_that_goes_is_resumed_by_another(three, source, data, state_url,
                                                          scheduler) -> None:
     """The running node stops without a word (its jobs stay `running` in the table); another
     node finds the job orphaned once the node's heartbeats stop, queues it again and resumes
@@ -153,7 +160,7 @@ def test_a_job_on_a_node_that_goes_is_resumed_by_another(three, source, data, po
         assert stored(at_a, "handed-over", 30) == list(range(30))
         index = three.index(runner)
         runner.shutdown()
-        three[index] = node(data, postgres, scheduler)  # for the teardown; a new node id
+        three[index] = node(data, state_url, scheduler)  # for the teardown; a new node id
         survivor = next(n for n in three if n is not runner)
         with connect(location(survivor)) as at:
             resumed = wait_until(lambda: (s := at.job(job).status()) and s["attempt"] == 2
@@ -182,6 +189,10 @@ def test_without_the_database_jobs_wait_and_go_on(three, source, postgres) -> No
                 at_b.submit(LCLS2_EXP, RUN, ["gmd/energy"], into=(INTO, "refused"))
             with pytest.raises(flight.FlightUnavailableError, match="unreachable"):
                 at_b.job(job).status()
+            [answer] = at_b._flight.do_action(flight.Action("health", b""))
+            health = json.loads(answer.body.to_pybytes())  # serving on, and saying why not
+            assert health["status"] == "ok" and health["jobs"] is None
+            assert "unreachable" in health["jobs_unavailable"]
             wait_until(lambda: all(n.node.fenced for n in three))
             producer.send(events(10))  # arrives at the source meanwhile
             producer.flush()
