@@ -8,6 +8,8 @@ test ends it: they run as long as a test needs."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,17 @@ from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
 from tests.cluster.conftest import CLUSTER, location, wait_until
 from tests.cluster.postgres import Postgres
-from tests.helpers import LCLS2_EXP, admin_token, events, indices, start_server
+from tests.helpers import (
+    LCLS2_EXP,
+    LCLSTREAM,
+    admin_token,
+    cli_env,
+    events,
+    indices,
+    interrupt,
+    start_server,
+    wait_for_location,
+)
 from tests.jobs.conftest import JOB_SETTINGS
 
 RUN, EVENTS = 3, 400
@@ -92,7 +104,10 @@ def members(at_source: Client, stream: str, job: str) -> int:
 
 
 def stored(at: Client, stream: str, n: int) -> list[int]:
-    """The first `n` events' indices in the job's stream (read wherever its owner is)."""
+    """The first `n` events' indices in the job's stream (read wherever its owner is), once
+    it holds them."""
+    wait_until(lambda: any(s["stream"] == stream and s["events"] >= n
+                           for s in at.streams(INTO)), timeout=60)
     got: list[int] = []
     with at.subscribe(INTO, stream) as sub:
         for batch in sub:
@@ -220,3 +235,49 @@ def test_many_jobs_over_three_nodes_each_start_once(three) -> None:
     assert all(s["attempt"] == 1 for s in done)
     assert len({s["run"] for s in done}) == 8
     assert pa.array([s["progress"]["events"] for s in done]).to_pylist() == [EVENTS] * 8
+
+
+def serve(data: Path, state_url: str, scheduler: str) -> tuple[subprocess.Popen, str]:
+    """A node in a process of its own, to be killed."""
+    env = cli_env(LCLSTREAM_HEARTBEAT_S="0.2", LCLSTREAM_NODE_TIMEOUT_S="1.5",
+                  LCLSTREAM_JOB_PARTITION_BYTES=str(1 << 20))
+    proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data), "--port", "0",
+                             "--cluster", "--state-url", state_url, "--dask-scheduler",
+                             scheduler], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
+    return proc, wait_for_location(proc)
+
+
+@pytest.mark.slow  # two nodes in processes of their own: ~15 s
+def test_a_job_on_a_node_killed_with_sigkill_resumes_elsewhere(data, state_url, scheduler,
+                                                               source) -> None:
+    procs = [serve(data, state_url, scheduler) for _ in range(2)]
+    try:
+        with connect(source) as at_source:
+            producer = at_source.producer(LCLS2_EXP, "killed")
+            for i in range(3):
+                producer.send(events(i * 10))
+            producer.flush()
+            with connect(procs[0][1]) as at:
+                job = follow(at, source, "killed")
+                running = wait_until(lambda: (s := at.job(job).status())["state"] == "running"
+                                     and s)
+                victim = next(p for p, where in procs
+                              if running["node"].startswith(where + "#"))
+                survivor = next(where for p, where in procs if p is not victim)
+                assert stored(at, "killed", 30) == list(range(30))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            with connect(survivor) as at:
+                resumed = wait_until(lambda: (s := at.job(job).status())["attempt"] == 2
+                                     and s["state"] == "running" and s, timeout=60)
+                assert resumed["node"].startswith(survivor + "#")
+                for i in range(3, 6):
+                    producer.send(events(i * 10))
+                producer.end_run()
+                done = at.job(job).wait(progress=False, timeout=120)
+                assert done["state"] == "completed", done
+                assert indices(at.read(INTO, done["run"]).to_batches()) == list(range(60))
+    finally:
+        for proc, _ in procs:
+            interrupt(proc)
