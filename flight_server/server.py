@@ -198,9 +198,9 @@ class LclstreamServer(flight.FlightServerBase):
 
     def _fenced(self) -> None:
         """The state has been out of reach for long enough that the other nodes may count this
-        one dead: let go of its jobs and live streams before they take them on."""
+        one dead: let go of its live streams, then of its jobs, before they take them on."""
+        self.live.streams.release_all()  # no batch is stored here from now on
         self.jobs.abandon()
-        self.live.streams.release_all()
 
     def _locate(self, partitions: list[str]) -> list[list[str]]:
         """The nodes that serve each partition of a plan: first, then a fallback."""

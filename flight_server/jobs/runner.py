@@ -114,6 +114,7 @@ class Runner:
         self._ended: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
+        self._abandon = False  # the node lost the state: let the running jobs go
         self._thread: threading.Thread | None = None
         self.waiting: str | None = None  # why queued jobs are not starting, if they are not
 
@@ -191,6 +192,8 @@ class Runner:
             self._wake.wait(IDLE_WAKE_S)
             self._wake.clear()
             try:
+                if self._abandon:
+                    self._abandon_all()
                 while True:
                     try:
                         ended = self._ended.get_nowait()
@@ -482,9 +485,10 @@ class Runner:
         del self._running[attempt.job.id]
         log.warning("job %s failed: %s", attempt.job.id, error)
 
-    def _stop_tasks(self, attempt: Attempt) -> None:
+    def _stop_tasks(self, attempt: Attempt, fence: bool = True) -> None:
         attempt.cancelling = True  # the gate refuses its workers from now on
-        self.live.fence(attempt.job.spec.experiment, attempt.job.spec.stream)
+        if fence:
+            self.live.fence(attempt.job.spec.experiment, attempt.job.spec.stream)
         self._release(attempt, cancel=True)
 
     def _release(self, attempt: Attempt, cancel: bool = False) -> None:
@@ -545,10 +549,17 @@ class Runner:
     def abandon(self) -> None:
         """Let every running job go without recording it (the state is out of reach): their
         tasks stop and their batches are refused here; the node that finds them orphaned
-        (this one, once the state is back) queues them again."""
+        (this one, once the state is back) queues them again. Done by the queue's thread,
+        soon: the caller (the heartbeat) must not wait for a decision that waits for the
+        database. Meanwhile the node's streams, let go of first, take no batch."""
+        self._abandon = True
+        self._wake.set()
+
+    def _abandon_all(self) -> None:
         with self._lock:
-            for attempt in list(self._running.values()):
-                self._stop_tasks(attempt)
+            self._abandon = False
+            for attempt in self._running.values():
+                self._stop_tasks(attempt, fence=False)  # its stream is let go of already
             abandoned, self._running = list(self._running), {}
         if abandoned:
             log.warning("jobs: let go of %d running jobs: %s", len(abandoned),
