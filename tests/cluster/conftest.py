@@ -1,9 +1,8 @@
-"""Cluster tests: a real PostgreSQL per module (started on a free port in a temp dir), the
-settings every test node runs with (fast heartbeats, small partitions), and waiting."""
+"""Cluster tests: a real PostgreSQL per module (started on a free port in a temp dir) and the
+settings every test node runs with (fast heartbeats, small partitions)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,15 +21,6 @@ def postgres() -> Iterator[Postgres]:
     pg = Postgres().init()
     yield pg
     pg.remove()
-
-
-def wait_until(check, timeout: float = 20.0):
-    """`check()`'s first true answer, polled until `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return found
 
 
 def location(server: LclstreamServer) -> str:

@@ -28,7 +28,7 @@ from flight_server.generator import generate_lcls2_run
 from flight_server.security.grants import Grants
 from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
-from tests.cluster.conftest import CLUSTER, location, wait_until
+from tests.cluster.conftest import CLUSTER, location
 from tests.cluster.postgres import Postgres
 from tests.helpers import (
     LCLS2_EXP,
@@ -41,6 +41,7 @@ from tests.helpers import (
     run_cli,
     start_server,
     wait_for_location,
+    wait_until,
 )
 
 RUN, EVENTS = 5, 600

@@ -21,7 +21,7 @@ from distributed import LocalCluster
 from clients import Client, connect
 from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
-from tests.cluster.conftest import CLUSTER, location, wait_until
+from tests.cluster.conftest import CLUSTER, location
 from tests.cluster.postgres import Postgres
 from tests.helpers import (
     LCLS2_EXP,
@@ -33,6 +33,7 @@ from tests.helpers import (
     interrupt,
     start_server,
     wait_for_location,
+    wait_until,
 )
 from tests.jobs.conftest import JOB_SETTINGS
 

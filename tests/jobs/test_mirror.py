@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,15 @@ from flight_server.security.assembly import minter_for
 from flight_server.security.grants import Grants
 from flight_server.server import LclstreamServer
 from schemas.digest import Digest
-from tests.helpers import LCLS2_EXP, events, free_port, indices, run_cli, start_server
+from tests.helpers import (
+    LCLS2_EXP,
+    events,
+    free_port,
+    indices,
+    run_cli,
+    start_server,
+    wait_until,
+)
 from tests.jobs.conftest import JOB_SETTINGS, LONG_EVENTS, LONG_RUN, SMALL_RUN, act, wait_for
 from tests.wire import CountingRelay
 
@@ -219,14 +226,6 @@ def test_mirroring_needs_write_on_into(site_a, site_b) -> None:
 
 
 # -- live streams ---------------------------------------------------------------------------------
-
-def wait_until(check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return found
-
 
 def group_of(at_a: Client, stream: str, job_id: str) -> dict | None:
     listed = next((s for s in at_a.streams(LCLS2_EXP) if s["stream"] == stream), None)

@@ -29,6 +29,7 @@ from tests.helpers import (
     indices,
     interrupt,
     wait_for_location,
+    wait_until,
 )
 from tests.jobs.conftest import LONG_RUN
 
@@ -92,17 +93,10 @@ def progress(b: Site, job_id: str) -> int:
         return at_b.job(job_id).last["progress"]["events"]
 
 
-def wait_until(check, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def kill_both_mid_way(a: Site, b: Site, job_id: str, at_least: int) -> None:
     """Kill the source once the mirror has got somewhere, then the destination while it waits
     for the source; start both again."""
-    wait_until(lambda: progress(b, job_id) >= at_least)
+    wait_until(lambda: progress(b, job_id) >= at_least, timeout=120)
     a.kill()
     time.sleep(0.5)  # the destination's tasks notice: reconnecting, backing off
     b.kill()
