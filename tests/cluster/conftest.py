@@ -3,12 +3,15 @@ settings every test node runs with (fast heartbeats, small partitions)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from flight_server.server import LclstreamServer
 from tests.cluster.postgres import Postgres
+from tests.helpers import LCLSTREAM, cli_env, wait_for_location
 
 # a node silent for 1.5 s is dead: the tests see the cluster react within seconds
 CLUSTER = {"cluster": True, "heartbeat_s": 0.2, "node_timeout_s": 1.5,
@@ -25,3 +28,18 @@ def postgres() -> Iterator[Postgres]:
 
 def location(server: LclstreamServer) -> str:
     return f"grpc://127.0.0.1:{server.port}"
+
+
+def serve(data: Path, state_url: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """A node in a process of its own (to be killed), with the test settings; `args` go to
+    `lclstream serve`. Its process and location."""
+    env = cli_env(LCLSTREAM_HEARTBEAT_S=str(CLUSTER["heartbeat_s"]),
+                  LCLSTREAM_NODE_TIMEOUT_S=str(CLUSTER["node_timeout_s"]),
+                  LCLSTREAM_PARTITION_BYTES=str(CLUSTER["partition_bytes"]),
+                  LCLSTREAM_BATCH_BYTES=str(CLUSTER["batch_bytes"]),
+                  LCLSTREAM_JOB_PARTITION_BYTES=str(1 << 20))
+    proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data), "--port", "0",
+                             "--cluster", "--state-url", state_url, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    return proc, wait_for_location(proc)

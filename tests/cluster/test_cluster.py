@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -28,19 +27,16 @@ from flight_server.generator import generate_lcls2_run
 from flight_server.security.grants import Grants
 from flight_server.security.users import UsersFile
 from flight_server.server import LclstreamServer
-from tests.cluster.conftest import CLUSTER, location
+from tests.cluster.conftest import CLUSTER, location, serve
 from tests.cluster.postgres import Postgres
 from tests.helpers import (
     LCLS2_EXP,
-    LCLSTREAM,
-    cli_env,
     events,
     free_port,
     indices,
     interrupt,
     run_cli,
     start_server,
-    wait_for_location,
     wait_until,
 )
 
@@ -120,7 +116,7 @@ def test_a_client_falls_back_when_a_node_goes_mid_read(cluster_data, postgres) -
     """Two nodes in processes of their own: the one serving the first endpoint is killed after
     its first batch; the read goes on at the fallback, from the next event, and equals an
     uninterrupted read."""
-    procs = [serve(cluster_data, postgres) for _ in range(2)]
+    procs = [serve(cluster_data, postgres.url) for _ in range(2)]
     try:
         first_location = procs[0][1]
         with connect(first_location) as c:
@@ -153,7 +149,7 @@ def test_a_client_falls_back_when_a_node_goes_mid_read(cluster_data, postgres) -
 def test_a_client_plans_elsewhere_when_its_node_is_killed(cluster_data, postgres) -> None:
     """The node a client plans at is killed: the client plans at another node an earlier plan
     named, and reads every event once (the killed node's endpoints from their fallbacks)."""
-    procs = [serve(cluster_data, postgres) for _ in range(2)]
+    procs = [serve(cluster_data, postgres.url) for _ in range(2)]
     try:
         home, other = procs[0][1], procs[1][1]
         with connect(home) as c:
@@ -208,15 +204,6 @@ def test_without_the_database_nodes_serve_on_and_recover(three, postgres) -> Non
 def test_a_cluster_node_needs_the_state_url(cluster_data) -> None:
     with pytest.raises(ValueError, match="--state-url"):
         start_server(cluster_data, cluster=True)
-
-
-def serve(data: Path, pg: Postgres) -> tuple[subprocess.Popen, str]:
-    env = cli_env(LCLSTREAM_HEARTBEAT_S="0.2", LCLSTREAM_NODE_TIMEOUT_S="1.5",
-                  LCLSTREAM_PARTITION_BYTES=str(512 << 10), LCLSTREAM_BATCH_BYTES=str(64 << 10))
-    proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data), "--port", "0",
-                             "--cluster", "--state-url", pg.url], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
-    return proc, wait_for_location(proc)
 
 
 def test_a_live_stream_is_served_by_its_owner_and_clients_follow(three) -> None:

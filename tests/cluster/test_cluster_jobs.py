@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,18 +20,15 @@ from distributed import LocalCluster
 from clients import Client, connect
 from flight_server.generator import generate_lcls2_run
 from flight_server.server import LclstreamServer
-from tests.cluster.conftest import CLUSTER, location
+from tests.cluster.conftest import CLUSTER, location, serve
 from tests.cluster.postgres import Postgres
 from tests.helpers import (
     LCLS2_EXP,
-    LCLSTREAM,
     admin_token,
-    cli_env,
     events,
     indices,
     interrupt,
     start_server,
-    wait_for_location,
     wait_until,
 )
 from tests.jobs.conftest import JOB_SETTINGS
@@ -238,21 +234,10 @@ def test_many_jobs_over_three_nodes_each_start_once(three) -> None:
     assert pa.array([s["progress"]["events"] for s in done]).to_pylist() == [EVENTS] * 8
 
 
-def serve(data: Path, state_url: str, scheduler: str) -> tuple[subprocess.Popen, str]:
-    """A node in a process of its own, to be killed."""
-    env = cli_env(LCLSTREAM_HEARTBEAT_S="0.2", LCLSTREAM_NODE_TIMEOUT_S="1.5",
-                  LCLSTREAM_JOB_PARTITION_BYTES=str(1 << 20))
-    proc = subprocess.Popen([*LCLSTREAM, "serve", "--data", str(data), "--port", "0",
-                             "--cluster", "--state-url", state_url, "--dask-scheduler",
-                             scheduler], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env)
-    return proc, wait_for_location(proc)
-
-
 @pytest.mark.slow  # two nodes in processes of their own: ~15 s
 def test_a_job_on_a_node_killed_with_sigkill_resumes_elsewhere(data, state_url, scheduler,
                                                                source) -> None:
-    procs = [serve(data, state_url, scheduler) for _ in range(2)]
+    procs = [serve(data, state_url, "--dask-scheduler", scheduler) for _ in range(2)]
     try:
         with connect(source) as at_source:
             producer = at_source.producer(LCLS2_EXP, "killed")
