@@ -26,15 +26,31 @@ batch system, set the variable in the job script, e.g.
 
 or pass `token=` to `read_dask`. Other `connect_options` (TLS certificates as PEM bytes or paths
 valid on the workers) are shipped the same way and must be picklable.
+
+Near the data: a cluster of servers names, for each endpoint, the nodes that serve it (the
+preferred one first). With `near_data=True`, when dask computes on a `distributed.Client` whose
+workers are on several hosts, some of them those nodes', `read_dask` submits each partition's
+read at once (as `persist` would) to a worker on its endpoint's first node's host, or to any
+worker when none is there or it is busy (`allow_other_workers`); the frame then holds the
+partitions in the workers' memory. Only submitted tasks keep such a placement: dask DataFrames
+drop `dask.annotate` from their graphs, and the scheduler places their read tasks wherever it
+likes. So it is asked for, not the default: a lazy frame over a request larger than the workers'
+memory must stay lazy. Otherwise the frame is lazy and any worker reads any partition.
 """
 
 from __future__ import annotations
 
+import functools
+import socket
+import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import dask
+import dask.base
 import dask.dataframe as dd
+import distributed
 import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -69,13 +85,52 @@ class ReadTicket:
         return meta_frame(self.schema) if not len(table) else to_pandas(table)
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(host: str) -> str:
+    """`host`'s IPv4 address, so that a name and an address of one machine compare equal; the
+    host itself when it does not resolve (or is IPv6)."""
+    try:
+        return socket.gethostbyname(host) if host else host
+    except OSError:
+        return host
+
+
+def _near_data(reader: ReadTicket, parts: list[tuple[bytes, list[str]]],
+               meta: pd.DataFrame, label: str) -> dd.DataFrame | None:
+    """The partitions submitted to workers on their first location's host (module docs), or
+    None when dask would not compute on a distributed Client or no endpoint has a worker."""
+    try:
+        client = getattr(dask.base.get_scheduler(), "__self__", None)
+    except RuntimeError:  # an asynchronous Client, which dask.compute cannot use either
+        return None
+    if not isinstance(client, distributed.Client):
+        return None
+    hosts: dict[str, set[str]] = {}  # address -> the hosts of the workers there, as they say
+    for worker in client.scheduler_info(n_workers=-1)["workers"].values():
+        hosts.setdefault(_address(worker["host"]), set()).add(worker["host"])
+    if len(hosts) < 2:  # every worker on one machine (a LocalCluster): no choice to make
+        return None
+    # A host restriction (unlike a worker's address) also takes a worker restarted there.
+    placed = [sorted(hosts.get(_address(urlsplit(locations[0]).hostname or ""), ()))
+              if locations else [] for _, locations in parts]
+    if not any(placed):
+        return None
+    name = f"{label}-{uuid.uuid4().hex}"
+    futures = [client.submit(reader, part, key=(name, i), workers=where or None,
+                             allow_other_workers=bool(where))
+               for i, (part, where) in enumerate(zip(parts, placed, strict=True))]
+    # no meta-checking task: another task, placed anywhere, would move each partition
+    return dd.from_delayed(futures, meta=meta, verify_meta=False)
+
+
 def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
               *, events: Events = None, filter: str | None = None,
               processing: Sequence[dict[str, Any]] | None = None, token: str | None = None,
-              **connect_options: Any) -> dd.DataFrame:
+              near_data: bool = False, **connect_options: Any) -> dd.DataFrame:
     """A dask DataFrame of the requested events, one partition per endpoint of the plan, in
     event order (divisions unknown). Arguments as for `Client.read`; `token` and
-    `connect_options` go to every worker (module docs)."""
+    `connect_options` go to every worker (module docs). `near_data`: read each partition now,
+    on a worker on its node's host where a distributed Client has one (module docs)."""
     with Client(location, token, **connect_options) as client:
         info = client.plan(experiment, runs, columns, events, filter=filter,
                            processing=processing)
@@ -88,5 +143,8 @@ def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str]
         return dd.from_pandas(meta, npartitions=1)
     reader = ReadTicket(location, schema, token, connect_options)
     # dask would turn the object columns, the tensors' ndarrays included, into strings
+    label = f"lclstream-{experiment}"
     with dask.config.set({"dataframe.convert-string": False}):
-        return dd.from_map(reader, tickets, meta=meta, label=f"lclstream-{experiment}")
+        placed = _near_data(reader, tickets, meta, label) if near_data else None
+        return placed if placed is not None else dd.from_map(reader, tickets, meta=meta,
+                                                             label=label)

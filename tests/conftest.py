@@ -22,6 +22,7 @@ from flight_server.generator import generate_cxi_run, generate_lcls1_run, genera
 from flight_server.security.assembly import minter_for
 from flight_server.security.grants import ALL
 from flight_server.server import LclstreamServer
+from tests.cluster.postgres import Postgres
 from tests.helpers import CXI_EXP, LCLS1_EXP, LCLS2_EXP, raw_client, start_server
 
 
@@ -82,3 +83,12 @@ def flight_client(location: str):
 def sign(server: LclstreamServer):
     """Seal a hand-written ticket as the server would, to test what lies behind the seal."""
     return server.security.seal.sign
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL of the module's own (tests/cluster/postgres.py): the cluster's state;
+    `postgres.database()` gives a test a database of its own."""
+    pg = Postgres().init()
+    yield pg
+    pg.remove()

@@ -47,13 +47,6 @@ def spec(key: str | None = None, stream: str | None = None) -> JobSpec:
     return parse_submit(json.dumps(body))
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    pg = Postgres().init()
-    yield pg
-    pg.remove()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
     """One server's table, and a cluster's (in a database of its own per test)."""
