@@ -9,6 +9,7 @@ unless they administer the experiment it writes into.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,8 @@ from flight_server.security.tokens import TokenMinter
 from flight_server.sources.streaming import BatchSizing
 from schemas import RequestError
 from schemas.jobs import QUEUED, parse_job_id, parse_listing, parse_submit
+
+log = logging.getLogger(__name__)
 
 ACTIONS = {
     "submit": "JSON {v, source, from?, into: {experiment, stream}, end_run, key}: queue a data "
@@ -74,6 +77,8 @@ class JobService:
         """Take jobs; `node`: this cluster node's id (its jobs are recorded as its)."""
         if self.runs:
             self.runner.start(server_location, node, node_timeout_s)
+        else:
+            log.warning("jobs: %s", NO_SHARED_SCHEDULER)
 
     def abandon(self) -> None:
         """A cluster node that lost the state lets its jobs go (another node resumes them)."""
