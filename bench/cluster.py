@@ -1,12 +1,19 @@
-"""Cluster mode: what planning over several nodes costs, and three nodes read at once.
+"""Cluster mode: what planning over several nodes costs, three nodes read at once, and the
+job queue shared by the nodes.
 
 `--only cluster`. A real PostgreSQL (`tests/cluster/postgres.py`: Debian's `postgresql`, a fresh
-cluster in a temporary directory on a free loopback port) holds the shared state; three nodes
-run `lclstream serve` over the bench data root with `--cluster --state-url ...`, otherwise the
-same command line as a single server beside them (authentication on, the bench's token, the
-bench's state directory, so every node has the same keys). Every server of this benchmark is
-started with `--partition-bytes` = `--size` / 16, so that the bench run has 16 endpoints: with
-the default 256 MiB a 128 MiB run (`--quick`) is one endpoint, which one node would serve whole.
+cluster in a temporary directory on a free loopback port) holds the shared state (node registry,
+live stream owners, job table); three nodes run `lclstream serve` with `--cluster --state-url
+...`, otherwise the same command line as a single server beside them (authentication on, the
+bench's token). All four serve one fresh data root under `bench-data/` (hard links of the bench
+run and of `bench_scalars_4x10000`; removed at the end with the jobs' streams) with one state
+directory of its own (copies of the bench's keys, so every node has the same keys; the single
+server's SQLite job table; a settings file raising `job_limit`), and all run their jobs on one
+Dask scheduler (`dask scheduler`, a process of its own; a cluster's nodes must share one), so
+that the job queue's only difference is the shared table and the claiming. Every server of
+this benchmark is started with `--partition-bytes` = `--size` / 16, so that the bench run has 16
+endpoints: with the default 256 MiB a 128 MiB run (`--quick`) is one endpoint, which one node
+would serve whole.
 
 1. **Planning overhead**: GetFlightInfo (`Client.plan`) of the `--size` bench run (16
    endpoints) and of a multi-run request (the 4 runs of `bench_scalars_4x10000`, the SQL
@@ -25,23 +32,51 @@ the default 256 MiB a 128 MiB run (`--quick`) is one endpoint, which one node wo
    is, measured once by reading each endpoint apart). Informational: on a 2-core machine the
    aggregate cannot grow much, since the nodes share the cores; the per-node cost shows what a
    cluster of real machines gains. The spread of the endpoints over the nodes is printed.
+3. **The job queue, cluster against one server**: the scheduler's workers (`dask worker`, 2
+   processes of 2 threads: the embedded LocalCluster's shape) start only now, so that they idle
+   through no other measurement; a warm-up job at every server first (each connects to the
+   scheduler on its first job). One-event jobs (`events=slice(i, i + 1)` of run 1 of
+   `bench_scalars_4x10000`, each into a new stream), as bench/jobs.py's queue: 60 (30 with
+   `--quick`) submitted back to back to the single server, and round-robin to the three nodes'
+   clients, then all waited for; jobs/s from the first submit to the last `completed`
+   transition. Then 10 (5) jobs one at a time for each, taking turns: the submit call, and
+   submit to `running` and to `completed` (the server's transitions), p50/p90. Every job must
+   have started once (`attempt` 1); the nodes that ran the cluster's jobs (status `node`) are
+   counted, and how many ran on the node they were submitted to. CPU per job of the server
+   processes, and of PostgreSQL's, over the burst. Each server keeps its own `jobs_running` (4),
+   so the cluster runs up to 12 jobs at once on the same 4 worker threads where the single
+   server runs 4; against that it pays PostgreSQL round trips for every submit, claim and
+   transition, all under one advisory lock, and three more processes on the same cores. Target:
+   cluster / single jobs/s >= 0.5 (0.77-0.97 measured on 2 cores): the shared table may cost
+   each job more, but must not halve the queue's rate, as a lock held across slow work or
+   nodes contending for claims would. A submit whose wake is lost (the job waits for a node's
+   once-a-second look through the queue) shows in the one-at-a-time submit to `running`:
+   about 0.5 s rather than ~10 ms (informational).
 
-PostgreSQL is removed and every server stopped at the end, on an error or Ctrl-C too.
+PostgreSQL is removed, every server and Dask process stopped and the data root removed at the
+end, on an error or Ctrl-C too.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import re
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pyarrow.flight as flight
 
 from bench.common import (
+    DATA,
+    EXPERIMENT,
+    STATE,
     BenchRun,
     ClientProcess,
     GiB,
@@ -58,7 +93,6 @@ from bench.common import (
     measure_each,
     median,
     ms,
-    our_server,
     percentile,
     print_table,
     ready_all,
@@ -67,6 +101,8 @@ from bench.common import (
     verdict_line,
     warm_cache,
 )
+from bench.jobs import SERVER_SETTINGS, at, completed, link
+from bench.live import fresh_dir
 from clients import Client
 
 NAME = "cluster"
@@ -80,6 +116,10 @@ PLAN_REQUESTS = 4  # GetFlightInfo requests per case: this many times --requests
 WARMUP = 5
 GAP = 0.02  # idle after each request, so the next meets a server that has wound down
 JOIN_TIMEOUT = 30.0  # seconds for every node to see the others (heartbeat 1 s)
+QUEUE_JOBS, QUEUE_JOBS_QUICK = 60, 30  # one-event jobs submitted back to back
+ONE_JOBS, ONE_JOBS_QUICK = 10, 5  # one-event jobs one at a time, per side
+TARGET_QUEUE_RATIO = 0.5  # cluster / single jobs/s
+DASK_WORKERS = 2  # processes of 2 threads: the embedded LocalCluster's default shape
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -89,12 +129,68 @@ def partition_bytes(size: int) -> int:
     return max(MiB, size // ENDPOINTS)
 
 
-def cluster_node(name: str, state_url: str, partition: int) -> ServerProcess:
-    """`our_server`'s command line (auth on, the bench's state directory: the same keys on
-    every node) with `--cluster --state-url`."""
-    server = our_server(name, partition_bytes=partition)
-    server.args += ["--cluster", "--state-url", state_url]
-    return server
+def prepare_root(root: Path, runs: list[Path]) -> None:
+    """Make `root`, a fresh data root, hold hard links of `runs` (paths under the bench data
+    root) and a state directory of its own: copies of the bench's keys (its token works, and
+    the nodes sign and check tickets alike, as over the bench's state directory) and a settings
+    file raising `job_limit` (8 a user by default, counted over the cluster's shared table)
+    above the queue measurement's jobs. The job streams and the single server's job table go
+    with `root`, so no later server resumes a job of this benchmark."""
+    bench_token()  # the bench's signing secret, created if new, before it is copied
+    state = root / ".state"
+    state.mkdir(mode=0o700)
+    for key in [*STATE.glob("*.key"), *STATE.glob("*.pem")]:
+        shutil.copy2(key, state / key.name)
+    for path in runs:
+        link(path, root / path.relative_to(DATA))
+    (state / "settings.toml").write_text("".join(f"{k} = {v!r}\n"
+                                                 for k, v in SERVER_SETTINGS.items()))
+
+
+def bench_server(name: str, root: Path, partition: int, scheduler: str,
+                 *extra: str) -> ServerProcess:
+    """`our_server`'s command line (auth on, the bench's token) over the fresh data root `root`
+    and its state directory (`prepare_root`), running its jobs on the Dask scheduler
+    `scheduler`; `extra`: `--cluster --state-url ...` for a node."""
+    state = root / ".state"
+    return ServerProcess(name, ["-m", "flight_server.cli", "serve", "--data", str(root),
+                                "--port", "0", "--state-dir", str(state),
+                                "--config", str(state / "settings.toml"),
+                                "--partition-bytes", str(partition),
+                                "--dask-scheduler", scheduler, *extra], token=bench_token())
+
+
+class DaskProcess(ServerProcess):
+    """`dask scheduler` or `dask worker` (the CLI's modules) in a process of its own, as a
+    cluster runs them; ready once `count` lines `banner: tcp://...` are in its log (one a
+    worker process); its `location` is the scheduler's address."""
+
+    def __init__(self, name: str, args: list[str], banner: str, count: int = 1) -> None:
+        super().__init__(name, ["-m", *args])
+        self.banner = re.compile(banner + r":\s+(tcp://\S+)")
+        self.count = count
+
+    def _wait_answering(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while len(self.banner.findall(self.log.read_text(errors="replace"))) < self.count:
+            if time.monotonic() > deadline:
+                raise self._fail(f"printed {self.banner.pattern!r} fewer than {self.count} times")
+            time.sleep(0.05)
+
+
+def dask_scheduler() -> DaskProcess:
+    # its HTTP server starts even with --no-dashboard: on a free port, not another Dask's 8787
+    return DaskProcess("cluster-dask-scheduler",
+                       ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                        "--dashboard-address", "127.0.0.1:0", "--no-dashboard"], "Scheduler at")
+
+
+def dask_workers(scheduler: str) -> DaskProcess:
+    """The embedded LocalCluster's shape (`--job-workers` 2 processes of 2 threads)."""
+    return DaskProcess("cluster-dask-workers",
+                       ["distributed.cli.dask_worker", scheduler, "--host", "127.0.0.1",
+                        "--nworkers", str(DASK_WORKERS), "--nthreads", "2", "--no-dashboard"],
+                       "Registered to", DASK_WORKERS)
 
 
 def first_locations(info: flight.FlightInfo) -> list[str]:
@@ -343,6 +439,154 @@ def measure_reads(args: argparse.Namespace, br: BenchRun, single: ServerProcess,
     ]
 
 
+# -- the job queue ------------------------------------------------------------------------------
+
+
+@dataclass
+class QueueSide:
+    """The single server or the cluster taking one-event jobs; the cluster's are submitted to
+    its nodes' clients in turn (round-robin)."""
+
+    label: str
+    tag: str  # begins its streams' names
+    clients: list[Client]
+    servers: list[psutil.Process]
+    database: psutil.Process | None = None  # the cluster's PostgreSQL (its postmaster)
+    burst: list[dict[str, Any]] = field(default_factory=list)  # the burst's statuses, when done
+    seconds: float = 0.0  # first submit of the burst to its last 'completed'
+    submit_s: float = 0.0  # submitting the burst
+    server_cpu: float = 0.0  # of the server processes, over the burst
+    database_cpu: float = 0.0  # of PostgreSQL's processes, over the burst
+    alone: list[dict[str, Any]] = field(default_factory=list)  # one at a time: their statuses
+    called: list[float] = field(default_factory=list)  # one at a time: the submit call
+    started: list[float] = field(default_factory=list)  # one at a time: submit to 'running'
+    done: list[float] = field(default_factory=list)  # one at a time: submit to 'completed'
+
+    def submit(self, scalars: BenchRun, i: int, what: str) -> Any:
+        # a new stream for every job: a job's `into` must not hold another's results
+        return self.clients[i % len(self.clients)].submit(
+            scalars.experiment, [scalars.number], events=slice(i, i + 1),
+            into=(EXPERIMENT, f"{self.tag}-{what}-{i}"), end_run=False)
+
+    def run_burst(self, scalars: BenchRun, n: int) -> None:
+        """n jobs submitted back to back, then all waited for (bench/jobs.py's queue)."""
+        cpu0, db0 = sum(cpu_seconds(p) for p in self.servers), tree_cpu(self.database)
+        t0 = time.time()
+        jobs = [self.submit(scalars, i, "queue") for i in range(n)]
+        self.submit_s = time.time() - t0
+        self.burst = [completed(j) for j in jobs]  # JobFailed if one failed
+        self.server_cpu = sum(cpu_seconds(p) for p in self.servers) - cpu0
+        self.database_cpu = tree_cpu(self.database) - db0
+        self.seconds = max(at(st, "completed") for st in self.burst) - t0
+
+    def run_one(self, scalars: BenchRun, i: int) -> None:
+        t0 = time.time()
+        job = self.submit(scalars, i, "one")
+        self.called.append(time.time() - t0)
+        status = completed(job)
+        self.alone.append(status)
+        self.started.append(at(status, "running") - t0)
+        self.done.append(at(status, "completed") - t0)
+
+    def rate(self) -> float:
+        return len(self.burst) / self.seconds
+
+
+def tree_cpu(proc: psutil.Process | None) -> float:
+    """CPU seconds of a process and its children (PostgreSQL: a backend a connection)."""
+    if proc is None:
+        return 0.0
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += cpu_seconds(p)
+    return total
+
+
+def node_of(status: dict[str, Any]) -> str:
+    """The location of the node that ran the job (a node's id is its location#instance)."""
+    return (status["node"] or "-").split("#")[0]
+
+
+def pcts(samples: list[float], qs: tuple[int, ...] = (50, 90)) -> str:
+    return "/".join(f"{percentile(samples, q) * 1e3:.0f}" for q in qs)
+
+
+def measure_queue(args: argparse.Namespace, scalars: BenchRun, single: ServerProcess,
+                  nodes: list[ServerProcess], database: psutil.Process) -> list[Result]:
+    n, k = (QUEUE_JOBS_QUICK, ONE_JOBS_QUICK) if args.quick else (QUEUE_JOBS, ONE_JOBS)
+    with contextlib.ExitStack() as stack:
+        one = [stack.enter_context(single.client())]
+        members = [stack.enter_context(node.client()) for node in nodes]
+        sides = [QueueSide("single server", "single", one, [psutil.Process(single.pid)]),
+                 QueueSide(f"cluster of {NODES} nodes", "cluster", members,
+                           [psutil.Process(node.pid) for node in nodes], database)]
+        t0 = time.perf_counter()  # unmeasured: each server connects to the scheduler on its
+        for side in sides:  # first job, and the workers import the job code
+            for i in range(len(side.clients)):
+                completed(side.submit(scalars, i, "warm-up"))
+        warm = time.perf_counter() - t0
+        for i in range(k):  # one job at a time, taking turns
+            for side in sides:
+                side.run_one(scalars, i)
+        for side in sides:
+            side.run_burst(scalars, n)
+
+    single_side, cluster = sides
+    print(f"  {n} one-event jobs (events i:i+1 of run {scalars.number} of {scalars.experiment}, "
+          f"each into a new stream) submitted back to back, then all waited for; the "
+          f"cluster's round-robin over its {NODES} nodes; every server on one Dask scheduler "
+          f"({DASK_WORKERS} worker processes of 2 threads), jobs_running 4 each; a warm-up job "
+          f"at every server first ({warm:.1f} s)")
+    print_table(["contender", "jobs/s", "submits/s", "queued p50/p90 ms", "running p50 ms",
+                 "servers CPU/job", "PostgreSQL CPU/job"],
+                [[s.label, f"{s.rate():.1f}", f"{len(s.burst) / s.submit_s:.0f}",
+                  pcts([at(st, "running") - at(st, "queued") for st in s.burst]),
+                  pcts([at(st, "completed") - at(st, "running") for st in s.burst], (50,)),
+                  ms(s.server_cpu / len(s.burst)),
+                  ms(s.database_cpu / len(s.burst)) if s.database else "-"] for s in sides],
+                right=(1, 2, 3, 4, 5, 6))
+    print(f"\n  one job at a time ({k} each, taking turns; the cluster's to node 1, 2, 3 in "
+          f"turn), from just before submit")
+    print_table(["contender", "submit call p50/p90 ms", "to 'running'", "to 'completed'"],
+                [[s.label, pcts(s.called), pcts(s.started), pcts(s.done)] for s in sides],
+                right=(1, 2, 3))
+
+    # Where the cluster's jobs ran: a node looks through the shared queue when a submit wakes
+    # it and every second, and starts any queued job whose new stream no node owns yet (it
+    # claims it), so a job runs on whichever node looked first, not always where it was sent.
+    def here(statuses: list[dict[str, Any]]) -> int:
+        return sum(node_of(st) == nodes[i % NODES].location for i, st in enumerate(statuses))
+
+    ran = [node_of(st) for st in cluster.alone + cluster.burst]
+    per_node = [ran.count(node.location) for node in nodes]
+    counts = "/".join(map(str, per_node))
+    print(f"  the cluster's {len(ran)} jobs ran on node 1/2/3: {counts}; on the node they were "
+          f"submitted to: {here(cluster.alone)} of {k} one at a time, {here(cluster.burst)} of "
+          f"{n} back to back")
+    again = [st["job"] for s in sides for st in s.alone + s.burst if st["attempt"] != 1]
+    if again:
+        print(f"  WARNING: {len(again)} jobs started more than once: {again[:5]}",
+              file=sys.stderr)
+
+    ratio = cluster.rate() / single_side.rate()
+    ok = ratio >= TARGET_QUEUE_RATIO
+    verdict_line(f"{n} one-event jobs, cluster/single jobs/s", f"{ratio:.2f}",
+                 f">= {TARGET_QUEUE_RATIO}", ok)
+    p50 = [percentile(s.done, 50) for s in sides]
+    return [
+        Result(NAME, f"job queue: {n} one-event jobs, cluster/single jobs/s",
+               f"{cluster.rate():.1f}/{single_side.rate():.1f} = {ratio:.2f}",
+               f">= {TARGET_QUEUE_RATIO}", ok),
+        Result(NAME, "job queue: one job, submit to completed p50, cluster/single",
+               f"{ms(p50[1])}/{ms(p50[0])}"),
+        Result(NAME, "job queue: every job started once (attempt 1)",
+               "yes" if not again else f"no: {len(again)}", "yes", not again),
+        Result(NAME, "job queue: cluster jobs run on node 1/2/3 (nodes used)",
+               f"{counts} ({sum(c > 0 for c in per_node)})"),
+    ]
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -358,22 +602,35 @@ def run(args: argparse.Namespace) -> list[Result]:
     print(f"  run file {br.path.name}: {fmt_bytes(br.file_bytes)}, page cache warmed "
           f"({warm:.2f} GB/s); every server --partition-bytes {partition}")
 
-    with contextlib.ExitStack() as stack:
+    scalars = [DATA / multi / f"{multi}_Run{r:04d}.h5" for r in range(1, MULTI_RUNS + 1)]
+    with contextlib.ExitStack() as stack:  # undone in reverse, on an error or Ctrl-C too
+        root = stack.enter_context(fresh_dir("cluster"))
+        prepare_root(root, [br.path, *scalars])
         t0 = time.perf_counter()
         pg = Postgres()
         stack.callback(pg.remove)
         pg.init()
         print(f"  PostgreSQL {pg.bin.parent.name} at 127.0.0.1:{pg.port} "
               f"({time.perf_counter() - t0:.1f} s to start)", flush=True)
-        single = stack.enter_context(our_server("cluster-single", partition_bytes=partition))
-        nodes = [stack.enter_context(cluster_node(f"cluster-node{i + 1}", pg.url, partition))
+        # Every server runs its jobs on this scheduler (a cluster's nodes must share one); its
+        # workers start only for the job queue, so that they idle through no other measurement.
+        scheduler = stack.enter_context(dask_scheduler()).location
+        single = stack.enter_context(bench_server("cluster-single", root, partition, scheduler))
+        nodes = [stack.enter_context(bench_server(f"cluster-node{i + 1}", root, partition,
+                                                  scheduler, "--cluster", "--state-url", pg.url))
                  for i in range(NODES)]
         t0 = time.perf_counter()
         wait_for_nodes(nodes, br)
         print(f"  {NODES} nodes plan with each other ({time.perf_counter() - t0:.1f} s after the "
-              f"last started); logs bench-data/logs/cluster-*.log", flush=True)
+              f"last started); data root {root.relative_to(DATA.parent)} (hard links); logs "
+              f"bench-data/logs/cluster-*.log", flush=True)
         section("cluster: planning overhead")
         results = measure_each(NAME, [measure_planning], args, br, multi, single, nodes[0])
         section(f"cluster: {NODES} nodes read by {CLIENTS} client processes")
         results += measure_each(NAME, [measure_reads], args, br, single, nodes)
+        section(f"cluster: the job queue, {NODES} nodes against one server")
+        stack.enter_context(dask_workers(scheduler))
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+        results += measure_each(NAME, [measure_queue], args, BenchRun(multi, 1, scalars[0]),
+                                single, nodes, psutil.Process(postmaster))
     return results
