@@ -248,7 +248,7 @@ def test_sql_query_time_and_cancellations(server: LclstreamServer, client: Clien
 # -- health ------------------------------------------------------------------------------------
 
 
-def test_health_action_and_healthz(server: LclstreamServer) -> None:
+def test_health_action_and_healthz(server: LclstreamServer, client: Client) -> None:
     c = raw_client(server.port)
     assert "health" in {a.type for a in c.list_actions()}
     [reply] = c.do_action(flight.Action("health", b""))
@@ -256,12 +256,14 @@ def test_health_action_and_healthz(server: LclstreamServer) -> None:
     assert health["status"] == "ok" and health["version"] == server.metrics.version
     assert health["uptime_s"] > 0 and health["streams_active"] >= 0
     assert set(health["jobs"]) == {"queued", "running", "completed", "failed", "cancelled"}
-    reader = c.do_get(c.get_flight_info(
-        flight.FlightDescriptor.for_path(LCLS2_EXP, str(RUN))).endpoints[0].ticket)
-    reader.read_chunk()  # a stream held open: health counts it
-    [reply] = c.do_action(flight.Action("health", b""))
-    assert json.loads(reply.body.to_pybytes())["streams_active"] >= 1
-    reader.read_all()
+    with client.producer(LCLS2_EXP, "held-open") as producer:
+        producer.send(events(0))
+    # a live subscription waits for more once it has what is stored: a stream held open,
+    # which health counts (a DoGet of a small run may be sent whole before health is asked)
+    with client.subscribe(LCLS2_EXP, "held-open") as sub:
+        next(iter(sub))
+        [reply] = c.do_action(flight.Action("health", b""))
+        assert json.loads(reply.body.to_pybytes())["streams_active"] >= 1
     c.close()
 
     with urllib.request.urlopen(url(server, "/healthz"), timeout=10) as reply:
