@@ -28,14 +28,15 @@ or pass `token=` to `read_dask`. Other `connect_options` (TLS certificates as PE
 valid on the workers) are shipped the same way and must be picklable.
 
 Near the data: a cluster of servers names, for each endpoint, the nodes that serve it (the
-preferred one first). With `near_data=True`, when dask computes on a `distributed.Client` whose
-workers are on several hosts, some of them those nodes', `read_dask` submits each partition's
-read at once (as `persist` would) to a worker on its endpoint's first node's host, or to any
-worker when none is there or it is busy (`allow_other_workers`); the frame then holds the
-partitions in the workers' memory. Only submitted tasks keep such a placement: dask DataFrames
-drop `dask.annotate` from their graphs, and the scheduler places their read tasks wherever it
-likes. So it is asked for, not the default: a lazy frame over a request larger than the workers'
-memory must stay lazy. Otherwise the frame is lazy and any worker reads any partition.
+preferred one first). When dask computes on a `distributed.Client` whose workers are on several
+hosts, some of them those nodes', `read_dask` submits each partition's read at once (as
+`persist` would) to a worker on its endpoint's first node's host, or to any worker when none is
+there or it is busy (`allow_other_workers`); the frame then holds the partitions in the
+workers' memory. Only submitted tasks keep such a placement: dask DataFrames drop
+`dask.annotate` from their graphs, and the scheduler places their read tasks wherever it likes.
+So by default (`near_data=None`) reads are placed only for a request whose bytes (the plan's
+`total_bytes`) take at most a quarter of the workers' memory; a larger one stays lazy, read as
+it is computed, by any worker. `near_data=True` places whatever the size, `False` never.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ import pyarrow.flight as flight
 
 from clients.client import Client, Events, Runs
 from clients.convert import is_tensor, to_pandas
+
+# Placed reads are held in the workers' memory: by default only a request this small a share
+# of it (pandas frames take more than the Arrow bytes, and the workers compute on them too).
+NEAR_DATA_SHARE = 0.25
 
 
 def meta_frame(schema: pa.Schema) -> pd.DataFrame:
@@ -96,17 +101,24 @@ def _address(host: str) -> str:
 
 
 def _near_data(reader: ReadTicket, parts: list[tuple[bytes, list[str]]],
-               meta: pd.DataFrame, label: str) -> dd.DataFrame | None:
+               meta: pd.DataFrame, label: str, nbytes: int | None) -> dd.DataFrame | None:
     """The partitions submitted to workers on their first location's host (module docs), or
-    None when dask would not compute on a distributed Client or no endpoint has a worker."""
+    None when dask would not compute on a distributed Client or no endpoint has a worker, or
+    (`nbytes` given: the default) when the request's `nbytes` would not fit in
+    NEAR_DATA_SHARE of the workers' memory."""
     try:
         client = getattr(dask.base.get_scheduler(), "__self__", None)
     except RuntimeError:  # an asynchronous Client, which dask.compute cannot use either
         return None
     if not isinstance(client, distributed.Client):
         return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if nbytes is not None:
+        memory = [w.get("memory_limit") or 0 for w in workers]
+        if nbytes < 0 or 0 in memory or nbytes > NEAR_DATA_SHARE * sum(memory):
+            return None  # too big to hold (or of unknown size): lazy, read as computed
     hosts: dict[str, set[str]] = {}  # address -> the hosts of the workers there, as they say
-    for worker in client.scheduler_info(n_workers=-1)["workers"].values():
+    for worker in workers:
         hosts.setdefault(_address(worker["host"]), set()).add(worker["host"])
     if len(hosts) < 2:  # every worker on one machine (a LocalCluster): no choice to make
         return None
@@ -126,11 +138,12 @@ def _near_data(reader: ReadTicket, parts: list[tuple[bytes, list[str]]],
 def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str] | None = None,
               *, events: Events = None, filter: str | None = None,
               processing: Sequence[dict[str, Any]] | None = None, token: str | None = None,
-              near_data: bool = False, **connect_options: Any) -> dd.DataFrame:
+              near_data: bool | None = None, **connect_options: Any) -> dd.DataFrame:
     """A dask DataFrame of the requested events, one partition per endpoint of the plan, in
     event order (divisions unknown). Arguments as for `Client.read`; `token` and
     `connect_options` go to every worker (module docs). `near_data`: read each partition now,
-    on a worker on its node's host where a distributed Client has one (module docs)."""
+    on a worker on its node's host where a distributed Client has one; None (the default):
+    so if the request takes at most NEAR_DATA_SHARE of the workers' memory (module docs)."""
     with Client(location, token, **connect_options) as client:
         info = client.plan(experiment, runs, columns, events, filter=filter,
                            processing=processing)
@@ -145,6 +158,7 @@ def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str]
     # dask would turn the object columns, the tensors' ndarrays included, into strings
     label = f"lclstream-{experiment}"
     with dask.config.set({"dataframe.convert-string": False}):
-        placed = _near_data(reader, tickets, meta, label) if near_data else None
+        placed = None if near_data is False else _near_data(
+            reader, tickets, meta, label, None if near_data else info.total_bytes)
         return placed if placed is not None else dd.from_map(reader, tickets, meta=meta,
                                                              label=label)

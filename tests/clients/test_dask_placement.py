@@ -21,6 +21,7 @@ import pytest
 from distributed import Client as DaskClient
 from distributed import get_task_stream
 
+import clients.dask
 from clients import connect
 from clients.convert import to_pandas
 from clients.dask import read_dask
@@ -129,11 +130,11 @@ def test_each_partition_is_read_on_its_nodes_host(scheduler, nodes) -> None:
     hosts = first_hosts(nodes[0])
     assert len(hosts) >= 4 and set(hosts) == set(WORKER_HOSTS)  # both nodes serve a share
     with DaskClient(scheduler) as dc:
-        read_dask(nodes[0], LCLS2_EXP, RUN, COLUMNS, token=admin_token())
-        assert not dc.futures  # lazy unless asked
+        read_dask(nodes[0], LCLS2_EXP, RUN, COLUMNS, token=admin_token(), near_data=False)
+        assert not dc.futures  # lazy when asked
     with DaskClient(scheduler) as dc, get_task_stream(client=dc) as ts:
-        df = read_dask(nodes[0], LCLS2_EXP, RUN, COLUMNS, token=admin_token(), near_data=True)
-        assert df.npartitions == len(hosts) == len(dc.futures)  # submitted at once
+        df = read_dask(nodes[0], LCLS2_EXP, RUN, COLUMNS, token=admin_token())
+        assert df.npartitions == len(hosts) == len(dc.futures)  # small: submitted at once
         got = df.compute()
         means = df.groupby("run")["gmd/energy"].mean().compute()  # the frame as any other
     assert_same_events(got, nodes[0])
@@ -163,3 +164,20 @@ def test_with_no_worker_on_any_nodes_host_the_frame_stays_lazy(scheduler, nodes)
         got = df.compute()
     assert_same_events(got, nodes[0])
     assert len(reads(ts)) == df.npartitions == len(first_hosts(nodes[0]))
+
+
+@pytest.mark.parametrize("nodes", [WORKER_HOSTS], indirect=True)
+def test_a_request_too_big_for_the_workers_memory_stays_lazy(scheduler, nodes,
+                                                             monkeypatch) -> None:
+    """By default reads are placed (held in memory) only for a request that takes at most
+    NEAR_DATA_SHARE of the workers' memory: here, as if that share were a few bytes."""
+    monkeypatch.setattr(clients.dask, "NEAR_DATA_SHARE", 1e-9)
+    with DaskClient(scheduler) as dc, get_task_stream(client=dc) as ts:
+        df = read_dask(nodes[0], LCLS2_EXP, RUN, COLUMNS, token=admin_token())
+        assert not dc.futures  # lazy: read as computed
+        got = df.compute()
+        placed = read_dask(nodes[0], LCLS2_EXP, RUN, COLUMNS, token=admin_token(),
+                           near_data=True)  # asked for: placed whatever the size
+        assert len(dc.futures) == placed.npartitions
+    assert_same_events(got, nodes[0])
+    assert len(reads(ts)) >= df.npartitions
