@@ -4,8 +4,8 @@
 Writers exclude one another as SQLite's do: each transaction takes one advisory lock, so the
 checks made inside it (the per-user limit, a stream busy with another job, a job another node
 has started or stopped meanwhile) see every commit before theirs. Job writes are a few per job
-and partition; one lock costs nothing at that rate. PostgreSQL commits synchronously: what a
-call acknowledged is on disk.
+and partition; one lock costs little at that rate. Reads take no lock: a read-only snapshot.
+PostgreSQL commits synchronously: what a call acknowledged is on disk.
 
 While the database is away, every call raises StateUnavailable (UNAVAILABLE to clients).
 """
@@ -115,6 +115,13 @@ class SharedJobStore(JobStore):
             con.execute(f"SELECT pg_advisory_xact_lock({WRITERS_LOCK})")
             yield _Placeholders(con)
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        # a job's row and its transitions as of one moment, without the writers' lock
+        with self._connected() as con, con.transaction():
+            con.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield _Placeholders(con)
+
     def close(self) -> None:
         with self._lock:
             if self._con is not None:
@@ -125,7 +132,7 @@ class SharedJobStore(JobStore):
         """Running jobs whose node has not heartbeated for `timeout_s` (by the database's
         clock, as the node registry counts), or that ran on `node` before it lost the state
         and let them go (it no longer runs them; the caller leaves out those it does)."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             ids = [r[0] for r in con.execute(
                 "SELECT id FROM jobs j WHERE state = ? AND (node IS NULL OR node = ? OR "
                 "NOT EXISTS (SELECT 1 FROM lclstream_nodes n WHERE n.id = j.node "

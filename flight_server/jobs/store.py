@@ -120,7 +120,9 @@ class Job:
 class JobStore:
     """The job table's logic over a backend's connection: `_transaction()` yields something
     with `execute(sql, args)` (sqlite3's `?` placeholders) whose cursor has fetchone/fetchall,
-    and excludes every other writer until it ends."""
+    and excludes every other writer until it ends; `_snapshot()` the same for reading, one
+    consistent view that waits for no writer (status polls and scrapes do not queue behind
+    submits)."""
 
     for_update = ""  # what a backend adds to a SELECT of rows the transaction then changes
 
@@ -133,6 +135,9 @@ class JobStore:
         raise NotImplementedError
 
     def _transaction(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _snapshot(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
 
     # -- writing -----------------------------------------------------------------------------
@@ -233,7 +238,7 @@ class JobStore:
 
     def cancels_for(self, node: str) -> list[tuple[str, str]]:
         """(job, who cancelled it) of the jobs running on `node` whose cancel was asked for."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return [tuple(r) for r in con.execute(
                 "SELECT id, coalesce(cancelled_by, 'its owner') FROM jobs WHERE state = ? "
                 "AND node = ? AND cancel_requested = 1", (RUNNING, node)).fetchall()]
@@ -256,7 +261,7 @@ class JobStore:
     def get(self, job_id: str, owner: Owner | None) -> Job | None:
         """The job, if it exists and `owner` may see it (None: an admin, who sees all); another
         user's job is None, as one that does not exist."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             job = self._load(con, job_id)
         if job is None or (owner is not None and job.owner != owner):
             return None
@@ -274,19 +279,19 @@ class JobStore:
             args.append(state)
         sql = "SELECT id FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created DESC, rowid DESC LIMIT ?"
-        with self._transaction() as con:
+        with self._snapshot() as con:
             ids = [r[0] for r in con.execute(sql, (*args, limit)).fetchall()]
             return [self._load(con, i) for i in ids]
 
     def counts(self) -> dict[str, int]:
         """How many jobs are in each state (every state, 0 included)."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             rows = con.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
         return {state: 0 for state in STATES} | dict(rows)
 
     def credentials(self, job_id: str) -> bytes | None:
         """A running mirror's sealed credentials (None once the job has ended)."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             row = con.execute("SELECT credentials FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
@@ -294,7 +299,7 @@ class JobStore:
         """The jobs in `state`, oldest first, at most `limit` (-1: all): at start, the running
         jobs a restart interrupted; then the head of the queue."""
         sql = "SELECT id FROM jobs WHERE state = ? ORDER BY created, rowid"
-        with self._transaction() as con:
+        with self._snapshot() as con:
             if limit >= 0:
                 ids = [r[0] for r in con.execute(sql + " LIMIT ?", (state, limit)).fetchall()]
             else:
@@ -355,3 +360,8 @@ class LocalJobStore(JobStore):
                 self._con.execute("ROLLBACK")
                 raise
             self._con.execute("COMMIT")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:  # the one connection: no write of this process comes in between
+            yield self._con
