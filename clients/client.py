@@ -37,6 +37,13 @@ Runs = int | Iterable[int]
 Events = slice | range | tuple[int, ...] | dict | None
 
 
+def locations(endpoint: flight.FlightEndpoint) -> list[str]:
+    """The URIs of the nodes an endpoint names, in the plan's order (none: the planning
+    server's)."""
+    return [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+            for loc in endpoint.locations]
+
+
 def _detailless(exc: Exception) -> Exception:
     """The server's message without pyarrow's appended transport detail, same exception type."""
     text = str(exc)
@@ -157,9 +164,8 @@ class Client:
                         start_from: int | None = None) -> EndpointReader:
         """A reader of one endpoint from the nodes its plan named, in order (the first that
         serves it, then its fallbacks), or from this client's server if it named none."""
-        uris = [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
-                for loc in endpoint.locations]
-        nodes = [(uri, self.at(uri)) for uri in uris] or [(self.location, self._flight)]
+        nodes = [(uri, self.at(uri)) for uri in locations(endpoint)] or [
+            (self.location, self._flight)]
         return EndpointReader(nodes[0][1], endpoint.ticket, resume, start_from=start_from,
                               fallbacks=nodes)
 
@@ -269,7 +275,7 @@ class Client:
             try:
                 info = self.at(where).get_flight_info(descriptor)
             except flight.FlightUnavailableError as exc:
-                failed.append(f"{where} ({str(exc).split('. Detail:')[0][:200]})")
+                failed.append(f"{where} ({str(_detailless(exc))[:200]})")
                 continue
             if failed:
                 log.info("planned at %s: %s", where, "; ".join(failed))
@@ -283,8 +289,7 @@ class Client:
     def _learn(self, info: flight.FlightInfo) -> None:
         """Remember the cluster's other nodes, as the plan's endpoints name them."""
         for endpoint in info.endpoints:
-            for loc in endpoint.locations:
-                uri = loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+            for uri in locations(endpoint):
                 if (uri != self.location and not uri.startswith(REUSE_CONNECTION)
                         and uri not in self._peers):
                     self._peers.append(uri)

@@ -56,7 +56,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients.client import Client, Events, Runs
+from clients.client import Client, Events, Runs, locations
 from clients.convert import is_tensor, to_pandas
 
 # Placed reads are held in the workers' memory: by default only a request this small a share
@@ -150,8 +150,7 @@ def read_dask(location: str, experiment: str, runs: Runs, columns: Sequence[str]
     schema = info.schema
     meta = meta_frame(schema)
     # each partition: a ticket and the nodes that serve it (a cluster's), read there
-    tickets = [(endpoint.ticket.ticket, [loc.uri.decode() for loc in endpoint.locations])
-               for endpoint in info.endpoints]
+    tickets = [(endpoint.ticket.ticket, locations(endpoint)) for endpoint in info.endpoints]
     if not tickets:
         return dd.from_pandas(meta, npartitions=1)
     reader = ReadTicket(location, schema, token, connect_options)

@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from clients.client import Client, progress_bar
+from clients.client import Client, locations, progress_bar
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow",
            ".ipc": "arrow"}
@@ -90,8 +90,8 @@ def download(client: Client, info: flight.FlightInfo, request: bytes, output: Pa
         partial.mkdir(parents=True)
         state = {"v": 1, "request": request.decode(), "endpoints": [
             {"ticket": base64.b64encode(e.ticket.ticket).decode(), "next": None,
-             "locations": [loc.uri.decode() for loc in e.locations],
-             "done": False, "segments": []} for e in info.endpoints]}
+             "locations": locations(e), "done": False, "segments": []}
+            for e in info.endpoints]}
         _save(partial, state)
     bar = progress_bar(info.total_bytes, output.name) if progress else None
     try:

@@ -263,10 +263,10 @@ class Runner:
                     self._launch(client, job)
                 except InvalidTransition:  # another node started or cancelled it first
                     self._running.pop(job.id, None)
+                except StateUnavailable:  # no failure of the job's: it waits for the state
+                    raise
                 except (InvalidArgument, NotFound, MirrorSourceError, flight.FlightError,
                         pa.ArrowException, OSError) as exc:
-                    if isinstance(exc, StateUnavailable):
-                        raise
                     attempt = self._running.pop(job.id, None)
                     expect = QUEUED if attempt is None else RUNNING
                     try:
