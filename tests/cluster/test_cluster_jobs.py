@@ -31,7 +31,7 @@ from tests.helpers import (
     start_server,
     wait_until,
 )
-from tests.jobs.conftest import JOB_SETTINGS
+from tests.jobs.conftest import JOB_SETTINGS, token_for
 
 RUN, EVENTS = 3, 400
 INTO = "tmox42619jobs"  # where the jobs' results go
@@ -132,6 +132,15 @@ def test_a_job_submitted_to_any_node_runs_once_on_the_shared_scheduler(three,
             assert result.select(expected.schema.names).equals(expected)
         listed = {j["job"] for j in at_b.jobs()}
         assert {s["job"] for s in done} <= listed
+    # another user, at any node: the jobs are not theirs to see or cancel
+    bob = token_for("bob", read=(LCLS2_EXP,), write=(INTO,))
+    with connect(c, bob) as as_bob:
+        for status in done:
+            with pytest.raises(pa.ArrowKeyError, match="no job"):
+                as_bob.job(status["job"]).status()
+            with pytest.raises(pa.ArrowKeyError, match="no job"):
+                as_bob.job(status["job"]).cancel()
+        assert as_bob.jobs() == []
 
 
 def test_a_job_is_cancelled_from_a_node_that_does_not_run_it(three, source) -> None:
